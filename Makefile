@@ -1,0 +1,59 @@
+# actiond: `make test` installs what the tests need, builds test payloads
+# (cached outside the clone) and runs every test. `make bench` runs the
+# benchmarks. Everything else is plain `go`.
+
+GO          ?= go
+CACHE_DIR   ?= /var/cache/actiond
+RUNTIME_DIR ?= $(CACHE_DIR)/runtimes
+FUZZTIME    ?= 10s
+TEST_TIMEOUT ?= 60m
+export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
+
+# Debian packages the tests use, as "command:package".
+DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools \
+            protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc
+
+.PHONY: all build test deps runtimes unit fuzz vet bench fmt
+
+all: build
+
+build:
+	$(GO) build ./...
+
+# deps installs missing Debian packages (as root) and downloads Go modules.
+deps:
+	@missing=""; for d in $(DEB_DEPS); do \
+	  cmd=$${d%%:*}; pkg=$${d#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: missing Debian packages:$$missing (run as root to install them)"; \
+	  else echo "make deps: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
+	fi
+	$(GO) mod download
+
+# runtimes builds the glibc runtime SquashFS images (debootstrap, cached).
+runtimes: deps
+	@if [ "$$(id -u)" = 0 ]; then tools/mkruntimes.sh $(RUNTIME_DIR); \
+	else echo "make runtimes: needs root (debootstrap); runtime tests will skip"; fi
+
+vet:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+# fuzz runs each fuzz target briefly (go test allows one target per run).
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzParseDigest$$' -fuzztime $(FUZZTIME) ./cas/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseResource$$' -fuzztime $(FUZZTIME) ./cas/
+
+test: deps runtimes vet
+	$(MAKE) unit
+	$(MAKE) fuzz
+
+bench: deps runtimes
+	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./cas/

@@ -1,0 +1,167 @@
+// Package actiond wires actiond's parts into one REAPI server: the CAS and
+// ByteStream services over a disk store, the ActionCache, Capabilities,
+// gRPC health and, when a sandbox is configured, the Execution service.
+// The same Server runs on a Linux host (`actiond serve`), inside the VM
+// guest, and embedded in other Go programs.
+package actiond
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond/cas"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	smpb "github.com/bazelbuild/remote-apis/build/bazel/semver"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// Version is the actiond version, set at link time for releases.
+var Version = "dev"
+
+// Options configure a Server.
+type Options struct {
+	// Root holds all state: cas/, ac.db, stage/, runtimes/.
+	Root string
+	// MaxSize bounds the CAS in bytes (0: unbounded).
+	MaxSize int64
+	// Logger receives structured logs (default slog.Default()).
+	Logger *slog.Logger
+	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
+	NoFsync bool
+}
+
+// Server is a REAPI server over one root directory.
+type Server struct {
+	opts    Options
+	log     *slog.Logger
+	Store   *cas.DiskStore
+	Cache   *actioncache.BoltCache
+	cas     *cas.Service
+	ac      *actioncache.Service
+	health  *health.Server
+	grpc    *grpc.Server
+	closers []func() error
+}
+
+// MaxMessageSize is the gRPC message limit; above the advertised batch size
+// so oversized batches get a clear INVALID_ARGUMENT instead of a transport error.
+const MaxMessageSize = 64 << 20
+
+// New opens (creating if needed) the state under opts.Root.
+func New(opts Options) (*Server, error) {
+	if opts.Root == "" {
+		return nil, fmt.Errorf("actiond: Options.Root is required")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(opts.Root, 0o755); err != nil {
+		return nil, fmt.Errorf("create root %s: %w", opts.Root, err)
+	}
+	store, err := cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithFsync(!opts.NoFsync))
+	if err != nil {
+		return nil, fmt.Errorf("open CAS: %w", err)
+	}
+	cache, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), store)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		opts:   opts,
+		log:    log,
+		Store:  store,
+		Cache:  cache,
+		cas:    cas.NewService(store, 0, log),
+		health: health.NewServer(),
+	}
+	s.ac = actioncache.NewService(cache, store, true)
+	s.closers = append(s.closers, func() error { s.cas.Close(); return nil }, cache.Close)
+	return s, nil
+}
+
+// Register adds every service to r, for embedding in another gRPC server.
+func (s *Server) Register(r grpc.ServiceRegistrar) {
+	repb.RegisterContentAddressableStorageServer(r, s.cas)
+	cas.RegisterByteStream(r, s.cas.ByteStream())
+	repb.RegisterActionCacheServer(r, s.ac)
+	repb.RegisterCapabilitiesServer(r, &capabilities{s})
+	healthpb.RegisterHealthServer(r, s.health)
+}
+
+// GRPCServer returns a gRPC server with every service registered and
+// message limits suitable for REAPI.
+func (s *Server) GRPCServer(extra ...grpc.ServerOption) *grpc.Server {
+	opts := append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxMessageSize),
+		grpc.MaxSendMsgSize(MaxMessageSize),
+	}, extra...)
+	g := grpc.NewServer(opts...)
+	s.Register(g)
+	return g
+}
+
+// Serve serves on l until Stop.
+func (s *Server) Serve(l net.Listener) error {
+	s.grpc = s.GRPCServer()
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	return s.grpc.Serve(l)
+}
+
+// Stop drains: running RPCs finish (until ctx ends, then they are cut off).
+func (s *Server) Stop(ctx context.Context) {
+	s.health.Shutdown()
+	if s.grpc == nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() { s.grpc.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.grpc.Stop()
+	}
+}
+
+// Close releases the state; call after Stop.
+func (s *Server) Close() error {
+	var first error
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		if err := s.closers[i](); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+type capabilities struct{ s *Server }
+
+func (c *capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesRequest) (*repb.ServerCapabilities, error) {
+	caps := &repb.ServerCapabilities{
+		CacheCapabilities: &repb.CacheCapabilities{
+			DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
+			ActionCacheUpdateCapabilities: &repb.ActionCacheUpdateCapabilities{
+				UpdateEnabled: true,
+			},
+			MaxBatchTotalSizeBytes:          c.s.cas.MaxBatchSize(),
+			SymlinkAbsolutePathStrategy:     repb.SymlinkAbsolutePathStrategy_DISALLOWED,
+			SupportedCompressors:            []repb.Compressor_Value{repb.Compressor_ZSTD},
+			SupportedBatchUpdateCompressors: []repb.Compressor_Value{repb.Compressor_ZSTD},
+		},
+		// Bazel 4 speaks REAPI 2.0; Buildbarn-era clients up to 2.3.
+		LowApiVersion:  &smpb.SemVer{Major: 2, Minor: 0},
+		HighApiVersion: &smpb.SemVer{Major: 2, Minor: 3},
+	}
+	c.s.addExecutionCapabilities(caps)
+	return caps, nil
+}
+
+func (s *Server) addExecutionCapabilities(caps *repb.ServerCapabilities) {}
+

@@ -1,0 +1,385 @@
+package cas
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// readChunk is the size of ByteStream read responses: large enough for
+// throughput, well under clients' 4 MiB default message limit.
+const readChunk = 1 << 20
+
+// BlobWriter is an upload in progress; see DiskStore.NewWriter.
+type BlobWriter interface {
+	io.Writer
+	Written() int64
+	Commit() error
+	Abort()
+}
+
+// Uploader is implemented by stores that can keep an upload open across
+// ByteStream streams, which makes uploads resumable.
+type Uploader interface {
+	NewWriter(d Digest) (BlobWriter, error)
+}
+
+// ByteStream returns the ByteStream service over the same store.
+func (s *Service) ByteStream() bspb.ByteStreamServer { return &byteStream{s} }
+
+type byteStream struct{ *Service }
+
+// Read implements ByteStream.Read.
+func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) error {
+	res, err := ParseReadResource(req.ResourceName)
+	if err != nil {
+		return ToStatus(err)
+	}
+	if err := validateRead(res, req.ReadOffset, req.ReadLimit); err != nil {
+		return err
+	}
+	r, err := b.store.Get(stream.Context(), res.Digest, req.ReadOffset)
+	if err != nil {
+		return ToStatus(err)
+	}
+	defer r.Close()
+	remaining := res.Digest.Size - req.ReadOffset
+	if req.ReadLimit > 0 && req.ReadLimit < remaining {
+		remaining = req.ReadLimit
+	}
+	src := io.LimitReader(r, remaining)
+	var sent int64
+	defer func() { b.stats.add(0, sent) }()
+	if res.Compression == Zstd {
+		pr, pw := io.Pipe()
+		go func() {
+			enc, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+			if err == nil {
+				_, err = io.Copy(enc, src)
+				if cerr := enc.Close(); err == nil {
+					err = cerr
+				}
+			}
+			pw.CloseWithError(err)
+		}()
+		defer pr.Close()
+		src = pr
+	}
+	buf := make([]byte, min(remaining+1, readChunk))
+	if res.Compression == Zstd {
+		buf = make([]byte, readChunk)
+	}
+	for {
+		n, err := io.ReadFull(src, buf)
+		if n > 0 {
+			if serr := stream.Send(&bspb.ReadResponse{Data: buf[:n]}); serr != nil {
+				return serr
+			}
+			sent += int64(n)
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			return ToStatus(fmt.Errorf("read blob %s: %w", res.Digest, err))
+		}
+	}
+	if res.Compression == Identity && sent != remaining {
+		return status.Errorf(codes.DataLoss, "blob %s ended after %d of %d bytes", res.Digest, sent, remaining)
+	}
+	return nil
+}
+
+// upload is a resumable upload kept between streams.
+type upload struct {
+	mu      sync.Mutex // held by the stream currently writing
+	w       BlobWriter
+	digest  Digest
+	touched time.Time
+}
+
+type uploads struct {
+	mu sync.Mutex
+	m  map[string]*upload
+}
+
+// uploadTTL is how long an interrupted upload waits for its client to resume.
+const uploadTTL = 10 * time.Minute
+
+func newUploads() *uploads { return &uploads{m: make(map[string]*upload)} }
+
+func (u *uploads) get(name string) *upload {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.m[name]
+}
+
+// put registers up, dropping expired uploads while it is there.
+func (u *uploads) put(name string, up *upload) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	now := time.Now()
+	for k, v := range u.m {
+		if now.Sub(v.touched) > uploadTTL && v.mu.TryLock() {
+			v.w.Abort()
+			delete(u.m, k)
+			v.mu.Unlock()
+		}
+	}
+	u.m[name] = up
+}
+
+func (u *uploads) remove(name string, up *upload) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.m[name] == up {
+		delete(u.m, name)
+	}
+}
+
+func (u *uploads) closeAll() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for k, v := range u.m {
+		if v.mu.TryLock() {
+			v.w.Abort()
+			v.mu.Unlock()
+		}
+		delete(u.m, k)
+	}
+}
+
+// Write implements ByteStream.Write with resumable uncompressed uploads.
+func (b *byteStream) Write(stream bspb.ByteStream_WriteServer) error {
+	ctx := stream.Context()
+	req, err := stream.Recv()
+	if err != nil {
+		if err == io.EOF {
+			return badRequest("resource_name", "the stream ended before the first request")
+		}
+		return err
+	}
+	name := req.ResourceName
+	res, err := ParseWriteResource(name)
+	if err != nil {
+		return ToStatus(err)
+	}
+	d := res.Digest
+	done := func() error {
+		committed := d.Size
+		if res.Compression != Identity {
+			committed = -1
+		}
+		return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: committed})
+	}
+	// Already stored: finish at once, whatever the client still sends.
+	if missing, err := b.store.FindMissing(ctx, []Digest{d}); err == nil && len(missing) == 0 {
+		return done()
+	}
+	if res.Compression != Identity {
+		if req.WriteOffset != 0 {
+			return badRequest("write_offset", "compressed uploads cannot be resumed; start at offset 0")
+		}
+		return b.writeCompressed(stream, req, d, done)
+	}
+
+	up, fresh, err := b.startUpload(name, d, req.WriteOffset)
+	if err != nil {
+		return err
+	}
+	defer up.mu.Unlock()
+	if fresh && req.WriteOffset != 0 {
+		up.w.Abort()
+		b.uploads.remove(name, up)
+		return badRequest("write_offset", fmt.Sprintf("%d, but nothing of %s has been received; start at 0 (QueryWriteStatus reports what was committed)", req.WriteOffset, name))
+	}
+	for {
+		if req.WriteOffset != up.w.Written() {
+			return badRequest("write_offset", fmt.Sprintf("%d does not continue the upload at %d bytes", req.WriteOffset, up.w.Written()))
+		}
+		if len(req.Data) > 0 {
+			if _, err := up.w.Write(req.Data); err != nil {
+				up.w.Abort()
+				b.uploads.remove(name, up)
+				return ToStatus(err)
+			}
+			b.stats.add(int64(len(req.Data)), 0)
+		}
+		up.touched = time.Now()
+		if req.FinishWrite {
+			b.uploads.remove(name, up)
+			if err := up.w.Commit(); err != nil {
+				return ToStatus(err)
+			}
+			return done()
+		}
+		req, err = stream.Recv()
+		if err == io.EOF {
+			// The client half-closed without finish_write: keep the data
+			// for a resume.
+			return badRequest("finish_write", fmt.Sprintf("the stream ended at %d of %d bytes without finish_write; resume with write_offset %d", up.w.Written(), d.Size, up.w.Written()))
+		}
+		if err != nil {
+			// Interrupted: the upload stays registered for a resume.
+			return err
+		}
+		if req.ResourceName != "" && req.ResourceName != name {
+			return badRequest("resource_name", fmt.Sprintf("changed mid-stream from %q to %q", name, req.ResourceName))
+		}
+	}
+}
+
+// startUpload returns the upload for name locked, creating it if needed.
+func (b *byteStream) startUpload(name string, d Digest, offset int64) (*upload, bool, error) {
+	if up := b.uploads.get(name); up != nil {
+		if !up.mu.TryLock() {
+			return nil, false, status.Errorf(codes.Aborted, "upload %s is being written by another stream", name)
+		}
+		if up.digest == d && offset != 0 {
+			return up, false, nil
+		}
+		// A restart from zero (or a different blob under the same name)
+		// replaces the old upload.
+		up.w.Abort()
+		b.uploads.remove(name, up)
+		up.mu.Unlock()
+	}
+	w, err := b.newWriter(d)
+	if err != nil {
+		return nil, false, ToStatus(err)
+	}
+	up := &upload{w: w, digest: d, touched: time.Now()}
+	up.mu.Lock()
+	b.uploads.put(name, up)
+	return up, true, nil
+}
+
+func (b *byteStream) newWriter(d Digest) (BlobWriter, error) {
+	if u, ok := b.store.(Uploader); ok {
+		return u.NewWriter(d)
+	}
+	if ds, ok := b.store.(*DiskStore); ok {
+		w, err := ds.NewWriter(d)
+		if err != nil {
+			return nil, err
+		}
+		return w, nil
+	}
+	return newPipeWriter(b.store, d), nil
+}
+
+// writeCompressed receives a zstd stream and stores what it decodes to.
+func (b *byteStream) writeCompressed(stream bspb.ByteStream_WriteServer, req *bspb.WriteRequest, d Digest, done func() error) error {
+	ctx := stream.Context()
+	pr, pw := io.Pipe()
+	result := make(chan error, 1)
+	go func() {
+		dec, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(d.Size)+64<<20))
+		if err != nil {
+			pr.CloseWithError(err)
+			result <- err
+			return
+		}
+		defer dec.Close()
+		err = b.store.Put(ctx, d, io.LimitReader(dec, d.Size+1))
+		if err != nil && !errors.Is(err, ErrDigestMismatch) && !errors.Is(err, ErrNoSpace) {
+			err = fmt.Errorf("%w: decode zstd upload of %s: %w", ErrDigestMismatch, d, err)
+		}
+		pr.CloseWithError(err)
+		result <- err
+	}()
+	var offset = req.WriteOffset
+	for {
+		if len(req.Data) > 0 {
+			if _, err := pw.Write(req.Data); err != nil {
+				return ToStatus(<-result)
+			}
+			b.stats.add(int64(len(req.Data)), 0)
+			offset += int64(len(req.Data))
+		}
+		if req.FinishWrite {
+			pw.Close()
+			if err := <-result; err != nil {
+				return ToStatus(err)
+			}
+			return done()
+		}
+		var err error
+		req, err = stream.Recv()
+		if err != nil {
+			pw.CloseWithError(errors.New("upload interrupted"))
+			<-result
+			if err == io.EOF {
+				return badRequest("finish_write", "the stream ended without finish_write")
+			}
+			return err
+		}
+		if req.WriteOffset != offset {
+			pw.CloseWithError(errors.New("bad offset"))
+			<-result
+			return badRequest("write_offset", fmt.Sprintf("%d does not continue the compressed upload at %d", req.WriteOffset, offset))
+		}
+	}
+}
+
+// QueryWriteStatus implements ByteStream.QueryWriteStatus.
+func (b *byteStream) QueryWriteStatus(ctx context.Context, req *bspb.QueryWriteStatusRequest) (*bspb.QueryWriteStatusResponse, error) {
+	res, err := ParseWriteResource(req.ResourceName)
+	if err != nil {
+		return nil, ToStatus(err)
+	}
+	if missing, err := b.store.FindMissing(ctx, []Digest{res.Digest}); err == nil && len(missing) == 0 {
+		return &bspb.QueryWriteStatusResponse{CommittedSize: res.Digest.Size, Complete: true}, nil
+	}
+	if up := b.uploads.get(req.ResourceName); up != nil && up.digest == res.Digest {
+		if !up.mu.TryLock() {
+			return nil, status.Errorf(codes.Unavailable, "upload %s is being written right now; query again when the stream ends", req.ResourceName)
+		}
+		defer up.mu.Unlock()
+		return &bspb.QueryWriteStatusResponse{CommittedSize: up.w.Written()}, nil
+	}
+	return nil, status.Errorf(codes.NotFound, "no upload %s in progress; start it at offset 0", req.ResourceName)
+}
+
+// pipeWriter adapts a plain Store to BlobWriter; it cannot outlive a stream
+// usefully but keeps the Write path uniform.
+type pipeWriter struct {
+	pw      *io.PipeWriter
+	written int64
+	result  chan error
+}
+
+func newPipeWriter(s Store, d Digest) *pipeWriter {
+	pr, pw := io.Pipe()
+	w := &pipeWriter{pw: pw, result: make(chan error, 1)}
+	go func() {
+		err := s.Put(context.Background(), d, pr)
+		pr.CloseWithError(err)
+		w.result <- err
+	}()
+	return w
+}
+
+func (w *pipeWriter) Write(p []byte) (int, error) {
+	n, err := w.pw.Write(p)
+	w.written += int64(n)
+	return n, err
+}
+func (w *pipeWriter) Written() int64 { return w.written }
+func (w *pipeWriter) Commit() error  { w.pw.Close(); return <-w.result }
+func (w *pipeWriter) Abort() {
+	if w.pw.CloseWithError(errors.New("upload aborted")) == nil {
+		select {
+		case <-w.result:
+		default:
+		}
+	}
+}

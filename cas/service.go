@@ -1,0 +1,342 @@
+package cas
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// DefaultMaxBatchSize is the max_batch_total_size_bytes advertised to
+// clients; larger blobs go through ByteStream.
+const DefaultMaxBatchSize = 4 << 20
+
+// Service implements the REAPI ContentAddressableStorage and the ByteStream
+// services over a Store.
+type Service struct {
+	repb.UnimplementedContentAddressableStorageServer
+	store        Store
+	maxBatchSize int64
+	log          *slog.Logger
+	uploads      *uploads
+	stats        *Counters
+}
+
+// Counters are cumulative byte counts, for metrics.
+type Counters struct {
+	mu       sync.Mutex
+	BytesIn  int64
+	BytesOut int64
+}
+
+func (c *Counters) add(in, out int64) {
+	c.mu.Lock()
+	c.BytesIn += in
+	c.BytesOut += out
+	c.mu.Unlock()
+}
+
+// Snapshot returns the current counts.
+func (c *Counters) Snapshot() (in, out int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.BytesIn, c.BytesOut
+}
+
+// NewService serves store. maxBatchSize <= 0 means DefaultMaxBatchSize.
+func NewService(store Store, maxBatchSize int64, log *slog.Logger) *Service {
+	if maxBatchSize <= 0 {
+		maxBatchSize = DefaultMaxBatchSize
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Service{store: store, maxBatchSize: maxBatchSize, log: log, uploads: newUploads(), stats: &Counters{}}
+}
+
+// MaxBatchSize is the advertised batch limit.
+func (s *Service) MaxBatchSize() int64 { return s.maxBatchSize }
+
+// Counters returns the service's byte counters.
+func (s *Service) Counters() *Counters { return s.stats }
+
+// Close releases unfinished resumable uploads.
+func (s *Service) Close() { s.uploads.closeAll() }
+
+var (
+	zstdEncoder, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0))
+)
+
+// CheckDigestFunction accepts the digest functions this server implements.
+func CheckDigestFunction(f repb.DigestFunction_Value) error {
+	if f == repb.DigestFunction_UNKNOWN || f == repb.DigestFunction_SHA256 {
+		return nil
+	}
+	return status.Errorf(codes.InvalidArgument, "digest function %s is not supported; this server only supports SHA256", f)
+}
+
+// ToStatus translates a store error into a gRPC status; the one place the
+// CAS services do so.
+func ToStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, ErrDigestMismatch), errors.Is(err, ErrInvalidDigest), errors.Is(err, ErrInvalidResource):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrNoSpace):
+		return status.Error(codes.ResourceExhausted, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+func protoStatus(err error) *rpcstatus.Status {
+	if err == nil {
+		return &rpcstatus.Status{}
+	}
+	return status.Convert(ToStatus(err)).Proto()
+}
+
+func badRequest(field, desc string) error {
+	st := status.New(codes.InvalidArgument, field+": "+desc)
+	if d, err := st.WithDetails(&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: field, Description: desc}}}); err == nil {
+		return d.Err()
+	}
+	return st.Err()
+}
+
+// FindMissingBlobs implements the REAPI method.
+func (s *Service) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (*repb.FindMissingBlobsResponse, error) {
+	if err := CheckDigestFunction(req.DigestFunction); err != nil {
+		return nil, err
+	}
+	ds := make([]Digest, 0, len(req.BlobDigests))
+	for i, pd := range req.BlobDigests {
+		d, err := FromProto(pd)
+		if err != nil {
+			return nil, badRequest(fmt.Sprintf("blob_digests[%d]", i), err.Error())
+		}
+		ds = append(ds, d)
+	}
+	missing, err := s.store.FindMissing(ctx, ds)
+	if err != nil {
+		return nil, ToStatus(err)
+	}
+	resp := &repb.FindMissingBlobsResponse{MissingBlobDigests: make([]*repb.Digest, len(missing))}
+	for i, d := range missing {
+		resp.MissingBlobDigests[i] = d.Proto()
+	}
+	return resp, nil
+}
+
+// BatchUpdateBlobs implements the REAPI method.
+func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
+	if err := CheckDigestFunction(req.DigestFunction); err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, r := range req.Requests {
+		total += int64(len(r.Data))
+	}
+	if total > s.maxBatchSize {
+		return nil, badRequest("requests", fmt.Sprintf("batch carries %d bytes, over the limit of %d bytes (max_batch_total_size_bytes); upload large blobs with ByteStream.Write", total, s.maxBatchSize))
+	}
+	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.Requests))}
+	var in int64
+	for i, r := range req.Requests {
+		out := &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest}
+		resp.Responses[i] = out
+		d, err := FromProto(r.Digest)
+		if err != nil {
+			out.Status = protoStatus(err)
+			continue
+		}
+		data := r.Data
+		switch r.Compressor {
+		case repb.Compressor_IDENTITY:
+		case repb.Compressor_ZSTD:
+			data, err = zstdDecoder.DecodeAll(r.Data, make([]byte, 0, d.Size))
+			if err != nil {
+				out.Status = protoStatus(fmt.Errorf("%w: decompress zstd data for %s: %v", ErrDigestMismatch, d, err))
+				continue
+			}
+		default:
+			out.Status = status.Convert(status.Errorf(codes.InvalidArgument, "compressor %s is not supported (supported: IDENTITY, ZSTD)", r.Compressor)).Proto()
+			continue
+		}
+		if int64(len(data)) != d.Size {
+			out.Status = protoStatus(fmt.Errorf("blob %s: got %d bytes: %w", d, len(data), ErrDigestMismatch))
+			continue
+		}
+		in += int64(len(data))
+		out.Status = protoStatus(putBytes(ctx, s.store, d, data))
+	}
+	s.stats.add(in, 0)
+	return resp, nil
+}
+
+// putBytes stores a small blob, skipping it when already present.
+func putBytes(ctx context.Context, st Store, d Digest, data []byte) error {
+	if got := DigestOf(data); got != d {
+		return fmt.Errorf("blob %s: data hashes to %s: %w", d, got.Hash, ErrDigestMismatch)
+	}
+	if missing, err := st.FindMissing(ctx, []Digest{d}); err == nil && len(missing) == 0 {
+		return nil
+	}
+	return st.Put(ctx, d, bytes.NewReader(data))
+}
+
+// BatchReadBlobs implements the REAPI method.
+func (s *Service) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (*repb.BatchReadBlobsResponse, error) {
+	if err := CheckDigestFunction(req.DigestFunction); err != nil {
+		return nil, err
+	}
+	ds := make([]Digest, len(req.Digests))
+	var total int64
+	for i, pd := range req.Digests {
+		d, err := FromProto(pd)
+		if err != nil {
+			return nil, badRequest(fmt.Sprintf("digests[%d]", i), err.Error())
+		}
+		ds[i] = d
+		total += d.Size
+	}
+	if total > s.maxBatchSize {
+		return nil, badRequest("digests", fmt.Sprintf("blobs total %d bytes, over the limit of %d bytes (max_batch_total_size_bytes); read large blobs with ByteStream.Read", total, s.maxBatchSize))
+	}
+	useZstd := false
+	for _, c := range req.AcceptableCompressors {
+		if c == repb.Compressor_ZSTD {
+			useZstd = true
+		}
+	}
+	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(ds))}
+	var out int64
+	for i, d := range ds {
+		r := &repb.BatchReadBlobsResponse_Response{Digest: req.Digests[i]}
+		resp.Responses[i] = r
+		data, err := ReadAll(ctx, s.store, d)
+		if err != nil {
+			r.Status = protoStatus(err)
+			continue
+		}
+		out += int64(len(data))
+		if useZstd && len(data) > 0 {
+			r.Data = zstdEncoder.EncodeAll(data, nil)
+			r.Compressor = repb.Compressor_ZSTD
+		} else {
+			r.Data = data
+		}
+		r.Status = &rpcstatus.Status{}
+	}
+	s.stats.add(0, out)
+	return resp, nil
+}
+
+// GetTree implements the REAPI method: the directories below root_digest in
+// breadth-first order, paged by page_size with an opaque token. Parts of
+// the tree that are missing are left out, as the API allows.
+func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
+	ctx := stream.Context()
+	if err := CheckDigestFunction(req.DigestFunction); err != nil {
+		return err
+	}
+	root, err := FromProto(req.RootDigest)
+	if err != nil {
+		return badRequest("root_digest", err.Error())
+	}
+	if req.PageSize < 0 {
+		return badRequest("page_size", "must not be negative")
+	}
+	start := 0
+	if req.PageToken != "" {
+		if _, err := fmt.Sscanf(req.PageToken, "offset:%d", &start); err != nil || start < 0 {
+			return badRequest("page_token", fmt.Sprintf("%q is not a token this server issued", req.PageToken))
+		}
+	}
+	pageSize := int(req.PageSize)
+	if pageSize == 0 || pageSize > 10000 {
+		pageSize = 10000
+	}
+	// Walk breadth first; directories already seen are listed once.
+	queue := []Digest{root}
+	seen := map[Digest]bool{root: true}
+	var page []*repb.Directory
+	var pageBytes int
+	idx := 0
+	for len(queue) > 0 {
+		d := queue[0]
+		queue = queue[1:]
+		data, err := ReadAll(ctx, s.store, d)
+		if err != nil {
+			if errors.Is(err, ErrNotFound) {
+				if d == root {
+					return status.Errorf(codes.NotFound, "root directory %s is not in the CAS", d)
+				}
+				continue
+			}
+			return ToStatus(err)
+		}
+		dir := &repb.Directory{}
+		if err := proto.Unmarshal(data, dir); err != nil {
+			return status.Errorf(codes.InvalidArgument, "blob %s is not a Directory message: %v", d, err)
+		}
+		for _, sub := range dir.Directories {
+			sd, err := FromProto(sub.Digest)
+			if err != nil {
+				return status.Errorf(codes.InvalidArgument, "directory %s entry %q: %v", d, sub.Name, err)
+			}
+			if !seen[sd] {
+				seen[sd] = true
+				queue = append(queue, sd)
+			}
+		}
+		if idx >= start {
+			// Keep each message well under the gRPC limit.
+			if len(page) > 0 && (len(page) >= pageSize || int64(pageBytes+len(data)) > 2*s.maxBatchSize) {
+				return stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: fmt.Sprintf("offset:%d", idx)})
+			}
+			page = append(page, dir)
+			pageBytes += len(data)
+		}
+		idx++
+	}
+	return stream.Send(&repb.GetTreeResponse{Directories: page})
+}
+
+// ValidateRead rejects nonsensical ByteStream read arguments.
+func validateRead(res Resource, offset, limit int64) error {
+	if offset < 0 {
+		return badRequest("read_offset", fmt.Sprintf("%d is negative", offset))
+	}
+	if limit < 0 {
+		return badRequest("read_limit", fmt.Sprintf("%d is negative", limit))
+	}
+	if offset > res.Digest.Size {
+		return status.Errorf(codes.OutOfRange, "read_offset %d is past the end of blob %s", offset, res.Digest)
+	}
+	if res.Compression != Identity && limit != 0 {
+		return badRequest("read_limit", "must be zero for compressed-blobs reads")
+	}
+	return nil
+}

@@ -1,0 +1,70 @@
+package cas
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Store is the blob storage every part of actiond reads and writes through.
+// Implementations must be safe for concurrent use and must never return a
+// blob whose content does not match its digest.
+type Store interface {
+	// FindMissing returns the digests in ds that the store does not hold.
+	FindMissing(ctx context.Context, ds []Digest) ([]Digest, error)
+	// Get opens a blob for reading from offset. A missing blob is an error
+	// wrapping ErrNotFound.
+	Get(ctx context.Context, d Digest, offset int64) (io.ReadCloser, error)
+	// Put stores the content r yields under d, failing with an error
+	// wrapping ErrDigestMismatch (and storing nothing) when it does not hash to d.
+	Put(ctx context.Context, d Digest, r io.Reader) error
+	// PutFile moves the file at path into the store and returns its digest;
+	// path no longer exists afterwards. It is the cheap way to store outputs.
+	PutFile(ctx context.Context, path string) (Digest, error)
+}
+
+var (
+	// ErrNotFound is wrapped when a blob is not in the store.
+	ErrNotFound = errors.New("blob not found")
+	// ErrDigestMismatch is wrapped when data does not hash to its declared digest.
+	ErrDigestMismatch = errors.New("data does not match digest")
+	// ErrNoSpace is wrapped when the store cannot take a blob: disk full, or
+	// the size limit cannot be met without evicting blobs in use.
+	ErrNoSpace = errors.New("no space for blob")
+)
+
+// ReadAll reads a whole blob into memory; for blobs known to be small
+// (protos, batch reads).
+func ReadAll(ctx context.Context, s Store, d Digest) ([]byte, error) {
+	if d.Size == 0 {
+		return []byte{}, nil
+	}
+	r, err := s.Get(ctx, d, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	b := make([]byte, d.Size)
+	if _, err := io.ReadFull(r, b); err != nil {
+		return nil, fmt.Errorf("read blob %s: %w", d, err)
+	}
+	return b, nil
+}
+
+// Pinner is implemented by stores with a size limit: pinned digests are not
+// evicted until the returned release function is called. The executor pins
+// the inputs and outputs of actions in flight.
+type Pinner interface {
+	Pin(ds []Digest) (release func())
+}
+
+// LocalStore is implemented by stores that keep blobs as local files, which
+// lets input roots hardlink them instead of copying.
+type LocalStore interface {
+	Store
+	// BlobPath returns the path of a read-only file holding the blob. With
+	// executable set, the file is a separate copy with the executable bit,
+	// so no caller ever changes the mode of a shared blob.
+	BlobPath(d Digest, executable bool) (string, error)
+}

@@ -1,0 +1,47 @@
+// Command actiond runs a Bazel Remote Execution API worker and cache.
+//
+//	actiond serve      worker+cache on this Linux host
+//	actiond version    print the version
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/actiond/actiond"
+)
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage: actiond <command> [flags]
+
+commands:
+  serve     serve the REAPI cache (and executor) on this host
+  version   print the version
+
+Run "actiond <command> -h" for a command's flags.
+`)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	var err error
+	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
+	case "serve":
+		err = runServe(args)
+	case "version", "--version", "-version":
+		fmt.Println("actiond", actiond.Version)
+	case "help", "-h", "--help":
+		usage()
+	default:
+		fmt.Fprintf(os.Stderr, "actiond: unknown command %q\n", cmd)
+		usage()
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "actiond %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}

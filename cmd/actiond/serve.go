@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/internal/units"
+)
+
+// defaultRoot is under the user's cache directory (~/.cache/actiond).
+func defaultRoot() string {
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "actiond")
+	}
+	return filepath.Join(os.TempDir(), "actiond")
+}
+
+type sizeFlag struct{ n *int64 }
+
+func (f sizeFlag) String() string {
+	if f.n == nil || *f.n == 0 {
+		return "0"
+	}
+	return units.Format(*f.n)
+}
+func (f sizeFlag) Set(s string) error {
+	n, err := units.ParseSize(s)
+	if err != nil {
+		return err
+	}
+	*f.n = n
+	return nil
+}
+
+func newLogger(level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})), nil
+}
+
+func runServe(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:8980", "gRPC listen address (host:port)")
+	root := fs.String("root", defaultRoot(), "directory for all state (CAS, action cache, staging)")
+	maxSize := int64(50 << 30)
+	fs.Var(sizeFlag{&maxSize}, "max-size", "CAS size limit; least recently used blobs are evicted beyond it (e.g. 20G; 0 = unlimited)")
+	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
+	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
+	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	log, err := newLogger(*logLevel)
+	if err != nil {
+		return err
+	}
+	slog.SetDefault(log)
+
+	srv, err := actiond.New(actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", *listen, err)
+	}
+	st := srv.Store.Stats()
+	log.Info("actiond serving",
+		"listen", l.Addr().String(),
+		"root", *root,
+		"cas_blobs", st.Blobs,
+		"cas_bytes", units.Format(st.Bytes),
+		"max_size", sizeFlag{&maxSize}.String(),
+		"version", actiond.Version)
+	log.Info("use it from Bazel", "flags", "--remote_cache=grpc://"+l.Addr().String())
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("draining", "timeout", *drain)
+	dctx, cancel := context.WithTimeout(context.Background(), *drain)
+	defer cancel()
+	srv.Stop(dctx)
+	if err := <-errc; err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}

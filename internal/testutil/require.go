@@ -1,0 +1,32 @@
+// Package testutil holds helpers shared by the project's tests.
+package testutil
+
+import (
+	"os"
+	"testing"
+)
+
+// RequireAll reports whether missing test prerequisites must fail rather
+// than skip: under CI (CI=true) or with ACTIOND_REQUIRE_ALL=1.
+func RequireAll() bool {
+	return os.Getenv("CI") == "true" || os.Getenv("ACTIOND_REQUIRE_ALL") == "1"
+}
+
+// Require skips the test with reason when ok is false, or fails it when
+// RequireAll says every prerequisite must be present.
+func Require(t testing.TB, ok bool, reason string) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if RequireAll() {
+		t.Fatalf("missing prerequisite (required under CI): %s", reason)
+	}
+	t.Skipf("skipping: %s", reason)
+}
+
+// RequireRoot needs the test to run as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	Require(t, os.Geteuid() == 0, "needs root")
+}
