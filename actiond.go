@@ -12,9 +12,11 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/executor"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	smpb "github.com/bazelbuild/remote-apis/build/bazel/semver"
 	"google.golang.org/grpc"
@@ -35,19 +37,36 @@ type Options struct {
 	Logger *slog.Logger
 	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
 	NoFsync bool
+
+	// Sandbox enables execution; nil serves a cache only.
+	Sandbox executor.Sandbox
+	// InputRoot overrides how input trees are materialised.
+	InputRoot executor.InputRoot
+	// InputRootKind picks a built-in strategy when InputRoot is nil:
+	// "hardlink" (default) or "copy".
+	InputRootKind string
+	// DefaultRuntime is the runtime of actions that name none (default "host").
+	DefaultRuntime string
+	// Concurrency is how many actions run at once (default: CPUs).
+	Concurrency int
+	// MaxActionTimeout caps Action.timeout (0: no cap).
+	MaxActionTimeout time.Duration
 }
 
 // Server is a REAPI server over one root directory.
 type Server struct {
-	opts    Options
-	log     *slog.Logger
-	Store   *cas.DiskStore
-	Cache   *actioncache.BoltCache
-	cas     *cas.Service
-	ac      *actioncache.Service
-	health  *health.Server
-	grpc    *grpc.Server
-	closers []func() error
+	opts   Options
+	log    *slog.Logger
+	Store  *cas.DiskStore
+	Cache  *actioncache.BoltCache
+	cas    *cas.Service
+	ac     *actioncache.Service
+	health *health.Server
+	// Executor and Execution are nil when no sandbox is configured.
+	Executor  *executor.Executor
+	Execution *executor.Service
+	grpc      *grpc.Server
+	closers   []func() error
 }
 
 // MaxMessageSize is the gRPC message limit; above the advertised batch size
@@ -84,6 +103,37 @@ func New(opts Options) (*Server, error) {
 	}
 	s.ac = actioncache.NewService(cache, store, true)
 	s.closers = append(s.closers, func() error { s.cas.Close(); return nil }, cache.Close)
+	if opts.Sandbox != nil {
+		inputRoot := opts.InputRoot
+		if inputRoot == nil {
+			switch opts.InputRootKind {
+			case "", "hardlink":
+				inputRoot = executor.LinkInputRoot{Store: store}
+			case "copy":
+				inputRoot = executor.CopyInputRoot{Store: store}
+			default:
+				s.Close()
+				return nil, fmt.Errorf("input root %q: want hardlink or copy", opts.InputRootKind)
+			}
+		}
+		ex, err := executor.New(executor.Options{
+			Store:          store,
+			Cache:          cache,
+			Sandbox:        opts.Sandbox,
+			InputRoot:      inputRoot,
+			StageDir:       filepath.Join(opts.Root, "cas", "stage"),
+			DefaultRuntime: opts.DefaultRuntime,
+			MaxTimeout:     opts.MaxActionTimeout,
+			Logger:         log,
+		})
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		s.Executor = ex
+		s.Execution = executor.NewService(ex, executor.ServiceOptions{Concurrency: opts.Concurrency})
+		s.closers = append(s.closers, func() error { s.Execution.Stop(); return nil })
+	}
 	return s, nil
 }
 
@@ -94,6 +144,9 @@ func (s *Server) Register(r grpc.ServiceRegistrar) {
 	repb.RegisterActionCacheServer(r, s.ac)
 	repb.RegisterCapabilitiesServer(r, &capabilities{s})
 	healthpb.RegisterHealthServer(r, s.health)
+	if s.Execution != nil {
+		repb.RegisterExecutionServer(r, s.Execution)
+	}
 }
 
 // GRPCServer returns a gRPC server with every service registered and
@@ -163,5 +216,13 @@ func (c *capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabil
 	return caps, nil
 }
 
-func (s *Server) addExecutionCapabilities(caps *repb.ServerCapabilities) {}
-
+func (s *Server) addExecutionCapabilities(caps *repb.ServerCapabilities) {
+	if s.Execution == nil {
+		return
+	}
+	caps.ExecutionCapabilities = &repb.ExecutionCapabilities{
+		DigestFunction:  repb.DigestFunction_SHA256,
+		DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
+		ExecEnabled:     true,
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -41,7 +42,9 @@ type BoltCache struct {
 
 // Open opens or creates the database at path.
 func Open(path string, store cas.Store) (*BoltCache, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
+	// The timeout turns a second server on the same root (the file is
+	// locked) into an error instead of a hang.
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second, NoFreelistSync: true, FreelistType: bolt.FreelistMapType})
 	if err != nil {
 		return nil, fmt.Errorf("open action cache %s: %w", path, err)
 	}
@@ -122,8 +125,13 @@ func (c *BoltCache) Stats() Stats {
 	return s
 }
 
+// maxTreeSize bounds the Tree and Directory blobs MissingBlobs reads into
+// memory; a result referencing a larger one is treated as incomplete.
+const maxTreeSize = 64 << 20
+
 // MissingBlobs lists the blobs res references (outputs, the files inside
-// output directory trees, stdout and stderr) that the store does not hold.
+// output directory trees or below root directories, stdout and stderr) that
+// the store does not hold. The list may stop at the first missing blob.
 func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) ([]cas.Digest, error) {
 	var ds []cas.Digest
 	add := func(pd *repb.Digest) {
@@ -139,11 +147,15 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 	}
 	add(res.StdoutDigest)
 	add(res.StderrDigest)
-	var trees []cas.Digest
+	var trees, roots []cas.Digest
 	for _, d := range res.OutputDirectories {
 		add(d.TreeDigest)
+		add(d.RootDirectoryDigest)
 		if td, err := cas.FromProto(d.TreeDigest); err == nil {
 			trees = append(trees, td)
+		} else if rd, err := cas.FromProto(d.RootDirectoryDigest); err == nil {
+			// Only a root directory: its subdirectories are blobs too.
+			roots = append(roots, rd)
 		}
 	}
 	missing, err := store.FindMissing(ctx, ds)
@@ -152,17 +164,23 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 	}
 	// The trees are present: check the files inside them too.
 	ds = ds[:0]
-	for _, td := range trees {
-		data, err := cas.ReadAll(ctx, store, td)
+	read := func(d cas.Digest, m proto.Message) (bool, error) {
+		if d.Size > maxTreeSize {
+			return false, nil
+		}
+		data, err := cas.ReadAll(ctx, store, d)
 		if err != nil {
 			if errors.Is(err, cas.ErrNotFound) {
-				return []cas.Digest{td}, nil
+				return false, nil
 			}
-			return nil, err
+			return false, err
 		}
+		return proto.Unmarshal(data, m) == nil, nil
+	}
+	for _, td := range trees {
 		tree := &repb.Tree{}
-		if err := proto.Unmarshal(data, tree); err != nil {
-			return []cas.Digest{td}, nil
+		if ok, err := read(td, tree); !ok || err != nil {
+			return []cas.Digest{td}, err
 		}
 		for _, dir := range append([]*repb.Directory{tree.Root}, tree.Children...) {
 			if dir == nil {
@@ -170,6 +188,30 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 			}
 			for _, f := range dir.Files {
 				add(f.Digest)
+			}
+		}
+	}
+	// Root directories: walk the Directory blobs (each read proves it present).
+	seen := map[cas.Digest]bool{}
+	for len(roots) > 0 {
+		d := roots[0]
+		roots = roots[1:]
+		if seen[d] {
+			continue
+		}
+		seen[d] = true
+		dir := &repb.Directory{}
+		if ok, err := read(d, dir); !ok || err != nil {
+			return []cas.Digest{d}, err
+		}
+		for _, f := range dir.Files {
+			add(f.Digest)
+		}
+		for _, sub := range dir.Directories {
+			if sd, err := cas.FromProto(sub.Digest); err == nil {
+				roots = append(roots, sd)
+			} else {
+				return []cas.Digest{d}, nil
 			}
 		}
 	}

@@ -129,7 +129,11 @@ func Validate(res *repb.ActionResult) error {
 		}
 	}
 	for _, d := range res.OutputDirectories {
-		if err := check("output_directories "+d.Path, d.TreeDigest, true); err != nil {
+		// REAPI 2.3 clients may send only the root Directory's digest.
+		if err := check("output_directories "+d.Path+" tree_digest", d.TreeDigest, d.RootDirectoryDigest == nil); err != nil {
+			return err
+		}
+		if err := check("output_directories "+d.Path+" root_directory_digest", d.RootDirectoryDigest, false); err != nil {
 			return err
 		}
 	}

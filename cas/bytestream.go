@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -100,10 +101,11 @@ func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServ
 
 // upload is a resumable upload kept between streams.
 type upload struct {
-	mu      sync.Mutex // held by the stream currently writing
-	w       BlobWriter
-	digest  Digest
-	touched time.Time
+	mu        sync.Mutex // held by the stream currently writing
+	w         BlobWriter
+	digest    Digest
+	touched   time.Time    // guarded by mu
+	committed atomic.Int64 // bytes received, readable without mu
 }
 
 type uploads struct {
@@ -128,11 +130,14 @@ func (u *uploads) put(name string, up *upload) {
 	defer u.mu.Unlock()
 	now := time.Now()
 	for k, v := range u.m {
-		if now.Sub(v.touched) > uploadTTL && v.mu.TryLock() {
+		if !v.mu.TryLock() {
+			continue // being written
+		}
+		if now.Sub(v.touched) > uploadTTL {
 			v.w.Abort()
 			delete(u.m, k)
-			v.mu.Unlock()
 		}
+		v.mu.Unlock()
 	}
 	u.m[name] = up
 }
@@ -182,13 +187,18 @@ func (b *byteStream) Write(stream bspb.ByteStream_WriteServer) error {
 	}
 	// Already stored: finish at once, whatever the client still sends.
 	if missing, err := b.store.FindMissing(ctx, []Digest{d}); err == nil && len(missing) == 0 {
+		if up := b.uploads.get(name); up != nil && up.mu.TryLock() {
+			up.w.Abort()
+			b.uploads.remove(name, up)
+			up.mu.Unlock()
+		}
 		return done()
 	}
 	if res.Compression != Identity {
 		if req.WriteOffset != 0 {
 			return badRequest("write_offset", "compressed uploads cannot be resumed; start at offset 0")
 		}
-		return b.writeCompressed(stream, req, d, done)
+		return b.writeCompressed(stream, req, d)
 	}
 
 	up, fresh, err := b.startUpload(name, d, req.WriteOffset)
@@ -212,6 +222,7 @@ func (b *byteStream) Write(stream bspb.ByteStream_WriteServer) error {
 				return ToStatus(err)
 			}
 			b.stats.add(int64(len(req.Data)), 0)
+			up.committed.Store(up.w.Written())
 		}
 		up.touched = time.Now()
 		if req.FinishWrite {
@@ -277,7 +288,9 @@ func (b *byteStream) newWriter(d Digest) (BlobWriter, error) {
 }
 
 // writeCompressed receives a zstd stream and stores what it decodes to.
-func (b *byteStream) writeCompressed(stream bspb.ByteStream_WriteServer, req *bspb.WriteRequest, d Digest, done func() error) error {
+// Compressed uploads are not resumable: a client that resumes one is told
+// (by QueryWriteStatus) to start again at 0.
+func (b *byteStream) writeCompressed(stream bspb.ByteStream_WriteServer, req *bspb.WriteRequest, d Digest) error {
 	ctx := stream.Context()
 	pr, pw := io.Pipe()
 	result := make(chan error, 1)
@@ -289,10 +302,7 @@ func (b *byteStream) writeCompressed(stream bspb.ByteStream_WriteServer, req *bs
 			return
 		}
 		defer dec.Close()
-		err = b.store.Put(ctx, d, io.LimitReader(dec, d.Size+1))
-		if err != nil && !errors.Is(err, ErrDigestMismatch) && !errors.Is(err, ErrNoSpace) {
-			err = fmt.Errorf("%w: decode zstd upload of %s: %w", ErrDigestMismatch, d, err)
-		}
+		err = b.store.Put(ctx, d, decodeErrReader{io.LimitReader(dec, d.Size+1)})
 		pr.CloseWithError(err)
 		result <- err
 	}()
@@ -310,7 +320,8 @@ func (b *byteStream) writeCompressed(stream bspb.ByteStream_WriteServer, req *bs
 			if err := <-result; err != nil {
 				return ToStatus(err)
 			}
-			return done()
+			// The client checks this against the compressed bytes it sent.
+			return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: offset})
 		}
 		var err error
 		req, err = stream.Recv()
@@ -339,14 +350,28 @@ func (b *byteStream) QueryWriteStatus(ctx context.Context, req *bspb.QueryWriteS
 	if missing, err := b.store.FindMissing(ctx, []Digest{res.Digest}); err == nil && len(missing) == 0 {
 		return &bspb.QueryWriteStatusResponse{CommittedSize: res.Digest.Size, Complete: true}, nil
 	}
-	if up := b.uploads.get(req.ResourceName); up != nil && up.digest == res.Digest {
-		if !up.mu.TryLock() {
-			return nil, status.Errorf(codes.Unavailable, "upload %s is being written right now; query again when the stream ends", req.ResourceName)
+	if res.Compression == Identity {
+		if up := b.uploads.get(req.ResourceName); up != nil && up.digest == res.Digest {
+			return &bspb.QueryWriteStatusResponse{CommittedSize: up.committed.Load()}, nil
 		}
-		defer up.mu.Unlock()
-		return &bspb.QueryWriteStatusResponse{CommittedSize: up.w.Written()}, nil
 	}
-	return nil, status.Errorf(codes.NotFound, "no upload %s in progress; start it at offset 0", req.ResourceName)
+	// Unknown (never started, expired, lost in a restart, or compressed):
+	// the bytestream API would say NOT_FOUND, but Bazel treats that as a
+	// permanent failure of the upload, while committed_size 0 makes every
+	// client simply start again.
+	return &bspb.QueryWriteStatusResponse{CommittedSize: 0}, nil
+}
+
+// decodeErrReader marks errors reading the decoded stream (corrupt zstd
+// data) as the client's fault.
+type decodeErrReader struct{ r io.Reader }
+
+func (r decodeErrReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("%w: decode zstd upload: %w", ErrDigestMismatch, err)
+	}
+	return n, err
 }
 
 // pipeWriter adapts a plain Store to BlobWriter; it cannot outlive a stream

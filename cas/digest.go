@@ -44,6 +44,12 @@ func NewDigest(hash string, size int64) (Digest, error) {
 	return Digest{Hash: hash, Size: size}, nil
 }
 
+// Validate checks a Digest built without NewDigest (a struct literal).
+func (d Digest) Validate() error {
+	_, err := NewDigest(d.Hash, d.Size)
+	return err
+}
+
 // FromProto validates a REAPI digest. A nil digest is invalid.
 func FromProto(d *repb.Digest) (Digest, error) {
 	if d == nil {

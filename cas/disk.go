@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"container/list"
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -15,7 +16,9 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -25,14 +28,20 @@ import (
 // written, synced and renamed into place, so a crash never leaves a wrong
 // blob under a name. An in-memory index answers FindMissing without stat
 // calls and orders blobs for LRU eviction under a size limit.
+//
+// Invariant: every indexed blob has its file. Renames into place and
+// evictions (which delete files) both happen under mu, together with the
+// index update, so they cannot interleave.
 type DiskStore struct {
-	dir     string
-	blobDir string
-	execDir string
-	tmpDir  string
-	maxSize int64
-	fsync   bool
-	log     *slog.Logger
+	dir       string
+	blobDir   string
+	execDir   string
+	tmpDir    string
+	tmpPrefix string
+	tmpSeq    atomic.Uint64
+	maxSize   int64
+	fsync     bool
+	log       *slog.Logger
 
 	mu        sync.Mutex
 	index     map[string]*entry
@@ -68,19 +77,32 @@ func WithFsync(on bool) Option { return func(s *DiskStore) { s.fsync = on } }
 // order within a run lives in memory, mtime only orders blobs after a restart.
 const touchInterval = time.Hour
 
+// writeBehindChunk is how much an upload writes before the kernel is asked
+// to start writing it back, so that the fsync at the end waits only for the
+// tail instead of the whole blob.
+const writeBehindChunk = 8 << 20
+
+// copyBufSize is the buffer for hashing and copying files.
+const copyBufSize = 1 << 20
+
 // NewDiskStore opens (creating if needed) a store in dir. Leftover uploads
 // from a previous run are removed and the index is rebuilt from the files.
 func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
+	var rnd [4]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return nil, err
+	}
 	s := &DiskStore{
-		dir:     dir,
-		blobDir: filepath.Join(dir, "sha256"),
-		execDir: filepath.Join(dir, "sha256-exec"),
-		tmpDir:  filepath.Join(dir, "tmp"),
-		fsync:   true,
-		log:     slog.Default(),
-		index:   make(map[string]*entry),
-		lru:     list.New(),
-		pins:    make(map[string]int),
+		dir:       dir,
+		blobDir:   filepath.Join(dir, "sha256"),
+		execDir:   filepath.Join(dir, "sha256-exec"),
+		tmpDir:    filepath.Join(dir, "tmp"),
+		tmpPrefix: hex.EncodeToString(rnd[:]),
+		fsync:     true,
+		log:       slog.Default(),
+		index:     make(map[string]*entry),
+		lru:       list.New(),
+		pins:      make(map[string]int),
 	}
 	for _, o := range opts {
 		o(s)
@@ -97,16 +119,25 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
 	}
+	// All shards exist from the start: no mkdir (which can fail on a full
+	// disk, or race with another upload) on the write path.
+	for i := 0; i < 256; i++ {
+		p := filepath.Join(s.blobDir, fmt.Sprintf("%02x", i))
+		if err := os.Mkdir(p, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("create %s: %w", p, err)
+		}
+	}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
 	s.mu.Lock()
-	s.evictLocked()
+	s.evictLocked(0, "")
 	s.mu.Unlock()
 	return s, nil
 }
 
-// load indexes the blobs on disk, oldest first in LRU order.
+// load indexes the blobs on disk: most recently modified at the front of
+// the LRU list, so the oldest are evicted first.
 func (s *DiskStore) load() error {
 	start := time.Now()
 	type found struct {
@@ -131,9 +162,9 @@ func (s *DiskStore) load() error {
 		}
 		for _, e := range ents {
 			name := e.Name()
-			if _, err := NewDigest(name, 0); err != nil || name[:2] != shard.Name() {
+			if _, err := NewDigest(name, 0); err != nil || name[:2] != shard.Name() || !e.Type().IsRegular() {
 				s.log.Warn("removing stray file from CAS", "path", filepath.Join(sdir, name))
-				os.Remove(filepath.Join(sdir, name))
+				os.RemoveAll(filepath.Join(sdir, name))
 				continue
 			}
 			info, err := e.Info()
@@ -190,7 +221,7 @@ func (s *DiskStore) TempDir() string { return s.tmpDir }
 // FindMissing implements Store. Present blobs count as used.
 func (s *DiskStore) FindMissing(_ context.Context, ds []Digest) ([]Digest, error) {
 	var missing []Digest
-	var touch []*entry
+	var touch []string
 	s.mu.Lock()
 	now := time.Now()
 	for _, d := range ds {
@@ -202,21 +233,40 @@ func (s *DiskStore) FindMissing(_ context.Context, ds []Digest) ([]Digest, error
 			missing = append(missing, d)
 			continue
 		}
-		s.lru.MoveToFront(e.elem)
-		if now.Sub(e.diskTime) > touchInterval {
-			e.diskTime = now
-			touch = append(touch, e)
-		}
+		touch = s.useLocked(e, now, touch)
 	}
 	s.mu.Unlock()
 	s.touchFiles(touch, now)
 	return missing, nil
 }
 
-func (s *DiskStore) touchFiles(es []*entry, now time.Time) {
-	for _, e := range es {
-		// Best effort: a concurrently evicted blob is fine to miss.
-		_ = os.Chtimes(s.blobPath(e.hash), now, now)
+// useLocked marks e most recently used and collects it for an mtime
+// refresh when its mtime is stale.
+func (s *DiskStore) useLocked(e *entry, now time.Time, touch []string) []string {
+	s.lru.MoveToFront(e.elem)
+	if now.Sub(e.diskTime) > touchInterval {
+		e.diskTime = now
+		touch = append(touch, e.hash)
+	}
+	return touch
+}
+
+// touchFiles refreshes mtimes, the LRU order a restart sees. A few are
+// done at once; many (the first lookups after a restart) in the
+// background, so FindMissing never waits for thousands of syscalls.
+func (s *DiskStore) touchFiles(hashes []string, now time.Time) {
+	touch := func() {
+		for _, h := range hashes {
+			// Best effort: a concurrently evicted blob is fine to miss.
+			_ = os.Chtimes(s.blobPath(h), now, now)
+		}
+	}
+	switch {
+	case len(hashes) == 0:
+	case len(hashes) <= 16:
+		touch()
+	default:
+		go touch()
 	}
 }
 
@@ -224,26 +274,26 @@ func (s *DiskStore) touchFiles(es []*entry, now time.Time) {
 func (s *DiskStore) has(d Digest) bool {
 	s.mu.Lock()
 	e, ok := s.index[d.Hash]
-	var touch []*entry
+	ok = ok && e.size == d.Size
+	var touch []string
 	now := time.Now()
 	if ok {
-		s.lru.MoveToFront(e.elem)
-		if now.Sub(e.diskTime) > touchInterval {
-			e.diskTime = now
-			touch = append(touch, e)
-		}
+		touch = s.useLocked(e, now, nil)
 	}
 	s.mu.Unlock()
 	s.touchFiles(touch, now)
-	return ok && e.size == d.Size
+	return ok
 }
 
 // Get implements Store.
 func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadCloser, error) {
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
 	if offset < 0 || offset > d.Size {
 		return nil, fmt.Errorf("read %s at offset %d: offset out of range", d, offset)
 	}
-	if d.Size == 0 && d.Hash == EmptyDigest.Hash {
+	if d.IsEmpty() {
 		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
 	if !s.has(d) {
@@ -252,7 +302,7 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 	f, err := os.Open(s.blobPath(d.Hash))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			// Evicted or removed by hand since the index said present.
+			// Evicted since the index said present, or removed by hand.
 			s.forget(d.Hash)
 			return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
 		}
@@ -267,10 +317,14 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 	return f, nil
 }
 
+// forget drops a blob whose file has gone from the index.
 func (s *DiskStore) forget(hash string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e, ok := s.index[hash]; ok {
+		if _, err := os.Lstat(s.blobPath(hash)); err == nil {
+			return // re-added since
+		}
 		s.lru.Remove(e.elem)
 		delete(s.index, hash)
 		s.size -= e.size
@@ -279,14 +333,17 @@ func (s *DiskStore) forget(hash string) {
 
 // Put implements Store.
 func (s *DiskStore) Put(ctx context.Context, d Digest, r io.Reader) error {
-	if d.Size == 0 && d.Hash == EmptyDigest.Hash {
-		// Still verify the caller sent nothing.
+	if err := d.Validate(); err != nil {
+		return err
+	}
+	if d.Size == 0 {
+		// Only the empty blob has size 0; still verify the caller sent nothing.
 		n, err := io.Copy(io.Discard, r)
 		if err != nil {
 			return err
 		}
-		if n != 0 {
-			return fmt.Errorf("blob %s: got %d bytes: %w", d, n, ErrDigestMismatch)
+		if n != 0 || !d.IsEmpty() {
+			return fmt.Errorf("blob %s: got %d bytes hashing to something else: %w", d, n, ErrDigestMismatch)
 		}
 		return nil
 	}
@@ -301,29 +358,42 @@ func (s *DiskStore) Put(ctx context.Context, d Digest, r io.Reader) error {
 	return w.Commit()
 }
 
+// createTemp creates a new file in tmp/ with a unique name; the name
+// starts with the blob's hash prefix so leftovers are recognisable.
+func (s *DiskStore) createTemp(what string) (*os.File, error) {
+	name := filepath.Join(s.tmpDir, what+"-"+s.tmpPrefix+"-"+strconv.FormatUint(s.tmpSeq.Add(1), 10))
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, s.spaceErr(fmt.Errorf("create upload file: %w", err))
+	}
+	return f, nil
+}
+
 // Writer streams one blob into the store. Bytes are hashed as they are
 // written; Commit verifies and makes the blob visible. Writers are how
 // resumable ByteStream uploads keep their state between streams.
 type Writer struct {
-	s       *DiskStore
-	d       Digest
-	f       *os.File
-	h       hash.Hash
-	written int64
-	done    bool
+	s         *DiskStore
+	d         Digest
+	f         *os.File
+	h         hash.Hash
+	written   int64
+	synced    int64 // bytes handed to write-behind
+	done      bool
+	committed bool
 }
 
 // NewWriter starts an upload of d.
 func (s *DiskStore) NewWriter(d Digest) (*Writer, error) {
-	s.mu.Lock()
-	err := s.fitsLocked(d)
-	s.mu.Unlock()
-	if err != nil {
+	if err := d.Validate(); err != nil {
 		return nil, err
 	}
-	f, err := os.CreateTemp(s.tmpDir, d.Hash[:16]+"-*")
+	if s.maxSize > 0 && d.Size > s.maxSize {
+		return nil, fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
+	}
+	f, err := s.createTemp(d.Hash[:16])
 	if err != nil {
-		return nil, s.spaceErr(fmt.Errorf("create upload file for %s: %w", d, err))
+		return nil, fmt.Errorf("upload of %s: %w", d, err)
 	}
 	return &Writer{s: s, d: d, f: f, h: sha256.New()}, nil
 }
@@ -333,6 +403,9 @@ func (w *Writer) Written() int64 { return w.written }
 
 // Write implements io.Writer; it refuses data past the declared size.
 func (w *Writer) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("blob %s: write after the upload ended", w.d)
+	}
 	if w.written+int64(len(p)) > w.d.Size {
 		return 0, fmt.Errorf("blob %s: more than %d bytes written: %w", w.d, w.d.Size, ErrDigestMismatch)
 	}
@@ -342,12 +415,19 @@ func (w *Writer) Write(p []byte) (int, error) {
 	if err != nil {
 		return n, w.s.spaceErr(fmt.Errorf("write upload of %s: %w", w.d, err))
 	}
+	if w.s.fsync && w.written-w.synced >= writeBehindChunk {
+		writeBehind(w.f, w.synced, w.written-w.synced)
+		w.synced = w.written
+	}
 	return n, nil
 }
 
 // Commit verifies the data and moves it into place. The Writer is finished
 // whatever the outcome.
 func (w *Writer) Commit() error {
+	if w.done {
+		return fmt.Errorf("blob %s: commit after the upload ended", w.d)
+	}
 	defer w.Abort()
 	if w.written != w.d.Size {
 		return fmt.Errorf("blob %s: got %d bytes, want %d: %w", w.d, w.written, w.d.Size, ErrDigestMismatch)
@@ -355,7 +435,11 @@ func (w *Writer) Commit() error {
 	if got := hex.EncodeToString(w.h.Sum(nil)); got != w.d.Hash {
 		return fmt.Errorf("blob %s: data hashes to %s: %w", w.d, got, ErrDigestMismatch)
 	}
-	return w.s.commitFile(w.f, w.d)
+	if err := w.s.commitFile(w.f, w.d); err != nil {
+		return err
+	}
+	w.committed = true
+	return nil
 }
 
 // Abort discards an unfinished upload; it is safe to call after Commit.
@@ -371,7 +455,7 @@ func (w *Writer) Abort() {
 // commitFile makes the verified temp file f the blob d and closes f.
 func (s *DiskStore) commitFile(f *os.File, d Digest) error {
 	if err := f.Chmod(0o444); err != nil {
-		return fmt.Errorf("chmod upload of %s: %w", d, err)
+		return s.spaceErr(fmt.Errorf("chmod upload of %s: %w", d, err))
 	}
 	if s.fsync {
 		if err := f.Sync(); err != nil {
@@ -384,70 +468,46 @@ func (s *DiskStore) commitFile(f *os.File, d Digest) error {
 	return s.link(f.Name(), d)
 }
 
-// link renames a verified, read-only file into place and indexes it. The
-// index is updated after the rename, so an indexed blob always has its file.
+// link moves the verified, read-only (and, with fsync, synced) file tmp
+// into place as blob d and indexes it. If d is already stored, tmp is
+// removed instead. Room is made before the rename, so a blob that cannot
+// be kept (everything else pinned) is never renamed into place.
 func (s *DiskStore) link(tmp string, d Digest) error {
-	final := s.blobPath(d.Hash)
-	err := os.Rename(tmp, final)
-	if errors.Is(err, fs.ErrNotExist) {
-		if mkErr := os.MkdirAll(filepath.Dir(final), 0o755); mkErr != nil {
-			err = mkErr
-		} else {
-			err = os.Rename(tmp, final)
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("move blob %s into place: %w", d, err)
-	}
-	if err := s.index1(d); err != nil {
-		os.Remove(final)
-		return err
-	}
-	return nil
-}
-
-// index1 adds d to the index, evicting others to make room.
-func (s *DiskStore) index1(d Digest) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e, ok := s.index[d.Hash]; ok {
 		s.lru.MoveToFront(e.elem)
+		os.Remove(tmp)
 		return nil
 	}
-	if err := s.fitsLocked(d); err != nil {
-		return err
+	if s.maxSize > 0 {
+		if d.Size > s.maxSize {
+			return fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
+		}
+		if !s.evictLocked(d.Size, d.Hash) {
+			return fmt.Errorf("store %d bytes for blob %s: the size limit of %d bytes is taken by blobs of actions in flight: %w", d.Size, d, s.maxSize, ErrNoSpace)
+		}
+	}
+	if err := os.Rename(tmp, s.blobPath(d.Hash)); err != nil {
+		return s.spaceErr(fmt.Errorf("move blob %s into place: %w", d, err))
 	}
 	e := &entry{hash: d.Hash, size: d.Size, diskTime: time.Now()}
 	e.elem = s.lru.PushFront(e)
 	s.index[d.Hash] = e
 	s.size += d.Size
-	s.evictLocked()
-	if s.maxSize > 0 && s.size > s.maxSize {
-		s.lru.Remove(e.elem)
-		delete(s.index, d.Hash)
-		s.size -= d.Size
-		return fmt.Errorf("store %d bytes for blob %s: the size limit of %d bytes is taken by blobs of actions in flight: %w", d.Size, d, s.maxSize, ErrNoSpace)
-	}
 	return nil
 }
 
-func (s *DiskStore) fitsLocked(d Digest) error {
-	if s.maxSize > 0 && d.Size > s.maxSize {
-		return fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
-	}
-	return nil
-}
-
-// evictLocked removes least recently used, unpinned blobs until the store
-// fits its limit.
-func (s *DiskStore) evictLocked() {
+// evictLocked removes least recently used, unpinned blobs (never keep)
+// until need more bytes fit under the limit, and reports whether they do.
+func (s *DiskStore) evictLocked(need int64, keep string) bool {
 	if s.maxSize <= 0 {
-		return
+		return true
 	}
-	for el := s.lru.Back(); el != nil && s.size > s.maxSize; {
+	for el := s.lru.Back(); el != nil && s.size+need > s.maxSize; {
 		e := el.Value.(*entry)
 		prev := el.Prev()
-		if s.pins[e.hash] == 0 {
+		if s.pins[e.hash] == 0 && e.hash != keep {
 			s.lru.Remove(el)
 			delete(s.index, e.hash)
 			s.size -= e.size
@@ -457,6 +517,7 @@ func (s *DiskStore) evictLocked() {
 		}
 		el = prev
 	}
+	return s.size+need <= s.maxSize
 }
 
 // Evict shrinks the store to at most max bytes now (max <= 0 uses the
@@ -469,12 +530,13 @@ func (s *DiskStore) Evict(max int64) int64 {
 	if max > 0 {
 		s.maxSize = max
 	}
-	s.evictLocked()
+	s.evictLocked(0, "")
 	s.maxSize = saved
 	return s.evictions - before
 }
 
-// Pin implements Pinner.
+// Pin implements Pinner. Pinning a digest that is not stored yet protects
+// it from the moment it is.
 func (s *DiskStore) Pin(ds []Digest) func() {
 	s.mu.Lock()
 	for _, d := range ds {
@@ -490,32 +552,39 @@ func (s *DiskStore) Pin(ds []Digest) func() {
 					delete(s.pins, d.Hash)
 				}
 			}
-			s.evictLocked()
+			s.evictLocked(0, "")
 			s.mu.Unlock()
 		})
 	}
 }
 
-// PutFile implements Store. The file is hashed, made root-owned and
-// read-only, and renamed into the CAS; if the blob is already present the
-// file is removed instead. Files on another file system are copied.
+// PutFile implements Store. The file is made root-owned (when running as
+// root) and read-only, hashed, and renamed into the CAS; if the blob is
+// already present the file is removed instead. Symbolic links and other
+// non-regular files are refused. A file with other hard links, or on
+// another file system, is copied, so its other names never become (or
+// change the mode of) a shared blob.
 func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		return Digest{}, fmt.Errorf("open %s: %w", path, err)
 	}
 	defer f.Close()
-	d, err := DigestReader(f)
+	fi, err := f.Stat()
 	if err != nil {
-		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
+		return Digest{}, fmt.Errorf("stat %s: %w", path, err)
 	}
-	if d.IsEmpty() || s.has(d) {
-		os.Remove(path)
-		return d, nil
+	if !fi.Mode().IsRegular() {
+		return Digest{}, fmt.Errorf("%s is not a regular file (%s)", path, fi.Mode().Type())
+	}
+	if linkCount(fi) > 1 {
+		return s.putCopy(ctx, f, path)
 	}
 	// The file may have been written by a sandboxed user: take ownership
-	// before it becomes a shared blob so that user cannot change it later.
-	if os.Geteuid() == 0 {
+	// before hashing, so that the hash is of content that user can no
+	// longer change. (The sandbox guarantees none of its processes still
+	// hold the file open.)
+	if os.Geteuid() == 0 && fileUID(fi) != 0 {
 		if err := f.Chown(0, 0); err != nil {
 			return Digest{}, fmt.Errorf("chown %s: %w", path, err)
 		}
@@ -523,40 +592,178 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if err := f.Chmod(0o444); err != nil {
 		return Digest{}, fmt.Errorf("chmod %s: %w", path, err)
 	}
-	// Re-verify after taking ownership: the content must not have changed
-	// between hashing and chown (nothing else should hold it open, but a
-	// wrong blob under a name is the one thing the store must never allow).
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return Digest{}, err
+	d, err := hashFile(f)
+	if err != nil {
+		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
-	d2, err := DigestReader(f)
-	if err != nil || d2 != d {
-		return Digest{}, fmt.Errorf("%s changed while being stored", path)
+	if d.IsEmpty() || s.has(d) {
+		os.Remove(path)
+		return d, nil
+	}
+	if s.maxSize > 0 && d.Size > s.maxSize {
+		return Digest{}, fmt.Errorf("blob %s (%s) is larger than the store's size limit of %d bytes: %w", d, path, s.maxSize, ErrNoSpace)
 	}
 	if s.fsync {
 		if err := f.Sync(); err != nil {
 			return Digest{}, s.spaceErr(fmt.Errorf("sync %s: %w", path, err))
 		}
 	}
-	if err := s.link(path, d); err != nil {
-		var lerr *os.LinkError
-		if errors.As(err, &lerr) && errors.Is(lerr.Err, syscall.EXDEV) {
-			if _, err := f.Seek(0, io.SeekStart); err != nil {
-				return Digest{}, err
-			}
-			if err := s.Put(ctx, d, f); err != nil {
-				return Digest{}, err
-			}
-			os.Remove(path)
-			return d, nil
-		}
+	// The name must still be the file that was hashed.
+	if li, err := os.Lstat(path); err != nil || !os.SameFile(li, fi) {
+		return Digest{}, fmt.Errorf("%s was replaced while being stored", path)
+	}
+	err = s.link(path, d)
+	if errors.Is(err, syscall.EXDEV) {
+		return s.putCopy(ctx, f, path)
+	}
+	if err != nil {
 		return Digest{}, err
 	}
 	return d, nil
 }
 
-// BlobPath implements LocalStore.
+// putCopy stores the content of f as a new blob and removes path.
+func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Digest, error) {
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return Digest{}, err
+	}
+	d, err := hashFile(f)
+	if err != nil {
+		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
+	}
+	if !d.IsEmpty() && !s.has(d) {
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return Digest{}, err
+		}
+		// Put verifies the copy against d, so a file that changes now is
+		// refused rather than stored wrongly.
+		if err := s.Put(ctx, d, struct{ io.Reader }{f}); err != nil {
+			return Digest{}, fmt.Errorf("copy %s into the CAS: %w", path, err)
+		}
+	}
+	os.Remove(path)
+	return d, nil
+}
+
+// hashFile hashes f from its current offset with a large buffer.
+func hashFile(f *os.File) (Digest, error) {
+	h := sha256.New()
+	buf := make([]byte, copyBufSize)
+	// Hide f's WriteTo, which would use a small buffer.
+	n, err := io.CopyBuffer(h, struct{ io.Reader }{f}, buf)
+	if err != nil {
+		return Digest{}, err
+	}
+	return Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
+}
+
+// PutBatch implements BatchPutter: every blob is verified and written to
+// a temp file, one durability barrier covers them all (syncfs(2) where
+// available), then they are renamed into place. A kill at any point
+// leaves only temp files, which the next start removes.
+func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
+	errs := make([]error, len(blobs))
+	type pending struct {
+		i   int
+		tmp string
+	}
+	var todo []pending
+	defer func() {
+		for _, p := range todo {
+			if p.tmp != "" {
+				os.Remove(p.tmp)
+			}
+		}
+	}()
+	// One syncfs for many files; a few are cheaper to fsync one by one.
+	barrier := s.fsync && len(blobs) > 8 && syncFSSupported
+	seen := make(map[string]int, len(blobs))
+	for i, b := range blobs {
+		d := b.Digest
+		if err := d.Validate(); err != nil {
+			errs[i] = err
+			continue
+		}
+		if got := DigestOf(b.Data); got != d {
+			errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", d, got.Hash, ErrDigestMismatch)
+			continue
+		}
+		if d.IsEmpty() {
+			continue
+		}
+		if _, dup := seen[d.Hash]; dup || s.has(d) {
+			continue
+		}
+		if s.maxSize > 0 && d.Size > s.maxSize {
+			errs[i] = fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
+			continue
+		}
+		seen[d.Hash] = i
+		tmp, err := s.writeTemp(d, b.Data, s.fsync && !barrier)
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		todo = append(todo, pending{i, tmp})
+	}
+	if len(todo) == 0 {
+		return errs
+	}
+	if barrier {
+		if err := syncFS(s.tmpDir); err != nil {
+			err = s.spaceErr(fmt.Errorf("sync batch: %w", err))
+			for _, p := range todo {
+				errs[p.i] = err
+			}
+			return errs
+		}
+	}
+	for k, p := range todo {
+		if err := s.link(p.tmp, blobs[p.i].Digest); err != nil {
+			errs[p.i] = err
+			continue
+		}
+		todo[k].tmp = ""
+	}
+	// Duplicates within the batch share the first copy's outcome.
+	for i, b := range blobs {
+		if j, ok := seen[b.Digest.Hash]; ok && j != i && errs[i] == nil {
+			errs[i] = errs[j]
+		}
+	}
+	return errs
+}
+
+// writeTemp writes data to a new read-only temp file, optionally fsynced,
+// and returns its name.
+func (s *DiskStore) writeTemp(d Digest, data []byte, sync bool) (string, error) {
+	f, err := s.createTemp(d.Hash[:16])
+	if err != nil {
+		return "", fmt.Errorf("blob %s: %w", d, err)
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Chmod(0o444)
+	}
+	if err == nil && sync {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", s.spaceErr(fmt.Errorf("write blob %s: %w", d, err))
+	}
+	return f.Name(), nil
+}
+
+// BlobPath implements LocalStore. The returned file may be evicted unless
+// the caller has pinned d.
 func (s *DiskStore) BlobPath(d Digest, executable bool) (string, error) {
+	if err := d.Validate(); err != nil {
+		return "", err
+	}
 	if d.IsEmpty() {
 		return s.emptyBlob(executable)
 	}
@@ -573,15 +780,18 @@ func (s *DiskStore) BlobPath(d Digest, executable bool) (string, error) {
 	}
 	src, err := os.Open(p)
 	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("blob %s: %w", d, ErrNotFound)
+		}
 		return "", fmt.Errorf("open blob %s: %w", d, err)
 	}
 	defer src.Close()
-	tmp, err := os.CreateTemp(s.tmpDir, "exec-*")
+	tmp, err := s.createTemp("exec")
 	if err != nil {
-		return "", s.spaceErr(err)
+		return "", err
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := io.Copy(tmp, src); err != nil {
+	if _, err := io.CopyBuffer(tmp, struct{ io.Reader }{src}, make([]byte, copyBufSize)); err != nil {
 		tmp.Close()
 		return "", s.spaceErr(fmt.Errorf("copy executable %s: %w", d, err))
 	}
@@ -590,10 +800,10 @@ func (s *DiskStore) BlobPath(d Digest, executable bool) (string, error) {
 		return "", err
 	}
 	if err := tmp.Close(); err != nil {
-		return "", err
+		return "", s.spaceErr(err)
 	}
 	if err := os.Rename(tmp.Name(), ep); err != nil {
-		return "", fmt.Errorf("move executable copy of %s: %w", d, err)
+		return "", s.spaceErr(fmt.Errorf("move executable copy of %s: %w", d, err))
 	}
 	return ep, nil
 }
@@ -607,13 +817,22 @@ func (s *DiskStore) emptyBlob(executable bool) (string, error) {
 	if _, err := os.Stat(p); err == nil {
 		return p, nil
 	}
-	f, err := os.CreateTemp(s.tmpDir, "empty-*")
+	f, err := s.createTemp(name)
 	if err != nil {
 		return "", err
 	}
-	f.Chmod(mode)
-	f.Close()
-	return p, os.Rename(f.Name(), p)
+	err = f.Chmod(mode)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), p)
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return "", s.spaceErr(fmt.Errorf("create empty blob file: %w", err))
+	}
+	return p, nil
 }
 
 // spaceErr marks out-of-space errors with ErrNoSpace.

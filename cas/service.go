@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
+	"strings"
 	"sync"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -75,7 +77,7 @@ func (s *Service) Close() { s.uploads.closeAll() }
 
 var (
 	zstdEncoder, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0))
+	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecodeAllCapLimit(true))
 )
 
 // CheckDigestFunction accepts the digest functions this server implements.
@@ -149,6 +151,14 @@ func (s *Service) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlo
 	return resp, nil
 }
 
+// maxBatchEntry bounds the uncompressed size of one compressed blob in a
+// batch (the buffer it is decoded into); batchFlushBytes is how much decoded
+// data a batch holds in memory before it is written out.
+const (
+	maxBatchEntry   = 64 << 20
+	batchFlushBytes = 16 << 20
+)
+
 // BatchUpdateBlobs implements the REAPI method.
 func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
 	if err := CheckDigestFunction(req.DigestFunction); err != nil {
@@ -162,7 +172,21 @@ func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlo
 		return nil, badRequest("requests", fmt.Sprintf("batch carries %d bytes, over the limit of %d bytes (max_batch_total_size_bytes); upload large blobs with ByteStream.Write", total, s.maxBatchSize))
 	}
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.Requests))}
-	var in int64
+	var (
+		blobs   []Blob
+		idx     []int
+		pending int64
+		in      int64
+	)
+	flush := func() {
+		for k, err := range putMany(ctx, s.store, blobs) {
+			resp.Responses[idx[k]].Status = protoStatus(err)
+			if err == nil {
+				in += blobs[k].Digest.Size
+			}
+		}
+		blobs, idx, pending = blobs[:0], idx[:0], 0
+	}
 	for i, r := range req.Requests {
 		out := &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest}
 		resp.Responses[i] = out
@@ -175,6 +199,12 @@ func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlo
 		switch r.Compressor {
 		case repb.Compressor_IDENTITY:
 		case repb.Compressor_ZSTD:
+			if d.Size > maxBatchEntry {
+				out.Status = protoStatus(fmt.Errorf("%w: blob %s is too large to decompress in a batch (limit %d bytes); upload it with ByteStream.Write", ErrInvalidDigest, d, int64(maxBatchEntry)))
+				continue
+			}
+			// The capacity bounds the output: data that decodes to more
+			// than the digest's size fails instead of growing the buffer.
 			data, err = zstdDecoder.DecodeAll(r.Data, make([]byte, 0, d.Size))
 			if err != nil {
 				out.Status = protoStatus(fmt.Errorf("%w: decompress zstd data for %s: %v", ErrDigestMismatch, d, err))
@@ -188,11 +218,30 @@ func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlo
 			out.Status = protoStatus(fmt.Errorf("blob %s: got %d bytes: %w", d, len(data), ErrDigestMismatch))
 			continue
 		}
-		in += int64(len(data))
-		out.Status = protoStatus(putBytes(ctx, s.store, d, data))
+		blobs = append(blobs, Blob{Digest: d, Data: data})
+		idx = append(idx, i)
+		if pending += d.Size; pending >= batchFlushBytes {
+			flush()
+		}
 	}
+	flush()
 	s.stats.add(in, 0)
 	return resp, nil
+}
+
+// putMany stores blobs, in one batch when the store can.
+func putMany(ctx context.Context, st Store, blobs []Blob) []error {
+	if len(blobs) == 0 {
+		return nil
+	}
+	if bp, ok := st.(BatchPutter); ok {
+		return bp.PutBatch(ctx, blobs)
+	}
+	errs := make([]error, len(blobs))
+	for i, b := range blobs {
+		errs[i] = putBytes(ctx, st, b.Digest, b.Data)
+	}
+	return errs
 }
 
 // putBytes stores a small blob, skipping it when already present.
@@ -219,6 +268,10 @@ func (s *Service) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRe
 			return nil, badRequest(fmt.Sprintf("digests[%d]", i), err.Error())
 		}
 		ds[i] = d
+		if d.Size > s.maxBatchSize-total {
+			total = s.maxBatchSize + 1 // and no overflow
+			break
+		}
 		total += d.Size
 	}
 	if total > s.maxBatchSize {
@@ -253,9 +306,20 @@ func (s *Service) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRe
 	return resp, nil
 }
 
+// maxTreePageBytes keeps each GetTree response under the 4 MiB default
+// message limit of gRPC clients; maxDirectorySize bounds what GetTree
+// reads into memory for one Directory.
+const (
+	maxTreePageBytes = 3 << 20
+	maxDirectorySize = 16 << 20
+	treePageToken    = "offset:"
+)
+
 // GetTree implements the REAPI method: the directories below root_digest in
-// breadth-first order, paged by page_size with an opaque token. Parts of
-// the tree that are missing are left out, as the API allows.
+// breadth-first order, streamed in pages of at most page_size directories;
+// every page but the last carries a next_page_token from which a new
+// request resumes. Parts of the tree that are missing are left out, as the
+// API allows; a missing root is NOT_FOUND.
 func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
 	if err := CheckDigestFunction(req.DigestFunction); err != nil {
@@ -270,9 +334,11 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 	}
 	start := 0
 	if req.PageToken != "" {
-		if _, err := fmt.Sscanf(req.PageToken, "offset:%d", &start); err != nil || start < 0 {
-			return badRequest("page_token", fmt.Sprintf("%q is not a token this server issued", req.PageToken))
+		n, err := strconv.Atoi(strings.TrimPrefix(req.PageToken, treePageToken))
+		if err != nil || n < 0 || !strings.HasPrefix(req.PageToken, treePageToken) {
+			return badRequest("page_token", fmt.Sprintf("%q is not a token this server issued", truncate(req.PageToken)))
 		}
+		start = n
 	}
 	pageSize := int(req.PageSize)
 	if pageSize == 0 || pageSize > 10000 {
@@ -287,6 +353,9 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 	for len(queue) > 0 {
 		d := queue[0]
 		queue = queue[1:]
+		if d.Size > maxDirectorySize {
+			return status.Errorf(codes.InvalidArgument, "directory %s is larger than %d bytes; it cannot be a Directory message this server serves", d, maxDirectorySize)
+		}
 		data, err := ReadAll(ctx, s.store, d)
 		if err != nil {
 			if errors.Is(err, ErrNotFound) {
@@ -312,12 +381,14 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 			}
 		}
 		if idx >= start {
-			// Keep each message well under the gRPC limit.
-			if len(page) > 0 && (len(page) >= pageSize || int64(pageBytes+len(data)) > 2*s.maxBatchSize) {
-				return stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: fmt.Sprintf("offset:%d", idx)})
+			if len(page) > 0 && (len(page) >= pageSize || pageBytes+len(data) > maxTreePageBytes) {
+				if err := stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: treePageToken + strconv.Itoa(idx)}); err != nil {
+					return err
+				}
+				page, pageBytes = nil, 0
 			}
 			page = append(page, dir)
-			pageBytes += len(data)
+			pageBytes += len(data) + 8
 		}
 		idx++
 	}

@@ -35,10 +35,15 @@ var (
 )
 
 // ReadAll reads a whole blob into memory; for blobs known to be small
-// (protos, batch reads).
+// (protos, batch reads): callers bound d.Size before calling.
 func ReadAll(ctx context.Context, s Store, d Digest) ([]byte, error) {
-	if d.Size == 0 {
+	if d.IsEmpty() {
 		return []byte{}, nil
+	}
+	if d.Size == 0 {
+		// Only the empty blob has size 0: a digest with another hash
+		// names data that cannot exist.
+		return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
 	}
 	r, err := s.Get(ctx, d, 0)
 	if err != nil {
@@ -50,6 +55,21 @@ func ReadAll(ctx context.Context, s Store, d Digest) ([]byte, error) {
 		return nil, fmt.Errorf("read blob %s: %w", d, err)
 	}
 	return b, nil
+}
+
+// Blob is a digest with its content, for batch writes.
+type Blob struct {
+	Digest Digest
+	Data   []byte
+}
+
+// BatchPutter is implemented by stores that can store many small blobs
+// more cheaply together than one by one (one durability barrier for the
+// batch instead of one per blob).
+type BatchPutter interface {
+	// PutBatch stores every blob whose data hashes to its digest and
+	// returns one error per blob (nil for success), in order.
+	PutBatch(ctx context.Context, blobs []Blob) []error
 }
 
 // Pinner is implemented by stores with a size limit: pinned digests are not

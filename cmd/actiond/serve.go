@@ -59,6 +59,8 @@ func runServe(args []string) error {
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish")
+	var ex execFlags
+	ex.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -71,7 +73,13 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	srv, err := actiond.New(actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync})
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync}
+	closeExec, err := ex.apply(&opts, log)
+	if err != nil {
+		return err
+	}
+	defer closeExec()
+	srv, err := actiond.New(opts)
 	if err != nil {
 		return err
 	}
@@ -88,7 +96,16 @@ func runServe(args []string) error {
 		"cas_bytes", units.Format(st.Bytes),
 		"max_size", sizeFlag{&maxSize}.String(),
 		"version", actiond.Version)
-	log.Info("use it from Bazel", "flags", "--remote_cache=grpc://"+l.Addr().String())
+	if srv.Execution != nil {
+		log.Info("execution enabled",
+			"runtimes", opts.Sandbox.Runtimes(),
+			"default_runtime", opts.DefaultRuntime,
+			"input_root", srv.Executor.InputRootName(),
+			"concurrency", srv.Execution.Concurrency())
+		log.Info("use it from Bazel", "flags", "--remote_executor=grpc://"+l.Addr().String()+" --spawn_strategy=remote")
+	} else {
+		log.Info("use it from Bazel", "flags", "--remote_cache=grpc://"+l.Addr().String())
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/sandbox"
+)
+
+// execFlags configure execution for serve (and later the VM guest and the
+// farm worker).
+type execFlags struct {
+	noExec         bool
+	runtimeDir     string
+	defaultRuntime string
+	concurrency    int
+	inputRoot      string
+	maxTimeout     time.Duration
+}
+
+func defaultRuntimeDir() string {
+	if d := os.Getenv("ACTIOND_RUNTIME_DIR"); d != "" {
+		return d
+	}
+	return "/var/cache/actiond/runtimes"
+}
+
+func (f *execFlags) register(fs *flag.FlagSet) {
+	fs.BoolVar(&f.noExec, "no-exec", false, "serve as a cache only, without the Execution service")
+	fs.StringVar(&f.runtimeDir, "runtime-dir", defaultRuntimeDir(), "directory of runtime SquashFS images (<name>.squashfs, e.g. glibc2.36.squashfs; built by `make runtimes`)")
+	fs.StringVar(&f.defaultRuntime, "default-runtime", "host", "runtime for actions that set no \"libc\" platform property")
+	fs.IntVar(&f.concurrency, "concurrency", runtime.NumCPU(), "actions run at once")
+	fs.StringVar(&f.inputRoot, "input-root", "hardlink", "how input trees are materialised: hardlink or copy")
+	fs.DurationVar(&f.maxTimeout, "max-action-timeout", 0, "cap on an action's timeout, also applied to actions without one (0: none)")
+}
+
+// apply sets up the sandbox and fills the execution options. Without root
+// the server still serves as a cache, and says why it cannot execute.
+func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), error) {
+	if f.noExec {
+		return func() {}, nil
+	}
+	if os.Geteuid() != 0 {
+		log.Warn("execution disabled: the Linux sandbox needs root (namespaces, chroot, mounts); serving as a cache only")
+		return func() {}, nil
+	}
+	runtimes := []sandbox.Runtime{sandbox.HostRuntime()}
+	if _, err := os.Stat(f.runtimeDir); err == nil {
+		loaded, err := sandbox.LoadRuntimes(f.runtimeDir, filepath.Join(opts.Root, "runtimes"))
+		if err != nil {
+			return nil, fmt.Errorf("load runtimes from %s: %w", f.runtimeDir, err)
+		}
+		runtimes = append(runtimes, loaded...)
+	} else {
+		log.Info("no runtime images; only the host runtime is available", "runtime_dir", f.runtimeDir, "hint", "build them with `make runtimes`")
+	}
+	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	opts.Sandbox = sb
+	opts.DefaultRuntime = f.defaultRuntime
+	opts.Concurrency = f.concurrency
+	opts.MaxActionTimeout = f.maxTimeout
+	opts.InputRootKind = f.inputRoot
+	return func() { sb.Close() }, nil
+}

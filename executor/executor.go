@@ -1,0 +1,444 @@
+// Package executor runs REAPI actions end to end: it loads the Action and
+// Command, consults the ActionCache, materialises the input root through an
+// InputRoot, runs the command through a Sandbox, moves outputs into the CAS
+// and records the result. It also serves the Execution gRPC service (queue,
+// deduplication of identical in-flight actions, WaitExecution). Sandboxes
+// and input roots are interfaces owned here, so the same executor runs on a
+// Linux host, inside the VM guest and as a farm worker.
+package executor
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond/cas"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// Options configure an Executor.
+type Options struct {
+	Store cas.Store
+	Cache actioncache.Cache
+	// Sandbox runs commands.
+	Sandbox Sandbox
+	// InputRoot materialises input trees. Default: hardlinks when Store is
+	// a cas.LocalStore, copies otherwise.
+	InputRoot InputRoot
+	// StageDir holds per-action directories; it must be on the same file
+	// system as the CAS so outputs move in by rename.
+	StageDir string
+	// DefaultRuntime is used when an action names no "libc".
+	DefaultRuntime string
+	// Worker names this machine in ExecutedActionMetadata.
+	Worker string
+	// MaxTimeout caps Action.timeout; actions without one get it too.
+	// Zero: no cap.
+	MaxTimeout time.Duration
+	Logger     *slog.Logger
+}
+
+// Executor runs actions. It is safe for concurrent use.
+type Executor struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// New checks opts and returns an Executor.
+func New(opts Options) (*Executor, error) {
+	if opts.Store == nil || opts.Cache == nil || opts.Sandbox == nil {
+		return nil, errors.New("executor: Store, Cache and Sandbox are required")
+	}
+	if opts.StageDir == "" {
+		return nil, errors.New("executor: StageDir is required")
+	}
+	if err := os.MkdirAll(opts.StageDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create stage dir: %w", err)
+	}
+	// Leftovers of a crashed run.
+	if ents, err := os.ReadDir(opts.StageDir); err == nil {
+		for _, e := range ents {
+			os.RemoveAll(filepath.Join(opts.StageDir, e.Name()))
+		}
+	}
+	if opts.InputRoot == nil {
+		if ls, ok := opts.Store.(cas.LocalStore); ok {
+			opts.InputRoot = LinkInputRoot{Store: ls}
+		} else {
+			opts.InputRoot = CopyInputRoot{Store: opts.Store}
+		}
+	}
+	if opts.DefaultRuntime == "" {
+		opts.DefaultRuntime = "host"
+	}
+	if opts.Worker == "" {
+		opts.Worker, _ = os.Hostname()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if !slices.Contains(opts.Sandbox.Runtimes(), opts.DefaultRuntime) {
+		return nil, fmt.Errorf("default runtime %q is not available; available: %s", opts.DefaultRuntime, joinQuoted(opts.Sandbox.Runtimes()))
+	}
+	return &Executor{opts: opts, log: opts.Logger}, nil
+}
+
+// InputRootName is the input root strategy in use.
+func (e *Executor) InputRootName() string { return e.opts.InputRoot.Name() }
+
+// Stage is a step of one execution, reported through Request.Progress.
+type Stage int
+
+// Stages in order.
+const (
+	StageCacheCheck Stage = iota
+	StageFetchingInputs
+	StageRunning
+	StageUploadingOutputs
+)
+
+// Request is one action to run.
+type Request struct {
+	ActionDigest    cas.Digest
+	SkipCacheLookup bool
+	// Queued is when the request arrived (for ExecutedActionMetadata).
+	Queued time.Time
+	// Progress, if set, is called as the execution moves between stages.
+	Progress func(Stage)
+}
+
+// Execute runs one action and always returns a response; failures are in
+// its Status. A command that ran and failed is not an error: its exit code
+// is in the result.
+func (e *Executor) Execute(ctx context.Context, req Request) *repb.ExecuteResponse {
+	if req.Queued.IsZero() {
+		req.Queued = time.Now()
+	}
+	md := &repb.ExecutedActionMetadata{
+		Worker:               e.opts.Worker,
+		QueuedTimestamp:      timestamppb.New(req.Queued),
+		WorkerStartTimestamp: timestamppb.Now(),
+	}
+	progress := func(s Stage) {
+		if req.Progress != nil {
+			req.Progress(s)
+		}
+	}
+	resp, err := e.execute(ctx, req, md, progress)
+	if err != nil {
+		if resp == nil {
+			resp = &repb.ExecuteResponse{}
+		}
+		resp.Status = StatusProto(err)
+		e.log.Info("action failed", "action", req.ActionDigest.String(), "err", err)
+	}
+	return resp
+}
+
+func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedActionMetadata, progress func(Stage)) (*repb.ExecuteResponse, error) {
+	progress(StageCacheCheck)
+	action := &repb.Action{}
+	command := &repb.Command{}
+	var missing []cas.Digest
+	if err := e.loadProto(ctx, req.ActionDigest, action, "Action"); err != nil {
+		if !errors.Is(err, cas.ErrNotFound) {
+			return nil, err
+		}
+		missing = append(missing, req.ActionDigest)
+	} else {
+		cd, err := cas.FromProto(action.CommandDigest)
+		if err != nil {
+			return nil, invalidf("action %s: command_digest: %v", req.ActionDigest, err)
+		}
+		if err := e.loadProto(ctx, cd, command, "Command"); err != nil {
+			if !errors.Is(err, cas.ErrNotFound) {
+				return nil, err
+			}
+			missing = append(missing, cd)
+		}
+		if _, err := cas.FromProto(action.InputRootDigest); err != nil {
+			return nil, invalidf("action %s: input_root_digest: %v", req.ActionDigest, err)
+		}
+	}
+	if len(missing) > 0 {
+		return nil, &MissingBlobsError{Digests: missing}
+	}
+	if len(command.Arguments) == 0 {
+		return nil, invalidf("command of action %s has no arguments", req.ActionDigest)
+	}
+
+	if !req.SkipCacheLookup && !action.DoNotCache {
+		if res, err := e.opts.Cache.Get(ctx, req.ActionDigest); err == nil {
+			return &repb.ExecuteResponse{Result: res, CachedResult: true}, nil
+		}
+	}
+
+	plat, err := ParsePlatform(action.Platform, command.Platform)
+	if err != nil {
+		return nil, err
+	}
+	if plat.Runtime == "" {
+		plat.Runtime = e.opts.DefaultRuntime
+	}
+	if !slices.Contains(e.opts.Sandbox.Runtimes(), plat.Runtime) {
+		return nil, &UnknownRuntimeError{Name: plat.Runtime, Available: e.opts.Sandbox.Runtimes()}
+	}
+	outs, err := parseOutputs(command)
+	if err != nil {
+		return nil, err
+	}
+	wd := ""
+	if command.WorkingDirectory != "" {
+		if wd, err = cleanRelPath("working_directory", command.WorkingDirectory); err != nil {
+			return nil, err
+		}
+	}
+
+	// Inputs.
+	progress(StageFetchingInputs)
+	md.InputFetchStartTimestamp = timestamppb.Now()
+	rootDigest, _ := cas.FromProto(action.InputRootDigest)
+	tree, err := LoadInputTree(ctx, e.opts.Store, rootDigest)
+	if err != nil {
+		return nil, err
+	}
+	if pinner, ok := e.opts.Store.(cas.Pinner); ok {
+		defer pinner.Pin(tree.Files)()
+	}
+	if _, err := tree.lookupDir(wd); err != nil {
+		return nil, err
+	}
+	stage, err := os.MkdirTemp(e.opts.StageDir, "a-")
+	if err != nil {
+		return nil, fmt.Errorf("create stage directory: %w", err)
+	}
+	defer func() {
+		if err := os.RemoveAll(stage); err != nil {
+			e.log.Warn("remove stage directory", "dir", stage, "err", err)
+		}
+	}()
+	execRoot := filepath.Join(stage, "root")
+	inputRoot := e.opts.InputRoot
+	if plat.MutatesInputs {
+		inputRoot = CopyInputRoot{Store: e.opts.Store}
+	}
+	cleanup, err := inputRoot.Stage(ctx, tree, execRoot)
+	if err != nil {
+		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
+	}
+	defer func() {
+		if err := cleanup(); err != nil {
+			e.log.Warn("clean up input root", "dir", execRoot, "err", err)
+		}
+	}()
+	if plat.MutatesInputs {
+		if err := makeWritable(execRoot); err != nil {
+			return nil, err
+		}
+	}
+	writable, err := prepareOutputDirs(execRoot, wd, outs, tree)
+	if err != nil {
+		return nil, err
+	}
+	md.InputFetchCompletedTimestamp = timestamppb.Now()
+
+	// Run.
+	progress(StageRunning)
+	timeout := action.Timeout.AsDuration()
+	if action.Timeout != nil && timeout < 0 {
+		return nil, invalidf("action timeout %s is negative", timeout)
+	}
+	if e.opts.MaxTimeout > 0 && (timeout == 0 || timeout > e.opts.MaxTimeout) {
+		timeout = e.opts.MaxTimeout
+	}
+	spec := &RunSpec{
+		ExecRoot:         execRoot,
+		WorkingDirectory: wd,
+		WritableDirs:     writable,
+		WritableInputs:   plat.MutatesInputs,
+		Args:             command.Arguments,
+		Env:              envList(command.EnvironmentVariables),
+		Runtime:          plat.Runtime,
+		Limits:           plat.Limits,
+		Timeout:          timeout,
+		StdoutPath:       filepath.Join(stage, "stdout"),
+		StderrPath:       filepath.Join(stage, "stderr"),
+	}
+	md.ExecutionStartTimestamp = timestamppb.Now()
+	run, err := e.opts.Sandbox.Run(ctx, spec)
+	md.ExecutionCompletedTimestamp = timestamppb.Now()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+
+	// Outputs.
+	progress(StageUploadingOutputs)
+	md.OutputUploadStartTimestamp = timestamppb.Now()
+	result := &repb.ActionResult{ExitCode: int32(run.ExitCode), ExecutionMetadata: md}
+	var outDigests []cas.Digest
+	collectErr := e.collectOutputs(ctx, execRoot, wd, outs, result, &outDigests)
+	for _, s := range []struct {
+		path string
+		set  func(*repb.Digest)
+	}{
+		{spec.StdoutPath, func(d *repb.Digest) { result.StdoutDigest = d }},
+		{spec.StderrPath, func(d *repb.Digest) { result.StderrDigest = d }},
+	} {
+		if _, err := os.Stat(s.path); err != nil {
+			continue
+		}
+		d, err := e.opts.Store.PutFile(ctx, s.path)
+		if err != nil {
+			return nil, fmt.Errorf("store output stream: %w", err)
+		}
+		outDigests = append(outDigests, d)
+		s.set(d.Proto())
+	}
+	if pinner, ok := e.opts.Store.(cas.Pinner); ok {
+		defer pinner.Pin(outDigests)()
+	}
+	md.OutputUploadCompletedTimestamp = timestamppb.Now()
+	md.WorkerCompletedTimestamp = timestamppb.Now()
+
+	resp := &repb.ExecuteResponse{Result: result}
+	logText := e.serverLog(req, plat, inputRoot.Name(), tree, run)
+	if d, err := e.putBytes(ctx, []byte(logText)); err == nil {
+		resp.ServerLogs = map[string]*repb.LogFile{"sandbox": {Digest: d.Proto(), HumanReadable: true}}
+	}
+	if run.Message != "" {
+		resp.Message = run.Message
+	}
+	if collectErr != nil {
+		return resp, collectErr
+	}
+	if run.TimedOut {
+		msg := fmt.Sprintf("action timed out after %s", timeout)
+		resp.Status = status.New(codes.DeadlineExceeded, msg).Proto()
+		resp.Message = msg
+		return resp, nil
+	}
+	if run.ExitCode == 0 && !action.DoNotCache {
+		if err := e.opts.Cache.Put(ctx, req.ActionDigest, result); err != nil {
+			e.log.Warn("store action result", "action", req.ActionDigest.String(), "err", err)
+		}
+	}
+	e.log.Debug("action done", "action", req.ActionDigest.String(), "exit", run.ExitCode,
+		"runtime", plat.Runtime, "inputs", tree.FileCount, "wall", run.Wall)
+	return resp, nil
+}
+
+func (e *Executor) serverLog(req Request, plat Platform, inputRoot string, tree *InputTree, run *RunResult) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "worker: %s\naction: %s\nruntime: %s\ninput root: %s (%d files)\n", e.opts.Worker, req.ActionDigest, plat.Runtime, inputRoot, tree.FileCount)
+	if len(run.Enforced) > 0 {
+		fmt.Fprintf(&b, "limits enforced: %s\n", strings.Join(run.Enforced, "; "))
+	}
+	if len(plat.Ignored) > 0 {
+		slices.Sort(plat.Ignored)
+		fmt.Fprintf(&b, "platform properties ignored: %s\n", strings.Join(plat.Ignored, ", "))
+	}
+	if run.Message != "" {
+		fmt.Fprintf(&b, "%s\n", run.Message)
+	}
+	fmt.Fprintf(&b, "exit code: %d, wall time: %s\n", run.ExitCode, run.Wall.Round(time.Millisecond))
+	return b.String()
+}
+
+func (e *Executor) putBytes(ctx context.Context, b []byte) (cas.Digest, error) {
+	d := cas.DigestOf(b)
+	return d, e.opts.Store.Put(ctx, d, bytes.NewReader(b))
+}
+
+func (e *Executor) loadProto(ctx context.Context, d cas.Digest, m proto.Message, what string) error {
+	data, err := cas.ReadAll(ctx, e.opts.Store, d)
+	if err != nil {
+		return err
+	}
+	if err := proto.Unmarshal(data, m); err != nil {
+		return invalidf("blob %s is not a valid %s message: %v", d, what, err)
+	}
+	return nil
+}
+
+func envList(vars []*repb.Command_EnvironmentVariable) []string {
+	env := make([]string, 0, len(vars))
+	for _, v := range vars {
+		env = append(env, v.Name+"="+v.Value)
+	}
+	return env
+}
+
+// makeWritable opens a copied input tree to the sandbox user (mutates_inputs).
+func makeWritable(root string) error {
+	return filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		switch {
+		case info.Mode()&os.ModeSymlink != 0:
+			return nil
+		case info.IsDir():
+			return os.Chmod(p, 0o777)
+		default:
+			return os.Chmod(p, info.Mode().Perm()|0o666)
+		}
+	})
+}
+
+// StatusProto translates an execution error into the status of an
+// ExecuteResponse; the one place the executor does so.
+func StatusProto(err error) *rpcstatus.Status {
+	return status.Convert(ToStatus(err)).Proto()
+}
+
+// ToStatus translates an execution error into a gRPC status error.
+func ToStatus(err error) error {
+	var missing *MissingBlobsError
+	var invalid *InvalidInputError
+	var unknownRuntime *UnknownRuntimeError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &missing):
+		st := status.New(codes.FailedPrecondition, missing.Error())
+		pf := &errdetails.PreconditionFailure{}
+		for _, d := range missing.Digests {
+			pf.Violations = append(pf.Violations, &errdetails.PreconditionFailure_Violation{
+				Type: "MISSING", Subject: "blobs/" + d.String(), Description: "blob is not in the CAS; upload it and retry",
+			})
+		}
+		if wd, err := st.WithDetails(pf); err == nil {
+			st = wd
+		}
+		return st.Err()
+	case errors.As(err, &invalid):
+		return status.Error(codes.InvalidArgument, invalid.Msg)
+	case errors.As(err, &unknownRuntime):
+		return status.Error(codes.InvalidArgument, "platform property libc: "+unknownRuntime.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, "execution cancelled")
+	case errors.Is(err, context.DeadlineExceeded):
+		return status.Error(codes.DeadlineExceeded, err.Error())
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	return cas.ToStatus(err)
+}

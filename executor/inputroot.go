@@ -1,0 +1,190 @@
+package executor
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/actiond/actiond/cas"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+)
+
+// InputRoot materialises an input tree as a directory the sandbox can show
+// the command. Implementations: hardlinks or copies from the CAS here,
+// actiondfs (package fs) for a lazy FUSE tree.
+type InputRoot interface {
+	// Stage makes tree visible at dir (which does not exist yet) and
+	// returns a function that undoes whatever Stage set up (unmounts); the
+	// executor removes dir afterwards. Files created under dir by the
+	// command must be regular files in dir, on the CAS's file system.
+	Stage(ctx context.Context, tree *InputTree, dir string) (cleanup func() error, err error)
+	// Name is the strategy name for logs and metrics ("hardlink", "copy", "fuse").
+	Name() string
+}
+
+// LinkInputRoot hardlinks every input file from a local CAS; executable
+// files link to the store's separate executable copy, so no shared blob's
+// mode is ever changed.
+type LinkInputRoot struct{ Store cas.LocalStore }
+
+// Name implements InputRoot.
+func (LinkInputRoot) Name() string { return "hardlink" }
+
+// Stage implements InputRoot.
+func (r LinkInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (func() error, error) {
+	err := materialise(ctx, tree, dir, func(d cas.Digest, exec bool, dst string) error {
+		src, err := r.Store.BlobPath(d, exec)
+		if err != nil {
+			return err
+		}
+		return os.Link(src, dst)
+	})
+	return func() error { return nil }, err
+}
+
+// CopyInputRoot copies every input file out of the CAS; for stores that are
+// not local files or when hardlinks do not work (another file system).
+type CopyInputRoot struct{ Store cas.Store }
+
+// Name implements InputRoot.
+func (CopyInputRoot) Name() string { return "copy" }
+
+// Stage implements InputRoot.
+func (r CopyInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (func() error, error) {
+	err := materialise(ctx, tree, dir, func(d cas.Digest, exec bool, dst string) error {
+		mode := os.FileMode(0o444)
+		if exec {
+			mode = 0o555
+		}
+		f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+		if err != nil {
+			return err
+		}
+		src, err := r.Store.Get(ctx, d, 0)
+		if err != nil {
+			f.Close()
+			return err
+		}
+		defer src.Close()
+		if _, err := io.Copy(f, src); err != nil {
+			f.Close()
+			return err
+		}
+		return f.Close()
+	})
+	return func() error { return nil }, err
+}
+
+type fileJob struct {
+	d    cas.Digest
+	exec bool
+	dst  string
+}
+
+// materialise creates the directories and symlinks of tree under dir and
+// hands every file to place, in parallel.
+func materialise(ctx context.Context, tree *InputTree, dir string, place func(d cas.Digest, exec bool, dst string) error) error {
+	var jobs []fileJob
+	var walk func(d cas.Digest, path string) error
+	walk = func(d cas.Digest, path string) error {
+		if err := os.Mkdir(path, 0o755); err != nil {
+			return fmt.Errorf("stage input directory %s: %w", path, err)
+		}
+		dirpb := tree.Dirs[d]
+		for _, f := range dirpb.Files {
+			fd, _ := cas.FromProto(f.Digest)
+			jobs = append(jobs, fileJob{fd, f.IsExecutable, filepath.Join(path, f.Name)})
+		}
+		for _, s := range dirpb.Symlinks {
+			if err := os.Symlink(s.Target, filepath.Join(path, s.Name)); err != nil {
+				return fmt.Errorf("stage input symlink %s: %w", filepath.Join(path, s.Name), err)
+			}
+		}
+		for _, sub := range dirpb.Directories {
+			sd, _ := cas.FromProto(sub.Digest)
+			if err := walk(sd, filepath.Join(path, sub.Name)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if err := walk(tree.Root, dir); err != nil {
+		return err
+	}
+	if len(jobs) < 64 {
+		for _, j := range jobs {
+			if err := place(j.d, j.exec, j.dst); err != nil {
+				return fmt.Errorf("stage input %s: %w", j.dst, err)
+			}
+		}
+		return nil
+	}
+	workers := min(runtime.GOMAXPROCS(0)*2, 16)
+	ch := make(chan fileJob)
+	var once sync.Once
+	var first error
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for j := range ch {
+				if err := place(j.d, j.exec, j.dst); err != nil {
+					once.Do(func() { first = fmt.Errorf("stage input %s: %w", j.dst, err) })
+				}
+			}
+		})
+	}
+	for _, j := range jobs {
+		if ctx.Err() != nil {
+			break
+		}
+		ch <- j
+	}
+	close(ch)
+	wg.Wait()
+	if first == nil {
+		first = ctx.Err()
+	}
+	return first
+}
+
+// lookupPath follows rel through the input tree, refusing symlinks, and
+// reports whether it names an existing directory (false when it does not
+// exist at all).
+func (t *InputTree) lookupDir(rel string) (exists bool, err error) {
+	if rel == "" {
+		return true, nil
+	}
+	dir := t.Dirs[t.Root]
+	for _, c := range splitPath(rel) {
+		if dir == nil {
+			return false, nil
+		}
+		var next *repb.Directory
+		found := false
+		for _, d := range dir.Directories {
+			if d.Name == c {
+				dd, _ := cas.FromProto(d.Digest)
+				next, found = t.Dirs[dd], true
+			}
+		}
+		if !found {
+			for _, s := range dir.Symlinks {
+				if s.Name == c {
+					return false, invalidf("path %q goes through input symlink %q; working and output directories must be real directories", rel, c)
+				}
+			}
+			for _, f := range dir.Files {
+				if f.Name == c {
+					return false, invalidf("path %q goes through input file %q", rel, c)
+				}
+			}
+			return false, nil
+		}
+		dir = next
+	}
+	return true, nil
+}

@@ -1,0 +1,209 @@
+package executor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/actiond/actiond/cas"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/protobuf/proto"
+)
+
+// InputTree is a validated input root: every Directory below Root, keyed by
+// digest, and every file blob the tree references.
+type InputTree struct {
+	Root  cas.Digest
+	Dirs  map[cas.Digest]*repb.Directory
+	Files []cas.Digest // distinct file digests
+	// FileCount counts file entries (with repeats), for logs and metrics.
+	FileCount int
+}
+
+// InvalidInputError reports a malformed input tree; it maps to INVALID_ARGUMENT.
+type InvalidInputError struct{ Msg string }
+
+func (e *InvalidInputError) Error() string { return e.Msg }
+
+// MissingBlobsError lists blobs an action needs that the CAS does not hold;
+// it maps to FAILED_PRECONDITION with MISSING violations.
+type MissingBlobsError struct{ Digests []cas.Digest }
+
+func (e *MissingBlobsError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d blobs are missing from the CAS", len(e.Digests))
+	for i, d := range e.Digests {
+		if i == 3 {
+			b.WriteString(", ...")
+			break
+		}
+		if i == 0 {
+			b.WriteString(": ")
+		} else {
+			b.WriteString(", ")
+		}
+		b.WriteString(d.String())
+	}
+	return b.String()
+}
+
+func invalidf(format string, args ...any) error {
+	return &InvalidInputError{Msg: fmt.Sprintf(format, args...)}
+}
+
+// LoadInputTree fetches and validates the tree below root, then checks that
+// every file blob is present.
+func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*InputTree, error) {
+	t := &InputTree{Root: root, Dirs: make(map[cas.Digest]*repb.Directory)}
+	var missing []cas.Digest
+	files := make(map[cas.Digest]bool)
+	level := []cas.Digest{root}
+	for depth := 0; len(level) > 0; depth++ {
+		if depth > 256 {
+			return nil, invalidf("input root %s is more than 256 directories deep", root)
+		}
+		var next []cas.Digest
+		for _, d := range level {
+			if _, ok := t.Dirs[d]; ok {
+				continue
+			}
+			data, err := cas.ReadAll(ctx, store, d)
+			if errors.Is(err, cas.ErrNotFound) {
+				missing = append(missing, d)
+				t.Dirs[d] = nil
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("read directory %s: %w", d, err)
+			}
+			dir := &repb.Directory{}
+			if err := proto.Unmarshal(data, dir); err != nil {
+				return nil, invalidf("blob %s in the input root is not a Directory message: %v", d, err)
+			}
+			if err := validateDirectory(dir); err != nil {
+				return nil, invalidf("input directory %s: %v", d, err)
+			}
+			t.Dirs[d] = dir
+			for _, f := range dir.Files {
+				fd, _ := cas.FromProto(f.Digest)
+				t.FileCount++
+				if !files[fd] && !fd.IsEmpty() {
+					files[fd] = true
+					t.Files = append(t.Files, fd)
+				}
+			}
+			for _, sub := range dir.Directories {
+				sd, _ := cas.FromProto(sub.Digest)
+				next = append(next, sd)
+			}
+		}
+		level = next
+	}
+	m, err := store.FindMissing(ctx, t.Files)
+	if err != nil {
+		return nil, fmt.Errorf("check input blobs: %w", err)
+	}
+	missing = append(missing, m...)
+	if len(missing) > 0 {
+		return nil, &MissingBlobsError{Digests: missing}
+	}
+	return t, nil
+}
+
+// validateDirectory enforces the REAPI rules: names are single path
+// components, entries are sorted by name within each kind and no name is
+// used twice across files, directories and symlinks.
+func validateDirectory(dir *repb.Directory) error {
+	seen := make(map[string]string)
+	check := func(kind, name, prev string) error {
+		if err := validName(name); err != nil {
+			return fmt.Errorf("%s %q: %v", kind, name, err)
+		}
+		if prev != "" && name <= prev {
+			return fmt.Errorf("%s %q is not sorted after %q (entries must be sorted and unique)", kind, name, prev)
+		}
+		if other, ok := seen[name]; ok {
+			return fmt.Errorf("name %q is used by a %s and a %s", name, other, kind)
+		}
+		seen[name] = kind
+		return nil
+	}
+	prev := ""
+	for _, f := range dir.Files {
+		if err := check("file", f.Name, prev); err != nil {
+			return err
+		}
+		if _, err := cas.FromProto(f.Digest); err != nil {
+			return fmt.Errorf("file %q: %v", f.Name, err)
+		}
+		prev = f.Name
+	}
+	prev = ""
+	for _, d := range dir.Directories {
+		if err := check("directory", d.Name, prev); err != nil {
+			return err
+		}
+		if _, err := cas.FromProto(d.Digest); err != nil {
+			return fmt.Errorf("directory %q: %v", d.Name, err)
+		}
+		prev = d.Name
+	}
+	prev = ""
+	for _, s := range dir.Symlinks {
+		if err := check("symlink", s.Name, prev); err != nil {
+			return err
+		}
+		if s.Target == "" {
+			return fmt.Errorf("symlink %q has an empty target", s.Name)
+		}
+		if strings.HasPrefix(s.Target, "/") {
+			return fmt.Errorf("symlink %q has absolute target %q (this server's symlink_absolute_path_strategy is DISALLOWED)", s.Name, s.Target)
+		}
+		prev = s.Name
+	}
+	return nil
+}
+
+func validName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("empty name")
+	case name == "." || name == "..":
+		return errors.New("not a valid file name")
+	case strings.ContainsRune(name, '/'):
+		return errors.New("contains '/'")
+	case strings.ContainsRune(name, 0):
+		return errors.New("contains a NUL byte")
+	}
+	return nil
+}
+
+// cleanRelPath checks a path relative to the execroot or working directory:
+// no absolute paths, no "..", nothing empty. It returns the cleaned path.
+func cleanRelPath(what, p string) (string, error) {
+	if p == "" {
+		return "", invalidf("%s is empty", what)
+	}
+	if strings.HasPrefix(p, "/") {
+		return "", invalidf("%s %q is absolute; it must be relative", what, p)
+	}
+	parts := strings.Split(p, "/")
+	out := parts[:0]
+	for _, c := range parts {
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			return "", invalidf("%s %q contains \"..\"", what, p)
+		}
+		if strings.ContainsRune(c, 0) {
+			return "", invalidf("%s %q contains a NUL byte", what, p)
+		}
+		out = append(out, c)
+	}
+	if len(out) == 0 {
+		return "", invalidf("%s %q names the directory itself", what, p)
+	}
+	return strings.Join(out, "/"), nil
+}

@@ -1,0 +1,454 @@
+package sandbox
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/executor"
+)
+
+// limitControllers are the cgroup controllers behind executor.Limits.
+var limitControllers = []string{"memory", "pids", "cpu"}
+
+// supervisorCgroup is the leaf a cgroup v2 process moves itself into when
+// its own cgroup must delegate controllers ("no internal processes" rule).
+const supervisorCgroup = "actiond-supervisor"
+
+// cgroupManager creates per-run cgroups below the cgroups this process is
+// in. It prefers cgroup v2 for every controller that is delegated there and
+// uses cgroup v1 hierarchies for the rest (hybrid hosts).
+type cgroupManager struct {
+	log    *slog.Logger
+	v2     string            // where v2 run cgroups go; "" without cgroup v2
+	v2Ctrl map[string]bool   // limit controllers usable in v2 run cgroups
+	v1     map[string]string // limit controller → where its v1 run cgroups go
+}
+
+func newCgroupManager(log *slog.Logger) *cgroupManager {
+	m := &cgroupManager{log: log, v2Ctrl: map[string]bool{}, v1: map[string]string{}}
+	v2Mount, v1Mounts, err := cgroupMounts()
+	if err != nil {
+		log.Warn("sandbox: cgroups unavailable; limits will not be enforced", "err", err)
+		return m
+	}
+	own, err := ownCgroups()
+	if err != nil {
+		log.Warn("sandbox: cgroups unavailable; limits will not be enforced", "err", err)
+		return m
+	}
+	if path, ok := own[""]; ok && v2Mount != nil {
+		if dir := v2Mount.dir(path); exists(filepath.Join(dir, "cgroup.procs")) {
+			m.v2 = dir
+			m.delegateV2()
+		}
+	}
+	for _, c := range limitControllers {
+		mnt, ok := v1Mounts[c]
+		path, ok2 := own[c]
+		if m.v2Ctrl[c] || !ok || !ok2 {
+			continue
+		}
+		if dir := mnt.dir(path); exists(filepath.Join(dir, "cgroup.procs")) {
+			m.v1[c] = dir
+		}
+	}
+	return m
+}
+
+// String describes the setup for logs.
+func (m *cgroupManager) String() string {
+	var parts []string
+	if m.v2 != "" {
+		var ctrl []string
+		for _, c := range limitControllers {
+			if m.v2Ctrl[c] {
+				ctrl = append(ctrl, c)
+			}
+		}
+		parts = append(parts, fmt.Sprintf("v2 %s [%s]", m.v2, strings.Join(ctrl, ",")))
+	}
+	for _, c := range limitControllers {
+		if dir, ok := m.v1[c]; ok {
+			parts = append(parts, fmt.Sprintf("v1 %s %s", c, dir))
+		}
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, "; ")
+}
+
+// delegateV2 enables the limit controllers available in our v2 cgroup for
+// its children. A non-root cgroup that has processes cannot do that, so on
+// EBUSY this process moves itself into a leaf child first (what systemd
+// expects of a service with Delegate=yes).
+func (m *cgroupManager) delegateV2() {
+	avail := strings.Fields(readString(filepath.Join(m.v2, "cgroup.controllers")))
+	var want []string
+	for _, c := range limitControllers {
+		if slices.Contains(avail, c) {
+			want = append(want, c)
+		}
+	}
+	if len(want) == 0 {
+		return
+	}
+	err := m.enableV2(want)
+	if errors.Is(err, unix.EBUSY) {
+		leaf := filepath.Join(m.v2, supervisorCgroup)
+		if err = os.Mkdir(leaf, 0o755); err == nil || errors.Is(err, fs.ErrExist) {
+			err = os.WriteFile(filepath.Join(leaf, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
+		}
+		if err == nil {
+			m.log.Info("sandbox: moved this process into a leaf cgroup to delegate controllers to actions", "cgroup", leaf)
+			err = m.enableV2(want)
+		}
+	}
+	if err != nil {
+		m.log.Warn("sandbox: cannot delegate cgroup v2 controllers", "cgroup", m.v2, "controllers", want, "err", err)
+	}
+	enabled := strings.Fields(readString(filepath.Join(m.v2, "cgroup.subtree_control")))
+	for _, c := range want {
+		m.v2Ctrl[c] = slices.Contains(enabled, c)
+	}
+}
+
+func (m *cgroupManager) enableV2(controllers []string) error {
+	file := filepath.Join(m.v2, "cgroup.subtree_control")
+	enabled := strings.Fields(readString(file))
+	for _, c := range controllers {
+		if slices.Contains(enabled, c) {
+			continue
+		}
+		if err := os.WriteFile(file, []byte("+"+c), 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// runCgroup is the set of cgroups of one run.
+type runCgroup struct {
+	v2       string            // v2 cgroup; "" if none
+	v2fd     int               // open v2 cgroup directory for CLONE_INTO_CGROUP, or -1
+	v1       map[string]string // controller → v1 cgroup
+	memory   int               // cgroup version limiting memory (0: none)
+	enforced []string
+}
+
+// create makes the cgroups for one run and applies lim. A limit for which no
+// controller is available is logged and left out of enforced.
+func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, err error) {
+	cg := &runCgroup{v2fd: -1, v1: map[string]string{}}
+	defer func() {
+		if err != nil {
+			cg.remove()
+		}
+	}()
+	if m.v2 != "" {
+		dir := filepath.Join(m.v2, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("cgroup: %w", err)
+		}
+		cg.v2 = dir
+		if cg.v2fd, err = unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			return nil, fmt.Errorf("cgroup: open %s: %w", dir, err)
+		}
+	}
+	cpuQuota := max(lim.CPUMillis*100, 1000) // µs per 100 ms period
+	limits := []struct {
+		ctrl   string
+		value  int64
+		desc   string
+		v2, v1 []limitFile
+	}{
+		{"memory", lim.MemoryBytes, "memory=" + formatBytes(lim.MemoryBytes),
+			[]limitFile{{"memory.max", itoa(lim.MemoryBytes), false}, {"memory.swap.max", "0", true}},
+			// memsw (memory+swap) must not be below the memory limit: write it last.
+			[]limitFile{{"memory.limit_in_bytes", itoa(lim.MemoryBytes), false}, {"memory.memsw.limit_in_bytes", itoa(lim.MemoryBytes), true}}},
+		{"pids", lim.Pids, "pids=" + itoa(lim.Pids),
+			[]limitFile{{"pids.max", itoa(lim.Pids), false}},
+			[]limitFile{{"pids.max", itoa(lim.Pids), false}}},
+		{"cpu", lim.CPUMillis, "cpu=" + itoa(lim.CPUMillis) + "m",
+			[]limitFile{{"cpu.max", itoa(cpuQuota) + " 100000", false}},
+			[]limitFile{{"cpu.cfs_period_us", "100000", false}, {"cpu.cfs_quota_us", itoa(cpuQuota), false}}},
+	}
+	for _, l := range limits {
+		if l.value <= 0 {
+			continue
+		}
+		switch {
+		case m.v2Ctrl[l.ctrl]:
+			if err := writeLimits(cg.v2, l.v2); err != nil {
+				return nil, err
+			}
+			cg.enforced = append(cg.enforced, l.desc+" via cgroup v2")
+			if l.ctrl == "memory" {
+				cg.memory = 2
+			}
+		case m.v1[l.ctrl] != "":
+			dir := filepath.Join(m.v1[l.ctrl], name)
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				return nil, fmt.Errorf("cgroup: %w", err)
+			}
+			cg.v1[l.ctrl] = dir
+			if err := writeLimits(dir, l.v1); err != nil {
+				return nil, err
+			}
+			cg.enforced = append(cg.enforced, l.desc+" via cgroup v1")
+			if l.ctrl == "memory" {
+				cg.memory = 1
+			}
+		default:
+			m.log.Warn("sandbox: limit not enforced: no cgroup controller available", "limit", l.desc)
+		}
+	}
+	return cg, nil
+}
+
+// limitFile is a cgroup control file to write; optional ones may be missing
+// (no swap accounting).
+type limitFile struct {
+	name, value string
+	optional    bool
+}
+
+func writeLimits(dir string, files []limitFile) error {
+	for _, f := range files {
+		err := os.WriteFile(filepath.Join(dir, f.name), []byte(f.value), 0)
+		if err != nil && !(f.optional && errors.Is(err, fs.ErrNotExist)) {
+			return fmt.Errorf("cgroup: setting %s: %w", f.name, err)
+		}
+	}
+	return nil
+}
+
+// add moves pid into the v1 cgroups (v2 placement happens at clone time).
+func (cg *runCgroup) add(pid int) error {
+	for _, dir := range cg.v1 {
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// kill SIGKILLs everything in the run's cgroups.
+func (cg *runCgroup) kill() {
+	if cg.v2 != "" {
+		if err := os.WriteFile(filepath.Join(cg.v2, "cgroup.kill"), []byte("1"), 0); err != nil {
+			killProcs(cg.v2) // before Linux 5.14
+		}
+	}
+	for _, dir := range cg.v1 {
+		killProcs(dir)
+	}
+}
+
+func killProcs(dir string) {
+	for _, f := range strings.Fields(readString(filepath.Join(dir, "cgroup.procs"))) {
+		if pid, err := strconv.Atoi(f); err == nil && pid > 0 {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+	}
+}
+
+// oomKilled reports whether the OOM killer killed any process of the run.
+func (cg *runCgroup) oomKilled() bool {
+	switch cg.memory {
+	case 2:
+		return keyedValue(filepath.Join(cg.v2, "memory.events"), "oom_kill") > 0
+	case 1:
+		dir := cg.v1["memory"]
+		if n := keyedValue(filepath.Join(dir, "memory.oom_control"), "oom_kill"); n >= 0 {
+			return n > 0
+		}
+		// Kernels before 4.13 do not count kills; hitting the limit is the best hint.
+		n, _ := strconv.ParseInt(strings.TrimSpace(readString(filepath.Join(dir, "memory.failcnt"))), 10, 64)
+		return n > 0
+	}
+	return false
+}
+
+// remove kills whatever is left and removes the run's cgroups.
+func (cg *runCgroup) remove() error {
+	cg.kill()
+	if cg.v2fd >= 0 {
+		unix.Close(cg.v2fd)
+		cg.v2fd = -1
+	}
+	var errs []error
+	dirs := []string{cg.v2}
+	for _, dir := range cg.v1 {
+		dirs = append(dirs, dir)
+	}
+	for _, dir := range dirs {
+		if dir == "" {
+			continue
+		}
+		// Tasks that were just killed can keep a cgroup busy for a moment.
+		var err error
+		for delay := time.Millisecond; ; delay *= 2 {
+			err = unix.Rmdir(dir)
+			if err == nil || errors.Is(err, unix.ENOENT) {
+				err = nil
+				break
+			}
+			if !errors.Is(err, unix.EBUSY) || delay > time.Second {
+				break
+			}
+			killProcs(dir)
+			time.Sleep(delay)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("removing %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// cgroupMount is a mounted cgroup hierarchy.
+type cgroupMount struct {
+	mountpoint string
+	root       string // the hierarchy path shown at the mount point
+}
+
+// dir returns the directory of the cgroup path (as in /proc/self/cgroup).
+func (m cgroupMount) dir(path string) string {
+	if m.root != "/" {
+		path = strings.TrimPrefix(path, m.root)
+	}
+	return filepath.Join(m.mountpoint, path)
+}
+
+// cgroupMounts finds the cgroup v2 mount and the v1 mounts of the limit
+// controllers in /proc/self/mountinfo.
+func cgroupMounts() (v2 *cgroupMount, v1 map[string]cgroupMount, err error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, nil, err
+	}
+	v1 = map[string]cgroupMount{}
+	for _, mi := range parseMountinfo(data) {
+		m := cgroupMount{mountpoint: mi.mountpoint, root: mi.root}
+		switch mi.fstype {
+		case "cgroup2":
+			if v2 == nil {
+				v2 = &m
+			}
+		case "cgroup":
+			for _, opt := range strings.Split(mi.superOptions, ",") {
+				if _, seen := v1[opt]; !seen && slices.Contains(limitControllers, opt) {
+					v1[opt] = m
+				}
+			}
+		}
+	}
+	return v2, v1, nil
+}
+
+// ownCgroups maps each v1 controller, and "" for cgroup v2, to this
+// process's cgroup path.
+func ownCgroups() (map[string]string, error) {
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	own := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		if parts[0] == "0" && parts[1] == "" {
+			own[""] = parts[2]
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			own[c] = parts[2]
+		}
+	}
+	return own, nil
+}
+
+// mountInfo is one line of /proc/self/mountinfo.
+type mountInfo struct {
+	root, mountpoint, fstype, source, superOptions string
+}
+
+func parseMountinfo(data []byte) []mountInfo {
+	var out []mountInfo
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		sep := slices.Index(f, "-")
+		if sep < 6 || len(f) < sep+4 {
+			continue
+		}
+		out = append(out, mountInfo{
+			root:         unescapeMountinfo(f[3]),
+			mountpoint:   unescapeMountinfo(f[4]),
+			fstype:       f[sep+1],
+			source:       unescapeMountinfo(f[sep+2]),
+			superOptions: f[sep+3],
+		})
+	}
+	return out
+}
+
+// unescapeMountinfo decodes the \ooo escapes mountinfo uses for spaces,
+// tabs, newlines and backslashes.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// keyedValue returns the value of key in a "key value" per line file, or -1.
+func keyedValue(file, key string) int64 {
+	for _, line := range strings.Split(readString(file), "\n") {
+		if k, v, ok := strings.Cut(line, " "); ok && k == key {
+			if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
+func readString(file string) string {
+	b, _ := os.ReadFile(file)
+	return string(b)
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }

@@ -1,0 +1,29 @@
+// Package sandbox is the Linux implementation of executor.Sandbox: it runs one
+// action's command isolated from the host and from other actions.
+//
+// Each Run re-executes the current binary (/proc/self/exe) under the argv[0]
+// "actiond-sandbox-init". The package's init function recognises that name,
+// so the helper works in any binary that links this package (cmd/actiond,
+// tests, examples) without extra wiring. The helper starts as PID 1 of new
+// mount, PID, network, IPC, UTS and cgroup namespaces and:
+//
+//   - builds a fresh root on a tmpfs: the selected runtime bound read-only,
+//     the execroot read-only at /execroot with only the output directories
+//     writable, a private /tmp and /dev/shm, a minimal /dev, a fresh /proc and
+//     a generated /etc (hosts, passwd, group), then makes the root read-only
+//     and pivots into it;
+//   - brings up the loopback interface (the only interface it has);
+//   - drops to an unprivileged uid/gid with no supplementary groups, an empty
+//     capability bounding set, no_new_privs, every descriptor above 2
+//     closed, and a seccomp filter refusing namespace, mount, BPF, io_uring,
+//     ptrace, keyring, module and vsock calls;
+//   - starts the command, reaps orphans, and exits when the command does,
+//     which makes the kernel kill everything left in the PID namespace.
+//
+// The parent places the helper in per-run cgroups (cgroup v2 controllers where
+// they are delegated, cgroup v1 otherwise) for memory, CPU and task limits,
+// enforces the timeout, and detects OOM kills.
+//
+// Runtimes are directory trees, usually SquashFS images mounted with
+// LoadRuntimes or MountImage, or the host's own /usr (HostRuntime).
+package sandbox

@@ -1,0 +1,261 @@
+package sandbox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// helperArgv0 is the argv[0] under which the current binary acts as the
+// sandbox's init process instead of running its main function.
+const helperArgv0 = "actiond-sandbox-init"
+
+// File descriptors the parent passes to the helper.
+const (
+	specFD   = 3 // helperSpec as JSON; EOF once the parent has set up cgroups
+	statusFD = 4 // helperStatus as JSON, written just before the helper exits
+)
+
+func init() {
+	if len(os.Args) == 0 || os.Args[0] != helperArgv0 {
+		return
+	}
+	// Capabilities, no_new_privs and the bounding set are per thread and are
+	// inherited by the command from the thread that forks it: keep the whole
+	// helper on one thread.
+	runtime.LockOSThread()
+	os.Exit(helperMain())
+}
+
+// helperSpec is what the parent tells the helper.
+type helperSpec struct {
+	RootDir          string // where to build the action's root (inside the new mount namespace)
+	EtcDir           string // generated hosts, passwd, group
+	Runtime          Runtime
+	ExecRoot         string
+	WorkingDirectory string
+	WritableDirs     []string // cleaned, relative to ExecRoot, parents first
+	WritableInputs   bool
+	Args             []string
+	Env              []string
+	UID, GID         int
+}
+
+// helperStatus is what the helper reports back.
+type helperStatus struct {
+	Error    string `json:"error,omitempty"`   // the sandbox could not be set up
+	Done     bool   `json:"done,omitempty"`    // the command ran (or failed to exec) and ended
+	ExitCode int    `json:"exit_code"`         // its exit status, when it exited
+	Signal   int    `json:"signal,omitempty"`  // the signal that killed it
+	Message  string `json:"message,omitempty"` // why it could not start, if so
+	WallNS   int64  `json:"wall_ns,omitempty"` // how long it ran
+}
+
+func (st *helperStatus) exitCode() int {
+	if st.Signal != 0 {
+		return 128 + st.Signal
+	}
+	return st.ExitCode
+}
+
+func helperMain() int {
+	status := os.NewFile(statusFD, "status")
+	if os.Getpid() != 1 {
+		fmt.Fprintf(os.Stderr, "%s: internal helper of the actiond sandbox; not for direct use\n", helperArgv0)
+		return 125
+	}
+	st := runHelper()
+	if err := json.NewEncoder(status).Encode(st); err != nil {
+		return 125
+	}
+	if st.Error != "" {
+		return 125
+	}
+	return st.exitCode()
+}
+
+func runHelper() *helperStatus {
+	fail := func(err error) *helperStatus { return &helperStatus{Error: err.Error()} }
+	var spec helperSpec
+	specFile := os.NewFile(specFD, "spec")
+	if err := json.NewDecoder(specFile).Decode(&spec); err != nil {
+		return fail(fmt.Errorf("reading spec: %w", err))
+	}
+	specFile.Close()
+
+	if err := unix.Sethostname([]byte("localhost")); err != nil {
+		return fail(fmt.Errorf("sethostname: %w", err))
+	}
+	if err := loopbackUp(); err != nil {
+		return fail(err)
+	}
+	if err := buildRoot(&spec); err != nil {
+		return fail(err)
+	}
+	wd := filepath.Join(execRootMount, spec.WorkingDirectory)
+	if err := unix.Chdir(wd); err != nil {
+		return fail(fmt.Errorf("working directory %s: %w", wd, err))
+	}
+	path, err := lookPath(spec.Args[0], spec.Env)
+	if err != nil {
+		return &helperStatus{Done: true, ExitCode: 127, Message: err.Error()}
+	}
+	if err := dropPrivileges(); err != nil {
+		return fail(err)
+	}
+
+	start := time.Now()
+	pid, err := syscall.ForkExec(path, spec.Args, &syscall.ProcAttr{
+		Env:   spec.Env,
+		Files: []uintptr{0, 1, 2},
+		Sys: &syscall.SysProcAttr{
+			Credential: &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.GID), Groups: []uint32{}},
+			Setsid:     true,
+		},
+	})
+	if err != nil {
+		if code, ok := execFailureCode(err); ok {
+			return &helperStatus{Done: true, ExitCode: code, Message: fmt.Sprintf("cannot run %s: %v", spec.Args[0], err)}
+		}
+		return fail(fmt.Errorf("starting %s: %w", spec.Args[0], err))
+	}
+	ws, err := reapUntil(pid)
+	if err != nil {
+		return fail(err)
+	}
+	st := &helperStatus{Done: true, WallNS: int64(time.Since(start))}
+	if ws.Signaled() {
+		st.Signal = int(ws.Signal())
+	} else {
+		st.ExitCode = ws.ExitStatus()
+	}
+	return st
+}
+
+// reapUntil reaps every child (as PID 1, orphans are ours) until pid exits.
+func reapUntil(pid int) (unix.WaitStatus, error) {
+	for {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(-1, &ws, 0, nil)
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			return 0, fmt.Errorf("wait: %w", err)
+		case got == pid && (ws.Exited() || ws.Signaled()):
+			return ws, nil
+		}
+	}
+}
+
+// execFailureCode maps an exec error to the shell's exit codes: 127 for a
+// command that is not there, 126 for one that cannot be executed.
+func execFailureCode(err error) (int, bool) {
+	switch {
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.ENOTDIR):
+		return 127, true
+	case errors.Is(err, unix.EACCES), errors.Is(err, unix.ENOEXEC), errors.Is(err, unix.EPERM),
+		errors.Is(err, unix.EISDIR), errors.Is(err, unix.ELOOP), errors.Is(err, unix.ENAMETOOLONG),
+		errors.Is(err, unix.E2BIG), errors.Is(err, unix.ETXTBSY), errors.Is(err, unix.ELIBBAD):
+		return 126, true
+	}
+	return 0, false
+}
+
+// lookPath resolves a command without a slash against PATH from env (the
+// first PATH entry wins, as with getenv); without PATH it uses /bin:/usr/bin,
+// like execvp. Names with a slash are used as given, relative to the working
+// directory.
+func lookPath(file string, env []string) (string, error) {
+	if strings.Contains(file, "/") {
+		return file, nil
+	}
+	path, found := "/bin:/usr/bin", false
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "PATH="); ok && !found {
+			path, found = v, true
+		}
+	}
+	for _, dir := range filepath.SplitList(path) {
+		if dir == "" {
+			dir = "."
+		}
+		p := filepath.Join(dir, file)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			if !filepath.IsAbs(p) {
+				p = "./" + p
+			}
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s: command not found in PATH %q", file, path)
+}
+
+// loopbackUp brings up lo, the only interface in a new network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback: get flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback: set flags: %w", err)
+	}
+	return nil
+}
+
+// dropPrivileges prepares the current thread so that the command forked
+// from it can never regain privileges: no ambient or inheritable
+// capabilities, an empty bounding set, no_new_privs, the seccomp filter, and
+// every descriptor above 2 closed on exec. The uid/gid switch happens in the
+// forked child (syscall.Credential), which loses its remaining capabilities
+// with it.
+func dropPrivileges() error {
+	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("clearing ambient capabilities: %w", err)
+	}
+	for c := 0; ; c++ {
+		err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0)
+		if errors.Is(err, unix.EINVAL) {
+			break // past the last capability
+		}
+		if err != nil {
+			return fmt.Errorf("dropping capability %d from the bounding set: %w", c, err)
+		}
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var caps [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &caps[0]); err != nil {
+		return fmt.Errorf("capget: %w", err)
+	}
+	caps[0].Inheritable, caps[1].Inheritable = 0, 0
+	if err := unix.Capset(&hdr, &caps[0]); err != nil {
+		return fmt.Errorf("clearing inheritable capabilities: %w", err)
+	}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("no_new_privs: %w", err)
+	}
+	if err := installSeccomp(); err != nil {
+		return err
+	}
+	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
+		return fmt.Errorf("close_range: %w", err)
+	}
+	return nil
+}

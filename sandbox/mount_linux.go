@@ -1,0 +1,324 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/executor"
+)
+
+const execRootMount = executor.ExecRootMount
+
+// hostSystemDirs are the host directories the host runtime exposes. Each is
+// bound read-only, or recreated as a symlink where the host has one
+// (merged-/usr systems).
+var hostSystemDirs = []string{"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"}
+
+// hostEtcEntries are what the host runtime takes from the host's /etc.
+var hostEtcEntries = []string{"ld.so.cache", "alternatives"}
+
+// generatedEtcFiles replace the runtime's files of the same name.
+var generatedEtcFiles = []string{"hosts", "passwd", "group"}
+
+// ownedTopLevel are top-level names the sandbox provides itself, so a
+// directory runtime's own entries of that name are not used.
+var ownedTopLevel = map[string]bool{"dev": true, "proc": true, "sys": true, "tmp": true, "etc": true, "execroot": true}
+
+// Mount attribute sets.
+const (
+	attrReadOnly = unix.MOUNT_ATTR_RDONLY | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV
+	attrWritable = unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV
+	attrDevice   = unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NOEXEC
+)
+
+// buildRoot builds the action's root file system at spec.RootDir and pivots
+// into it. It runs in the helper, in the new mount namespace.
+func buildRoot(spec *helperSpec) error {
+	// Nothing below may propagate back to the host.
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making / private: %w", err)
+	}
+	root := spec.RootDir
+	if err := mountTmpfs(root, "mode=0755,size=1m", unix.MS_NOSUID|unix.MS_NODEV); err != nil {
+		return err
+	}
+	steps := []func() error{
+		func() error { return mountRuntime(root, spec.Runtime) },
+		func() error { return mountEtc(root, spec) },
+		func() error { return mountExecRoot(root, spec) },
+		func() error { return mountDev(root) },
+		func() error {
+			return mountTmpfs(filepath.Join(root, "tmp"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV)
+		},
+		func() error {
+			return mountAt(filepath.Join(root, "proc"), "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+		},
+		func() error { return setAttr(root, false, attrReadOnly) },
+		func() error { return pivot(root) },
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mountRuntime exposes the runtime's system directories in root.
+func mountRuntime(root string, rt Runtime) error {
+	if rt.Host {
+		for _, dir := range hostSystemDirs {
+			if err := bindEntry(dir, filepath.Join(root, dir), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+		}
+		return nil
+	}
+	entries, err := os.ReadDir(rt.Root)
+	if err != nil {
+		return fmt.Errorf("runtime %q: %w", rt.Name, err)
+	}
+	for _, e := range entries {
+		if ownedTopLevel[e.Name()] {
+			continue
+		}
+		if err := bindEntry(filepath.Join(rt.Root, e.Name()), filepath.Join(root, e.Name()), attrReadOnly); err != nil {
+			return fmt.Errorf("runtime %q: %w", rt.Name, err)
+		}
+	}
+	return nil
+}
+
+// mountEtc provides /etc: the runtime's /etc (for the host runtime only
+// ld.so.cache and alternatives) with the generated hosts, passwd and group.
+func mountEtc(root string, spec *helperSpec) error {
+	etc := filepath.Join(root, "etc")
+	if err := os.Mkdir(etc, 0o755); err != nil {
+		return err
+	}
+	var src string
+	var names []string
+	switch {
+	case spec.Runtime.Host:
+		src, names = "/etc", hostEtcEntries
+	default:
+		src = filepath.Join(spec.Runtime.Root, "etc")
+		if hasRegularFiles(src, generatedEtcFiles) {
+			// The common case: bind the runtime's /etc whole and the
+			// generated files over their namesakes.
+			if err := bind(src, etc, attrReadOnly); err != nil {
+				return err
+			}
+			for _, name := range generatedEtcFiles {
+				if err := bind(filepath.Join(spec.EtcDir, name), filepath.Join(etc, name), attrReadOnly); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		entries, err := os.ReadDir(src)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
+		}
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+	}
+	generated := map[string]bool{}
+	for _, name := range generatedEtcFiles {
+		generated[name] = true
+		if err := bindEntry(filepath.Join(spec.EtcDir, name), filepath.Join(etc, name), attrReadOnly); err != nil {
+			return err
+		}
+	}
+	for _, name := range names {
+		if generated[name] {
+			continue
+		}
+		if err := bindEntry(filepath.Join(src, name), filepath.Join(etc, name), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+func hasRegularFiles(dir string, names []string) bool {
+	for _, name := range names {
+		fi, err := os.Lstat(filepath.Join(dir, name))
+		if err != nil || !fi.Mode().IsRegular() {
+			return false
+		}
+	}
+	return true
+}
+
+// mountExecRoot binds the execroot read-only (writable with WritableInputs)
+// and the writable directories over it.
+func mountExecRoot(root string, spec *helperSpec) error {
+	dst := filepath.Join(root, execRootMount)
+	if err := os.Mkdir(dst, 0o755); err != nil {
+		return err
+	}
+	attr := uint64(attrReadOnly)
+	if spec.WritableInputs {
+		attr = attrWritable
+	}
+	if err := bind(spec.ExecRoot, dst, attr); err != nil {
+		return err
+	}
+	if spec.WritableInputs {
+		return nil
+	}
+	for _, d := range spec.WritableDirs {
+		if err := bind(filepath.Join(spec.ExecRoot, d), filepath.Join(dst, d), attrWritable); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// devNodes are the host devices an action gets.
+var devNodes = []string{"null", "zero", "full", "random", "urandom", "tty"}
+
+// devLinks are the usual /dev symlinks.
+var devLinks = map[string]string{
+	"fd":     "/proc/self/fd",
+	"stdin":  "/proc/self/fd/0",
+	"stdout": "/proc/self/fd/1",
+	"stderr": "/proc/self/fd/2",
+}
+
+// mountDev builds a minimal read-only /dev with a writable /dev/shm.
+func mountDev(root string) error {
+	dev := filepath.Join(root, "dev")
+	if err := mountTmpfs(dev, "mode=0755,size=64k", unix.MS_NOSUID|unix.MS_NOEXEC|unix.MS_NODEV); err != nil {
+		return err
+	}
+	for _, name := range devNodes {
+		// Each bound node is its own mount, so the tmpfs's nodev does not apply to it.
+		if err := bindEntry(filepath.Join("/dev", name), filepath.Join(dev, name), attrDevice); err != nil {
+			return err
+		}
+	}
+	for name, target := range devLinks {
+		if err := os.Symlink(target, filepath.Join(dev, name)); err != nil {
+			return err
+		}
+	}
+	if err := mountTmpfs(filepath.Join(dev, "shm"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
+		return err
+	}
+	return setAttr(dev, false, unix.MOUNT_ATTR_RDONLY|unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NOEXEC|unix.MOUNT_ATTR_NODEV)
+}
+
+// pivot makes root the root directory and detaches the host's tree.
+func pivot(root string) error {
+	if err := unix.Chdir(root); err != nil {
+		return fmt.Errorf("chdir %s: %w", root, err)
+	}
+	// pivot_root(".", ".") stacks the old root on top of the new one;
+	// detaching it leaves the new root. This needs no put_old directory,
+	// which a read-only root could not hold.
+	if err := unix.PivotRoot(".", "."); err != nil {
+		if !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("pivot_root: %w", err)
+		}
+		// The host root cannot be pivoted away (initramfs): move the
+		// new root over / and chroot into it instead.
+		if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("moving root: %w", err)
+		}
+		if err := unix.Chroot("."); err != nil {
+			return fmt.Errorf("chroot: %w", err)
+		}
+		return unix.Chdir("/")
+	}
+	if err := unix.Unmount(".", unix.MNT_DETACH); err != nil {
+		return fmt.Errorf("detaching the host root: %w", err)
+	}
+	return unix.Chdir("/")
+}
+
+// bindEntry makes dst look like src: a symlink is copied, anything else is
+// bound with attr. It returns an error wrapping fs.ErrNotExist when src is
+// missing.
+func bindEntry(src, dst string, attr uint64) error {
+	fi, err := os.Lstat(src)
+	if err != nil {
+		return err
+	}
+	switch {
+	case fi.Mode()&fs.ModeSymlink != 0:
+		target, err := os.Readlink(src)
+		if err != nil {
+			return err
+		}
+		return os.Symlink(target, dst)
+	case fi.IsDir():
+		if err := os.Mkdir(dst, 0o755); err != nil {
+			return err
+		}
+	default:
+		if err := os.WriteFile(dst, nil, 0o644); err != nil {
+			return err
+		}
+	}
+	return bind(src, dst, attr)
+}
+
+// bind bind-mounts src (recursively) on the existing dst and applies attr to
+// every mount in the new tree.
+func bind(src, dst string, attr uint64) error {
+	if err := unix.Mount(src, dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s on %s: %w", src, dst, err)
+	}
+	return setAttr(dst, true, attr)
+}
+
+// setAttr sets mount attributes on the mount at path (and, when recursive,
+// on every mount below it). Attributes not in attr are cleared.
+func setAttr(path string, recursive bool, attr uint64) error {
+	flags := uint(0)
+	if recursive {
+		flags = unix.AT_RECURSIVE
+	}
+	all := uint64(unix.MOUNT_ATTR_RDONLY | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NODEV | unix.MOUNT_ATTR_NOEXEC)
+	err := unix.MountSetattr(unix.AT_FDCWD, path, flags, &unix.MountAttr{Attr_set: attr, Attr_clr: all &^ attr})
+	if errors.Is(err, unix.ENOSYS) {
+		// Before Linux 5.12: remount the top mount only.
+		var ms uintptr = unix.MS_REMOUNT | unix.MS_BIND
+		for a, f := range map[uint64]uintptr{
+			unix.MOUNT_ATTR_RDONLY: unix.MS_RDONLY, unix.MOUNT_ATTR_NOSUID: unix.MS_NOSUID,
+			unix.MOUNT_ATTR_NODEV: unix.MS_NODEV, unix.MOUNT_ATTR_NOEXEC: unix.MS_NOEXEC,
+		} {
+			if attr&a != 0 {
+				ms |= f
+			}
+		}
+		err = unix.Mount("", path, "", ms, "")
+	}
+	if err != nil {
+		return fmt.Errorf("setting mount attributes on %s: %w", path, err)
+	}
+	return nil
+}
+
+func mountTmpfs(dst, options string, flags uintptr) error {
+	return mountAt(dst, "tmpfs", "tmpfs", flags, options)
+}
+
+// mountAt creates dst if needed and mounts there.
+func mountAt(dst, source, fstype string, flags uintptr, data string) error {
+	if err := os.Mkdir(dst, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	if err := unix.Mount(source, dst, fstype, flags, data); err != nil {
+		return fmt.Errorf("mount %s on %s: %w", fstype, dst, err)
+	}
+	return nil
+}

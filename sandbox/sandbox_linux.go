@@ -1,0 +1,502 @@
+package sandbox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/executor"
+)
+
+// Sandbox runs commands in per-action namespaces, roots and cgroups. It is
+// safe for concurrent use by many Runs; Close must not overlap with Run.
+type Sandbox struct {
+	log      *slog.Logger
+	uid, gid int
+	runtimes map[string]Runtime
+	names    []string
+	state    string // private scratch directory, removed by Close
+	rootDir  string // mount point of every action's root, each in its own mount namespace
+	etcDir   string // generated hosts, passwd and group
+	cgroups  *cgroupManager
+	seq      atomic.Uint64
+}
+
+var _ executor.Sandbox = (*Sandbox)(nil)
+
+// New checks cfg, prepares the state directory and probes the host's cgroup
+// setup. It mounts nothing; see LoadRuntimes for SquashFS runtimes.
+func New(cfg Config) (*Sandbox, error) {
+	s := &Sandbox{
+		log:      cfg.Logger,
+		uid:      cfg.UID,
+		gid:      cfg.GID,
+		runtimes: make(map[string]Runtime, len(cfg.Runtimes)),
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if s.uid == 0 {
+		s.uid = DefaultID
+	}
+	if s.gid == 0 {
+		s.gid = DefaultID
+	}
+	if s.uid < 0 || s.gid < 0 {
+		return nil, fmt.Errorf("sandbox: invalid uid/gid %d/%d", s.uid, s.gid)
+	}
+	if len(cfg.Runtimes) == 0 {
+		return nil, errors.New("sandbox: no runtimes configured")
+	}
+	for _, rt := range cfg.Runtimes {
+		if err := checkRuntime(rt); err != nil {
+			return nil, fmt.Errorf("sandbox: %w", err)
+		}
+		if _, dup := s.runtimes[rt.Name]; dup {
+			return nil, fmt.Errorf("sandbox: runtime %q configured twice", rt.Name)
+		}
+		s.runtimes[rt.Name] = rt
+		s.names = append(s.names, rt.Name)
+	}
+	slices.Sort(s.names)
+	if _, err := seccompFilter(); err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+
+	base := cfg.StateDir
+	if base == "" {
+		base = os.TempDir()
+	}
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		return nil, fmt.Errorf("sandbox: state dir: %w", err)
+	}
+	state, err := os.MkdirTemp(base, "sandbox-")
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: state dir: %w", err)
+	}
+	s.state = state
+	s.rootDir = filepath.Join(state, "root")
+	s.etcDir = filepath.Join(state, "etc")
+	if err := s.writeState(); err != nil {
+		os.RemoveAll(state)
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	s.cgroups = newCgroupManager(s.log)
+	s.log.Debug("sandbox ready", "runtimes", s.names, "uid", s.uid, "gid", s.gid,
+		"state", state, "cgroups", s.cgroups.String())
+	return s, nil
+}
+
+func checkRuntime(rt Runtime) error {
+	if rt.Name == "" {
+		return errors.New("runtime without a name")
+	}
+	if rt.Host {
+		return nil
+	}
+	if !filepath.IsAbs(rt.Root) {
+		return fmt.Errorf("runtime %q: root %q is not an absolute path", rt.Name, rt.Root)
+	}
+	fi, err := os.Stat(rt.Root)
+	if err != nil {
+		return fmt.Errorf("runtime %q: %w", rt.Name, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("runtime %q: root %s is not a directory", rt.Name, rt.Root)
+	}
+	return nil
+}
+
+// writeState creates the root mount point and the generated /etc files.
+func (s *Sandbox) writeState() error {
+	if err := os.Mkdir(s.rootDir, 0o755); err != nil {
+		return err
+	}
+	if err := os.Mkdir(s.etcDir, 0o755); err != nil {
+		return err
+	}
+	for name, content := range generatedEtc(s.uid, s.gid) {
+		if err := os.WriteFile(filepath.Join(s.etcDir, name), []byte(content), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// generatedEtc returns the files that replace the runtime's /etc/hosts,
+// /etc/passwd and /etc/group in every action.
+func generatedEtc(uid, gid int) map[string]string {
+	passwd := "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+	group := "root:x:0:\nnogroup:x:65534:\n"
+	if uid != DefaultID {
+		passwd += fmt.Sprintf("actiond:x:%d:%d:actiond sandbox:/tmp:/usr/sbin/nologin\n", uid, gid)
+	}
+	if gid != DefaultID {
+		group += fmt.Sprintf("actiond:x:%d:\n", gid)
+	}
+	return map[string]string{
+		"hosts":  "127.0.0.1\tlocalhost\n::1\tlocalhost\n",
+		"passwd": passwd,
+		"group":  group,
+	}
+}
+
+// Runtimes lists the runtime names Run accepts, sorted.
+func (s *Sandbox) Runtimes() []string { return slices.Clone(s.names) }
+
+// Close unmounts the runtimes that LoadRuntimes mounted and removes the
+// state directory. Runs must have finished.
+func (s *Sandbox) Close() error {
+	var errs []error
+	for _, name := range s.names {
+		if rt := s.runtimes[name]; rt.Image != "" {
+			if err := unmount(rt.Root); err != nil {
+				errs = append(errs, fmt.Errorf("unmount runtime %q: %w", name, err))
+			}
+		}
+	}
+	if err := os.RemoveAll(s.state); err != nil {
+		errs = append(errs, fmt.Errorf("remove state dir: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("sandbox: close: %w", err)
+	}
+	return nil
+}
+
+// Run executes spec in a fresh sandbox and returns once every process it
+// started is gone.
+//
+// Before starting, Run changes the owner of each of spec.WritableDirs (the
+// directory itself, not its contents) to the sandbox uid/gid so that the
+// action can write its outputs; with spec.WritableInputs it does the same for
+// every directory under ExecRoot. Files are never chowned or chmodded: input
+// files stay root-owned and read-only, so an action that "mutates" an input
+// can only replace it, never change a shared CAS blob in place.
+func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.RunResult, error) {
+	rt, ok := s.runtimes[spec.Runtime]
+	if !ok {
+		return nil, &executor.UnknownRuntimeError{Name: spec.Runtime, Available: s.Runtimes()}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	writable, err := s.prepareExecRoot(spec)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	hs := &helperSpec{
+		RootDir:          s.rootDir,
+		EtcDir:           s.etcDir,
+		Runtime:          rt,
+		ExecRoot:         spec.ExecRoot,
+		WorkingDirectory: spec.WorkingDirectory,
+		WritableDirs:     writable,
+		WritableInputs:   spec.WritableInputs,
+		Args:             spec.Args,
+		Env:              spec.Env,
+		UID:              s.uid,
+		GID:              s.gid,
+	}
+
+	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer stdout.Close()
+	defer stderr.Close()
+
+	name := "actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10)
+	cg, err := s.cgroups.create(name, spec.Limits)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer func() {
+		if err := cg.remove(); err != nil {
+			s.log.Warn("sandbox: removing cgroup", "cgroup", name, "err", err)
+		}
+	}()
+	return s.run(ctx, spec, hs, cg, stdout, stderr)
+}
+
+func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *helperSpec, cg *runCgroup, stdout, stderr *os.File) (*executor.RunResult, error) {
+	specR, specW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer specR.Close()
+	defer specW.Close()
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer statusR.Close()
+	defer statusW.Close()
+	devNull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer devNull.Close()
+
+	cmd := &exec.Cmd{
+		Path:       "/proc/self/exe",
+		Args:       []string{helperArgv0},
+		Env:        []string{"GOMAXPROCS=1"},
+		Stdin:      devNull,
+		Stdout:     stdout,
+		Stderr:     stderr,
+		ExtraFiles: []*os.File{specR, statusW}, // fds 3 and 4 in the helper
+		SysProcAttr: &syscall.SysProcAttr{
+			Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
+				unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP,
+			// The helper dies with us. Pdeathsig follows the thread that
+			// forked, so this goroutine keeps its thread until Wait returns.
+			Pdeathsig: syscall.SIGKILL,
+		},
+	}
+	if cg.v2fd >= 0 {
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = cg.v2fd
+	}
+
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("sandbox: start helper: %w", err)
+	}
+	specR.Close()
+	statusW.Close()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	kill := func() {
+		_ = cmd.Process.Kill()
+		cg.kill()
+	}
+
+	// The helper waits for its spec before doing anything, so it is in
+	// every cgroup before the command can start.
+	if err := cg.add(cmd.Process.Pid); err != nil {
+		kill()
+		<-done
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	if err := json.NewEncoder(specW).Encode(hs); err != nil {
+		s.log.Debug("sandbox: writing spec to helper", "err", err) // the helper died; its status says why
+	}
+	specW.Close()
+
+	var timeout <-chan time.Time
+	if spec.Timeout > 0 {
+		t := time.NewTimer(spec.Timeout)
+		defer t.Stop()
+		timeout = t.C
+	}
+	var waitErr error
+	timedOut := false
+	select {
+	case waitErr = <-done:
+	case <-timeout:
+		timedOut = true
+		kill()
+		waitErr = <-done
+	case <-ctx.Done():
+		kill()
+		<-done
+		return nil, fmt.Errorf("sandbox: %w", ctx.Err())
+	}
+	wall := time.Since(start)
+
+	st, statusErr := readStatus(statusR)
+	res := &executor.RunResult{Enforced: cg.enforced, Wall: wall}
+	if st != nil && st.WallNS > 0 {
+		res.Wall = time.Duration(st.WallNS)
+	}
+	oom := cg.oomKilled()
+	switch {
+	case timedOut:
+		res.TimedOut = true
+		res.ExitCode = 128 + int(unix.SIGKILL)
+		res.Message = fmt.Sprintf("killed: timed out after %s", spec.Timeout)
+		if st != nil && st.Error == "" && st.Done {
+			res.ExitCode = st.exitCode() // finished just as the timer fired
+		}
+		return res, nil
+	case st != nil && st.Error != "":
+		return nil, fmt.Errorf("sandbox: setting up: %s", st.Error)
+	case st != nil && st.Done:
+		res.ExitCode = st.exitCode()
+		res.Message = st.Message
+		if st.Signal != 0 && res.Message == "" {
+			res.Message = "killed by signal " + unix.SignalName(syscall.Signal(st.Signal))
+		}
+	case oom:
+		// The OOM killer chose the helper itself; everything died with it.
+		res.ExitCode = 128 + int(unix.SIGKILL)
+	default:
+		return nil, fmt.Errorf("sandbox: helper ended without a status (%v): %v", waitErr, statusErr)
+	}
+	if oom {
+		res.OOMKilled = true
+		res.Message = "killed: exceeded memory limit of " + formatBytes(spec.Limits.MemoryBytes)
+	}
+	return res, nil
+}
+
+// readStatus reads the helper's final status; the helper has exited, so this
+// never blocks for long.
+func readStatus(r *os.File) (*helperStatus, error) {
+	_ = r.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) == 0 {
+		return nil, errors.New("no status")
+	}
+	var st helperStatus
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, fmt.Errorf("decoding status: %w", err)
+	}
+	return &st, nil
+}
+
+// prepareExecRoot validates the paths in spec and gives the sandbox user
+// ownership of the directories it may write. It returns the writable
+// directories, parents before children.
+func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
+	if len(spec.Args) == 0 {
+		return nil, errors.New("empty command")
+	}
+	if !filepath.IsAbs(spec.ExecRoot) {
+		return nil, fmt.Errorf("execroot %q is not an absolute path", spec.ExecRoot)
+	}
+	fi, err := os.Stat(spec.ExecRoot)
+	if err != nil {
+		return nil, fmt.Errorf("execroot: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, fmt.Errorf("execroot %s is not a directory", spec.ExecRoot)
+	}
+	if fi.Mode().Perm()&0o001 == 0 {
+		return nil, fmt.Errorf("execroot %s (mode %v) is not searchable by the sandbox user", spec.ExecRoot, fi.Mode().Perm())
+	}
+	if wd := spec.WorkingDirectory; wd != "" && !filepath.IsLocal(wd) {
+		return nil, fmt.Errorf("working directory %q is not a relative path inside the execroot", wd)
+	}
+	root, err := unix.Open(spec.ExecRoot, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open execroot: %w", err)
+	}
+	defer unix.Close(root)
+
+	dirs := make([]string, 0, len(spec.WritableDirs))
+	for _, d := range spec.WritableDirs {
+		if !filepath.IsLocal(d) {
+			return nil, fmt.Errorf("writable dir %q is not a relative path inside the execroot", d)
+		}
+		d = filepath.Clean(d)
+		if err := s.chownDir(root, d); err != nil {
+			return nil, err
+		}
+		dirs = append(dirs, d)
+	}
+	slices.SortFunc(dirs, func(a, b string) int { return len(a) - len(b) })
+	dirs = slices.Compact(dirs)
+
+	if spec.WritableInputs {
+		err := filepath.WalkDir(spec.ExecRoot, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() {
+				return err
+			}
+			return os.Lchown(path, s.uid, s.gid)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("making execroot writable: %w", err)
+		}
+	}
+	return dirs, nil
+}
+
+// chownDir gives the sandbox user the directory rel under root, refusing
+// symlinks anywhere in rel so that an input tree cannot redirect it.
+func (s *Sandbox) chownDir(root int, rel string) error {
+	fd, err := unix.Openat2(root, rel, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		return fmt.Errorf("writable dir %q: %w", rel, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Fchown(fd, s.uid, s.gid); err != nil {
+		return fmt.Errorf("writable dir %q: chown: %w", rel, err)
+	}
+	return nil
+}
+
+// openOutputs creates (or truncates) the files that receive the command's
+// stdout and stderr; an empty path discards the stream.
+func openOutputs(stdoutPath, stderrPath string) (stdout, stderr *os.File, err error) {
+	open := func(path string) (*os.File, error) {
+		if path == "" {
+			return os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+		}
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			return nil, fmt.Errorf("output file: %w", err)
+		}
+		return f, nil
+	}
+	if stdout, err = open(stdoutPath); err != nil {
+		return nil, nil, err
+	}
+	if stderrPath != "" && stderrPath == stdoutPath {
+		// One open file description, so the streams interleave instead of
+		// overwriting each other.
+		fd, err := unix.FcntlInt(stdout.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			stdout.Close()
+			return nil, nil, fmt.Errorf("output file: %w", err)
+		}
+		return stdout, os.NewFile(uintptr(fd), stderrPath), nil
+	}
+	if stderr, err = open(stderrPath); err != nil {
+		stdout.Close()
+		return nil, nil, err
+	}
+	return stdout, stderr, nil
+}
+
+// formatBytes renders n as "64 MiB", "1.5 GiB" or "1000 bytes".
+func formatBytes(n int64) string {
+	units := []string{"KiB", "MiB", "GiB", "TiB"}
+	if n < 1024 {
+		return strconv.FormatInt(n, 10) + " bytes"
+	}
+	v, unit := float64(n), ""
+	for _, u := range units {
+		if v < 1024 {
+			break
+		}
+		v /= 1024
+		unit = u
+	}
+	return strconv.FormatFloat(math.Round(v*100)/100, 'f', -1, 64) + " " + unit
+}

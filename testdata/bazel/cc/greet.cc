@@ -1,0 +1,3 @@
+#include "cc/greet.h"
+
+std::string Greet(const std::string& who) { return "Hello, " + who + "!"; }
