@@ -517,6 +517,14 @@ func (b *syncBuffer) String() string {
 // ACTIOND_E2E_VERBOSE=1).
 func StartServer(t testing.TB, args ...string) string {
 	t.Helper()
+	addr, _ := StartServerWithLog(t, args...)
+	return addr
+}
+
+// StartServerWithLog is StartServer, also returning a function that
+// returns the server's output so far.
+func StartServerWithLog(t testing.TB, args ...string) (addr string, log func() string) {
+	t.Helper()
 	bin := actiondBinary(t)
 	hasRoot := false
 	for _, a := range args {
@@ -526,9 +534,9 @@ func StartServer(t testing.TB, args ...string) string {
 	}
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		addr, err := startServer(t, bin, hasRoot, args)
+		addr, buf, err := startServer(t, bin, hasRoot, args)
 		if err == nil {
-			return addr
+			return addr, buf.String
 		}
 		lastErr = err
 		if !errors.Is(err, errAddrInUse) {
@@ -536,7 +544,7 @@ func StartServer(t testing.TB, args ...string) string {
 		}
 	}
 	t.Fatalf("starting actiond: %v", lastErr)
-	return ""
+	return "", nil
 }
 
 var errAddrInUse = errors.New("address already in use")
@@ -550,11 +558,11 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string, error) {
+func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string, *syncBuffer, error) {
 	t.Helper()
 	port, err := freePort()
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	argv := []string{"serve", "--listen", addr}
@@ -569,7 +577,7 @@ func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string,
 	cmd.Stderr = log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan if the test binary dies
 	if err := cmd.Start(); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	exited := make(chan struct{})
 	var waitErr error
@@ -618,18 +626,18 @@ func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string,
 		case <-exited:
 			out := log.String()
 			if strings.Contains(out, "address already in use") {
-				return "", fmt.Errorf("%s: %w", name, errAddrInUse)
+				return "", nil, fmt.Errorf("%s: %w", name, errAddrInUse)
 			}
-			return "", fmt.Errorf("%s exited during start-up: %v\n%s", name, waitErr, out)
+			return "", nil, fmt.Errorf("%s exited during start-up: %v\n%s", name, waitErr, out)
 		default:
 		}
 		if time.Now().After(deadline) {
 			stop()
-			return "", fmt.Errorf("%s not serving after %v\n%s", name, serverStartTimeout, log.String())
+			return "", nil, fmt.Errorf("%s not serving after %v\n%s", name, serverStartTimeout, log.String())
 		}
 		if err := checkServing(addr); err == nil {
 			t.Logf("%s serving: %s", name, strings.Join(argv, " "))
-			return addr, nil
+			return addr, log, nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -26,6 +26,46 @@ type InputRoot interface {
 	Name() string
 }
 
+// StageOptions tell an OptionsInputRoot about the action being staged.
+type StageOptions struct {
+	// MutatesInputs is the mutates_inputs platform property: the command
+	// may modify, replace and remove its input files.
+	MutatesInputs bool
+}
+
+// StagedRoot is an input root made visible by an OptionsInputRoot.
+type StagedRoot struct {
+	// Cleanup undoes the staging (unmounts); required. The executor removes
+	// the directory afterwards.
+	Cleanup func() error
+	// SelfProtected means the root enforces its own access rules (actiondfs
+	// refuses writes to inputs and stages new files; its mutates_inputs
+	// mode is an overlay the command may write anywhere). The executor then
+	// makes the whole execroot writable for the sandbox (WritableDirs gets
+	// "."), never sets RunSpec.WritableInputs and does not chmod inputs.
+	SelfProtected bool
+	// OutputPath, if set, maps a regular file's path relative to the
+	// execroot to the file holding its bytes on the CAS's file system, so
+	// outputs move into the CAS by rename instead of being read through the
+	// root; "" means use the path under the execroot. Called only after
+	// the command has finished.
+	OutputPath func(rel string) string
+	// Report, if set, lists what the command was refused (e.g. writing an
+	// input file without mutates_inputs), one line each, for the user.
+	// Called only after the command has finished.
+	Report func() []string
+}
+
+// OptionsInputRoot is an InputRoot that needs to know more about the action
+// than the tree (mutates_inputs) or can tell the executor more about the
+// staged root. The executor calls StageWithOptions instead of Stage when
+// its InputRoot implements it; implementations must not need the executor
+// to switch to CopyInputRoot for mutates_inputs.
+type OptionsInputRoot interface {
+	InputRoot
+	StageWithOptions(ctx context.Context, tree *InputTree, dir string, opts StageOptions) (*StagedRoot, error)
+}
+
 // LinkInputRoot hardlinks every input file from a local CAS; executable
 // files link to the store's separate executable copy, so no shared blob's
 // mode is ever changed.

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,6 +32,7 @@ const supervisorCgroup = "actiond-supervisor"
 // uses cgroup v1 hierarchies for the rest (hybrid hosts).
 type cgroupManager struct {
 	log    *slog.Logger
+	warned sync.Map          // limit kinds already reported as unenforceable
 	v2     string            // where v2 run cgroups go; "" without cgroup v2
 	v2Ctrl map[string]bool   // limit controllers usable in v2 run cgroups
 	v1     map[string]string // limit controller → where its v1 run cgroups go
@@ -49,7 +51,11 @@ func newCgroupManager(log *slog.Logger) *cgroupManager {
 		return m
 	}
 	if path, ok := own[""]; ok && v2Mount != nil {
-		if dir := v2Mount.dir(path); exists(filepath.Join(dir, "cgroup.procs")) {
+		// Moved by an earlier New (delegateV2): the cgroup to use is the parent.
+		if filepath.Base(path) == supervisorCgroup {
+			path = filepath.Dir(path)
+		}
+		if dir := v2Mount.dir(path); m.usable(dir) {
 			m.v2 = dir
 			m.delegateV2()
 		}
@@ -60,11 +66,28 @@ func newCgroupManager(log *slog.Logger) *cgroupManager {
 		if m.v2Ctrl[c] || !ok || !ok2 {
 			continue
 		}
-		if dir := mnt.dir(path); exists(filepath.Join(dir, "cgroup.procs")) {
+		if dir := mnt.dir(path); m.usable(dir) {
 			m.v1[c] = dir
 		}
 	}
 	return m
+}
+
+// usable reports whether run cgroups can be created in dir (a read-only
+// cgroup mount in a container cannot).
+func (m *cgroupManager) usable(dir string) bool {
+	if !exists(filepath.Join(dir, "cgroup.procs")) {
+		return false
+	}
+	probe := filepath.Join(dir, "actiond-probe-"+strconv.Itoa(os.Getpid()))
+	if err := os.Mkdir(probe, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		m.log.Warn("sandbox: cannot create cgroups; not using this hierarchy", "cgroup", dir, "err", err)
+		return false
+	}
+	if err := unix.Rmdir(probe); err != nil {
+		m.log.Warn("sandbox: cannot remove a probe cgroup", "cgroup", probe, "err", err)
+	}
+	return true
 }
 
 // String describes the setup for logs.
@@ -212,7 +235,9 @@ func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, 
 				cg.memory = 1
 			}
 		default:
-			m.log.Warn("sandbox: limit not enforced: no cgroup controller available", "limit", l.desc)
+			if _, seen := m.warned.LoadOrStore(l.ctrl, true); !seen {
+				m.log.Warn("sandbox: limit not enforced: no cgroup controller available (reported once)", "controller", l.ctrl, "limit", l.desc)
+			}
 		}
 	}
 	return cg, nil

@@ -2,10 +2,11 @@
 // action's command isolated from the host and from other actions.
 //
 // Each Run re-executes the current binary (/proc/self/exe) under the argv[0]
-// "actiond-sandbox-init". The package's init function recognises that name,
-// so the helper works in any binary that links this package (cmd/actiond,
-// tests, examples) without extra wiring. The helper starts as PID 1 of new
-// mount, PID, network, IPC, UTS and cgroup namespaces and:
+// "actiond-sandbox-init". An init function (in sandbox/internal/sandboxinit,
+// which this package links) recognises that name, so the helper works in any
+// binary that imports this package (cmd/actiond, tests, examples) without
+// extra wiring. The helper starts as PID 1 of new mount, PID, network, IPC,
+// UTS and cgroup namespaces and:
 //
 //   - builds a fresh root on a tmpfs: the selected runtime bound read-only,
 //     the execroot read-only at /execroot with only the output directories
@@ -22,7 +23,16 @@
 //
 // The parent places the helper in per-run cgroups (cgroup v2 controllers where
 // they are delegated, cgroup v1 otherwise) for memory, CPU and task limits,
-// enforces the timeout, and detects OOM kills.
+// enforces the timeout, detects OOM kills and, as a second line behind the
+// PID namespace, kills whatever is left in the run's cgroups. Limits apply to
+// everything in the sandbox, its init process (a few threads, a few MiB)
+// included.
+//
+// On a pure cgroup v2 host the process must be allowed to manage its own
+// cgroup (for a systemd service: Delegate=yes). If that cgroup also holds
+// processes, New moves the current process into a leaf child named
+// "actiond-supervisor" so that controllers can be enabled for the per-run
+// cgroups next to it.
 //
 // Runtimes are directory trees, usually SquashFS images mounted with
 // LoadRuntimes or MountImage, or the host's own /usr (HostRuntime).

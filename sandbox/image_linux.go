@@ -3,6 +3,7 @@ package sandbox
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -142,6 +143,13 @@ func attachLoop(image string) (*os.File, string, error) {
 		}
 		dev := "/dev/loop" + strconv.Itoa(n)
 		loop, err := os.OpenFile(dev, os.O_RDONLY, 0)
+		if errors.Is(err, fs.ErrNotExist) {
+			// A static /dev (containers) has no node for a new device.
+			const loopMajor = 7
+			if err = unix.Mknod(dev, unix.S_IFBLK|0o600, int(unix.Mkdev(loopMajor, uint32(n)))); err == nil || errors.Is(err, fs.ErrExist) {
+				loop, err = os.OpenFile(dev, os.O_RDONLY, 0)
+			}
+		}
 		if err != nil {
 			return nil, "", err
 		}

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/sandbox/internal/sandboxinit"
 )
 
 // Sandbox runs commands in per-action namespaces, roots and cgroups. It is
@@ -75,7 +76,7 @@ func New(cfg Config) (*Sandbox, error) {
 		s.names = append(s.names, rt.Name)
 	}
 	slices.Sort(s.names)
-	if _, err := seccompFilter(); err != nil {
+	if err := sandboxinit.Supported(); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 
@@ -183,10 +184,12 @@ func (s *Sandbox) Close() error {
 // Run executes spec in a fresh sandbox and returns once every process it
 // started is gone.
 //
-// Before starting, Run changes the owner of each of spec.WritableDirs (the
-// directory itself, not its contents) to the sandbox uid/gid so that the
-// action can write its outputs; with spec.WritableInputs it does the same for
-// every directory under ExecRoot. Files are never chowned or chmodded: input
+// Before starting, Run makes each of spec.WritableDirs (the directory itself,
+// not its contents) world-writable with the sticky bit, keeping its owner:
+// the action can create its outputs there but cannot remove or rename the
+// root-owned input files that may share the directory. With
+// spec.WritableInputs it gives every directory under ExecRoot to the sandbox
+// uid/gid instead. Files are never chowned or chmodded: input
 // files stay root-owned and read-only, so an action that "mutates" an input
 // can only replace it, never change a shared CAS blob in place.
 func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.RunResult, error) {
@@ -201,11 +204,12 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
-	hs := &helperSpec{
+	hs := &sandboxinit.Spec{
 		RootDir:          s.rootDir,
 		EtcDir:           s.etcDir,
-		Runtime:          rt,
+		Runtime:          sandboxinit.Runtime{Name: rt.Name, Root: rt.Root, Host: rt.Host},
 		ExecRoot:         spec.ExecRoot,
+		ExecRootMount:    executor.ExecRootMount,
 		WorkingDirectory: spec.WorkingDirectory,
 		WritableDirs:     writable,
 		WritableInputs:   spec.WritableInputs,
@@ -235,7 +239,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	return s.run(ctx, spec, hs, cg, stdout, stderr)
 }
 
-func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *helperSpec, cg *runCgroup, stdout, stderr *os.File) (*executor.RunResult, error) {
+func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxinit.Spec, cg *runCgroup, stdout, stderr *os.File) (*executor.RunResult, error) {
 	specR, specW, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -256,12 +260,12 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *helperSpe
 
 	cmd := &exec.Cmd{
 		Path:       "/proc/self/exe",
-		Args:       []string{helperArgv0},
+		Args:       []string{sandboxinit.Argv0},
 		Env:        []string{"GOMAXPROCS=1"},
 		Stdin:      devNull,
 		Stdout:     stdout,
 		Stderr:     stderr,
-		ExtraFiles: []*os.File{specR, statusW}, // fds 3 and 4 in the helper
+		ExtraFiles: []*os.File{specR, statusW}, // sandboxinit.SpecFD and StatusFD
 		SysProcAttr: &syscall.SysProcAttr{
 			Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
 				unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP,
@@ -330,18 +334,15 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *helperSpe
 	}
 	oom := cg.oomKilled()
 	switch {
-	case timedOut:
+	case timedOut && (st == nil || !st.Done):
 		res.TimedOut = true
 		res.ExitCode = 128 + int(unix.SIGKILL)
 		res.Message = fmt.Sprintf("killed: timed out after %s", spec.Timeout)
-		if st != nil && st.Error == "" && st.Done {
-			res.ExitCode = st.exitCode() // finished just as the timer fired
-		}
 		return res, nil
 	case st != nil && st.Error != "":
 		return nil, fmt.Errorf("sandbox: setting up: %s", st.Error)
-	case st != nil && st.Done:
-		res.ExitCode = st.exitCode()
+	case st != nil && st.Done: // possibly just as the timer fired
+		res.ExitCode = st.Code()
 		res.Message = st.Message
 		if st.Signal != 0 && res.Message == "" {
 			res.Message = "killed by signal " + unix.SignalName(syscall.Signal(st.Signal))
@@ -352,16 +353,20 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *helperSpe
 	default:
 		return nil, fmt.Errorf("sandbox: helper ended without a status (%v): %v", waitErr, statusErr)
 	}
-	if oom {
+	// A process killed for memory that the command survived (exit 0) does
+	// not make the action fail.
+	if oom && res.ExitCode != 0 {
 		res.OOMKilled = true
 		res.Message = "killed: exceeded memory limit of " + formatBytes(spec.Limits.MemoryBytes)
 	}
+	s.log.Debug("sandbox: ran", "argv0", spec.Args[0], "runtime", spec.Runtime, "exit", res.ExitCode,
+		"wall", res.Wall, "oom", res.OOMKilled, "enforced", res.Enforced)
 	return res, nil
 }
 
 // readStatus reads the helper's final status; the helper has exited, so this
 // never blocks for long.
-func readStatus(r *os.File) (*helperStatus, error) {
+func readStatus(r *os.File) (*sandboxinit.Status, error) {
 	_ = r.SetReadDeadline(time.Now().Add(5 * time.Second))
 	b, err := io.ReadAll(r)
 	if err != nil {
@@ -370,7 +375,7 @@ func readStatus(r *os.File) (*helperStatus, error) {
 	if len(b) == 0 {
 		return nil, errors.New("no status")
 	}
-	var st helperStatus
+	var st sandboxinit.Status
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, fmt.Errorf("decoding status: %w", err)
 	}
@@ -412,7 +417,7 @@ func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
 			return nil, fmt.Errorf("writable dir %q is not a relative path inside the execroot", d)
 		}
 		d = filepath.Clean(d)
-		if err := s.chownDir(root, d); err != nil {
+		if err := openWritableDir(root, d); err != nil {
 			return nil, err
 		}
 		dirs = append(dirs, d)
@@ -434,9 +439,9 @@ func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
 	return dirs, nil
 }
 
-// chownDir gives the sandbox user the directory rel under root, refusing
+// openWritableDir makes the directory rel under root mode 01777, refusing
 // symlinks anywhere in rel so that an input tree cannot redirect it.
-func (s *Sandbox) chownDir(root int, rel string) error {
+func openWritableDir(root int, rel string) error {
 	fd, err := unix.Openat2(root, rel, &unix.OpenHow{
 		Flags:   unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
@@ -445,8 +450,8 @@ func (s *Sandbox) chownDir(root int, rel string) error {
 		return fmt.Errorf("writable dir %q: %w", rel, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Fchown(fd, s.uid, s.gid); err != nil {
-		return fmt.Errorf("writable dir %q: chown: %w", rel, err)
+	if err := unix.Fchmod(fd, 0o1777); err != nil {
+		return fmt.Errorf("writable dir %q: chmod: %w", rel, err)
 	}
 	return nil
 }

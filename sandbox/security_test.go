@@ -6,8 +6,8 @@ import (
 	"bufio"
 	"fmt"
 	"net"
-	"os/exec"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -119,7 +119,10 @@ func TestInputsAndSystemAreReadOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	tag := fmt.Sprintf("sbtest-%d", time.Now().UnixNano())
-	script := fmt.Sprintf(`
+	// Were /tmp and /dev/shm not private, the probe files would land on the host.
+	t.Cleanup(func() { os.Remove("/tmp/" + tag); os.Remove("/dev/shm/" + tag) })
+	script := fmt.Sprintf(`# Refuse to try anything if the privilege drop failed.
+[ "$(id -u)" = 65534 ] || { echo "NOT SANDBOXED"; exit 99; }
 try() { if "$@" 2>/dev/null; then echo "ESCAPED: $*"; fi; }
 try sh -c 'echo x > in.txt'
 try sh -c 'echo x > open.txt'
@@ -193,6 +196,8 @@ cat pkg/input.txt > /tmp/copy && rm -f pkg/input.txt && echo changed > pkg/input
 func TestMountAndNamespaceCommandsFail(t *testing.T) {
 	sb := newSandbox(t)
 	script := `
+# Refuse to try anything if the privilege drop failed.
+[ "$(id -u)" = 65534 ] || { echo "NOT SANDBOXED"; exit 99; }
 try() { if "$@" 2>/dev/null; then echo "ESCAPED: $*"; fi; }
 try mount -t tmpfs x /tmp
 try unshare -r true

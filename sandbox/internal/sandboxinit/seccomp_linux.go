@@ -1,4 +1,4 @@
-package sandbox
+package sandboxinit
 
 import (
 	"fmt"
@@ -29,6 +29,13 @@ var deniedSyscalls = []uintptr{
 // with any of them fails with EPERM, like unshare.
 const cloneNamespaceFlags = unix.CLONE_NEWNS | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWUSER |
 	unix.CLONE_NEWPID | unix.CLONE_NEWNET | unix.CLONE_NEWCGROUP
+
+// Supported reports whether the sandbox can run on this architecture (it
+// needs a seccomp filter for it).
+func Supported() error {
+	_, err := seccompFilter()
+	return err
+}
 
 // auditArch is the AUDIT_ARCH_* value of the architecture this binary runs
 // as; syscalls made under any other ABI (i386, x32, arm32) are refused.

@@ -1,18 +1,14 @@
-package sandbox
+package sandboxinit
 
 import (
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/actiond/actiond/executor"
 )
-
-const execRootMount = executor.ExecRootMount
 
 // hostSystemDirs are the host directories the host runtime exposes. Each is
 // bound read-only, or recreated as a symlink where the host has one
@@ -22,12 +18,10 @@ var hostSystemDirs = []string{"/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64
 // hostEtcEntries are what the host runtime takes from the host's /etc.
 var hostEtcEntries = []string{"ld.so.cache", "alternatives"}
 
-// generatedEtcFiles replace the runtime's files of the same name.
-var generatedEtcFiles = []string{"hosts", "passwd", "group"}
-
 // ownedTopLevel are top-level names the sandbox provides itself, so a
-// directory runtime's own entries of that name are not used.
-var ownedTopLevel = map[string]bool{"dev": true, "proc": true, "sys": true, "tmp": true, "etc": true, "execroot": true}
+// directory runtime's own entries of that name are not used (nor is the
+// top-level directory of the execroot mount).
+var ownedTopLevel = map[string]bool{"dev": true, "proc": true, "sys": true, "tmp": true, "etc": true}
 
 // Mount attribute sets.
 const (
@@ -38,7 +32,7 @@ const (
 
 // buildRoot builds the action's root file system at spec.RootDir and pivots
 // into it. It runs in the helper, in the new mount namespace.
-func buildRoot(spec *helperSpec) error {
+func buildRoot(spec *Spec) error {
 	// Nothing below may propagate back to the host.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
@@ -48,15 +42,15 @@ func buildRoot(spec *helperSpec) error {
 		return err
 	}
 	steps := []func() error{
-		func() error { return mountRuntime(root, spec.Runtime) },
+		func() error { return mountRuntime(root, spec) },
 		func() error { return mountEtc(root, spec) },
 		func() error { return mountExecRoot(root, spec) },
 		func() error { return mountDev(root) },
 		func() error {
-			return mountTmpfs(filepath.Join(root, "tmp"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV)
+			return mountTmpfs(join(root, "tmp"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV)
 		},
 		func() error {
-			return mountAt(filepath.Join(root, "proc"), "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
+			return mountAt(join(root, "proc"), "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
 		},
 		func() error { return setAttr(root, false, attrReadOnly) },
 		func() error { return pivot(root) },
@@ -70,10 +64,11 @@ func buildRoot(spec *helperSpec) error {
 }
 
 // mountRuntime exposes the runtime's system directories in root.
-func mountRuntime(root string, rt Runtime) error {
+func mountRuntime(root string, spec *Spec) error {
+	rt := spec.Runtime
 	if rt.Host {
 		for _, dir := range hostSystemDirs {
-			if err := bindEntry(dir, filepath.Join(root, dir), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			if err := bindEntry(dir, join(root, dir), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return err
 			}
 		}
@@ -83,11 +78,12 @@ func mountRuntime(root string, rt Runtime) error {
 	if err != nil {
 		return fmt.Errorf("runtime %q: %w", rt.Name, err)
 	}
+	execTop, _, _ := strings.Cut(join(spec.ExecRootMount)[1:], "/")
 	for _, e := range entries {
-		if ownedTopLevel[e.Name()] {
+		if ownedTopLevel[e.Name()] || e.Name() == execTop {
 			continue
 		}
-		if err := bindEntry(filepath.Join(rt.Root, e.Name()), filepath.Join(root, e.Name()), attrReadOnly); err != nil {
+		if err := bindEntry(join(rt.Root, e.Name()), join(root, e.Name()), attrReadOnly); err != nil {
 			return fmt.Errorf("runtime %q: %w", rt.Name, err)
 		}
 	}
@@ -95,11 +91,19 @@ func mountRuntime(root string, rt Runtime) error {
 }
 
 // mountEtc provides /etc: the runtime's /etc (for the host runtime only
-// ld.so.cache and alternatives) with the generated hosts, passwd and group.
-func mountEtc(root string, spec *helperSpec) error {
-	etc := filepath.Join(root, "etc")
+// ld.so.cache and alternatives) with the files of spec.EtcDir over it.
+func mountEtc(root string, spec *Spec) error {
+	etc := join(root, "etc")
 	if err := os.Mkdir(etc, 0o755); err != nil {
 		return err
+	}
+	genEntries, err := os.ReadDir(spec.EtcDir)
+	if err != nil {
+		return fmt.Errorf("generated /etc: %w", err)
+	}
+	var generated []string
+	for _, e := range genEntries {
+		generated = append(generated, e.Name())
 	}
 	var src string
 	var names []string
@@ -107,20 +111,21 @@ func mountEtc(root string, spec *helperSpec) error {
 	case spec.Runtime.Host:
 		src, names = "/etc", hostEtcEntries
 	default:
-		src = filepath.Join(spec.Runtime.Root, "etc")
-		if hasRegularFiles(src, generatedEtcFiles) {
+		src = join(spec.Runtime.Root, "etc")
+		if hasRegularFiles(src, generated) {
 			// The common case: bind the runtime's /etc whole and the
 			// generated files over their namesakes.
 			if err := bind(src, etc, attrReadOnly); err != nil {
 				return err
 			}
-			for _, name := range generatedEtcFiles {
-				if err := bind(filepath.Join(spec.EtcDir, name), filepath.Join(etc, name), attrReadOnly); err != nil {
+			for _, name := range generated {
+				if err := bind(join(spec.EtcDir, name), join(etc, name), attrReadOnly); err != nil {
 					return err
 				}
 			}
 			return nil
 		}
+		// Otherwise build /etc entry by entry.
 		entries, err := os.ReadDir(src)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
@@ -129,18 +134,16 @@ func mountEtc(root string, spec *helperSpec) error {
 			names = append(names, e.Name())
 		}
 	}
-	generated := map[string]bool{}
-	for _, name := range generatedEtcFiles {
-		generated[name] = true
-		if err := bindEntry(filepath.Join(spec.EtcDir, name), filepath.Join(etc, name), attrReadOnly); err != nil {
+	for _, name := range generated {
+		if err := bindEntry(join(spec.EtcDir, name), join(etc, name), attrReadOnly); err != nil {
 			return err
 		}
 	}
 	for _, name := range names {
-		if generated[name] {
+		if contains(generated, name) {
 			continue
 		}
-		if err := bindEntry(filepath.Join(src, name), filepath.Join(etc, name), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := bindEntry(join(src, name), join(etc, name), attrReadOnly); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
 	}
@@ -149,7 +152,7 @@ func mountEtc(root string, spec *helperSpec) error {
 
 func hasRegularFiles(dir string, names []string) bool {
 	for _, name := range names {
-		fi, err := os.Lstat(filepath.Join(dir, name))
+		fi, err := os.Lstat(join(dir, name))
 		if err != nil || !fi.Mode().IsRegular() {
 			return false
 		}
@@ -159,9 +162,9 @@ func hasRegularFiles(dir string, names []string) bool {
 
 // mountExecRoot binds the execroot read-only (writable with WritableInputs)
 // and the writable directories over it.
-func mountExecRoot(root string, spec *helperSpec) error {
-	dst := filepath.Join(root, execRootMount)
-	if err := os.Mkdir(dst, 0o755); err != nil {
+func mountExecRoot(root string, spec *Spec) error {
+	dst := join(root, spec.ExecRootMount)
+	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return err
 	}
 	attr := uint64(attrReadOnly)
@@ -175,7 +178,7 @@ func mountExecRoot(root string, spec *helperSpec) error {
 		return nil
 	}
 	for _, d := range spec.WritableDirs {
-		if err := bind(filepath.Join(spec.ExecRoot, d), filepath.Join(dst, d), attrWritable); err != nil {
+		if err := bind(join(spec.ExecRoot, d), join(dst, d), attrWritable); err != nil {
 			return err
 		}
 	}
@@ -195,22 +198,22 @@ var devLinks = map[string]string{
 
 // mountDev builds a minimal read-only /dev with a writable /dev/shm.
 func mountDev(root string) error {
-	dev := filepath.Join(root, "dev")
+	dev := join(root, "dev")
 	if err := mountTmpfs(dev, "mode=0755,size=64k", unix.MS_NOSUID|unix.MS_NOEXEC|unix.MS_NODEV); err != nil {
 		return err
 	}
 	for _, name := range devNodes {
 		// Each bound node is its own mount, so the tmpfs's nodev does not apply to it.
-		if err := bindEntry(filepath.Join("/dev", name), filepath.Join(dev, name), attrDevice); err != nil {
+		if err := bindEntry(join("/dev", name), join(dev, name), attrDevice); err != nil {
 			return err
 		}
 	}
 	for name, target := range devLinks {
-		if err := os.Symlink(target, filepath.Join(dev, name)); err != nil {
+		if err := os.Symlink(target, join(dev, name)); err != nil {
 			return err
 		}
 	}
-	if err := mountTmpfs(filepath.Join(dev, "shm"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
+	if err := mountTmpfs(join(dev, "shm"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
 		return err
 	}
 	return setAttr(dev, false, unix.MOUNT_ATTR_RDONLY|unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NOEXEC|unix.MOUNT_ATTR_NODEV)

@@ -1,12 +1,12 @@
-package sandbox
+package sandboxinit
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -14,18 +14,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// helperArgv0 is the argv[0] under which the current binary acts as the
-// sandbox's init process instead of running its main function.
-const helperArgv0 = "actiond-sandbox-init"
+// Argv0 is the argv[0] under which a binary linking this package acts as
+// the sandbox's init process instead of running its main function.
+const Argv0 = "actiond-sandbox-init"
 
 // File descriptors the parent passes to the helper.
 const (
-	specFD   = 3 // helperSpec as JSON; EOF once the parent has set up cgroups
-	statusFD = 4 // helperStatus as JSON, written just before the helper exits
+	SpecFD   = 3 // Spec as JSON; readable once the parent has placed the helper in its cgroups
+	StatusFD = 4 // Status as JSON, written just before the helper exits
 )
 
 func init() {
-	if len(os.Args) == 0 || os.Args[0] != helperArgv0 {
+	if len(os.Args) == 0 || os.Args[0] != Argv0 {
 		return
 	}
 	// Capabilities, no_new_privs and the bounding set are per thread and are
@@ -35,22 +35,30 @@ func init() {
 	os.Exit(helperMain())
 }
 
-// helperSpec is what the parent tells the helper.
-type helperSpec struct {
-	RootDir          string // where to build the action's root (inside the new mount namespace)
-	EtcDir           string // generated hosts, passwd, group
-	Runtime          Runtime
-	ExecRoot         string
-	WorkingDirectory string
-	WritableDirs     []string // cleaned, relative to ExecRoot, parents first
-	WritableInputs   bool
-	Args             []string
-	Env              []string
-	UID, GID         int
+// Runtime is the root file system to build the action's root from.
+type Runtime struct {
+	Name string
+	Root string // directory tree; unused for the host runtime
+	Host bool   // use the host's /usr, /bin, /lib*, /sbin
 }
 
-// helperStatus is what the helper reports back.
-type helperStatus struct {
+// Spec is what the parent tells the helper.
+type Spec struct {
+	RootDir          string   // where to build the action's root (in the new mount namespace)
+	EtcDir           string   // files that replace the runtime's /etc entries of the same name
+	Runtime          Runtime  // what the root is made of
+	ExecRoot         string   // host directory of the input root
+	ExecRootMount    string   // where the command sees ExecRoot
+	WorkingDirectory string   // relative to ExecRootMount
+	WritableDirs     []string // cleaned, relative to ExecRoot, parents first
+	WritableInputs   bool     // the whole execroot is writable
+	Args             []string // argv
+	Env              []string // the complete environment
+	UID, GID         int      // the command's ids
+}
+
+// Status is what the helper reports back.
+type Status struct {
 	Error    string `json:"error,omitempty"`   // the sandbox could not be set up
 	Done     bool   `json:"done,omitempty"`    // the command ran (or failed to exec) and ended
 	ExitCode int    `json:"exit_code"`         // its exit status, when it exited
@@ -59,7 +67,8 @@ type helperStatus struct {
 	WallNS   int64  `json:"wall_ns,omitempty"` // how long it ran
 }
 
-func (st *helperStatus) exitCode() int {
+// Code is the command's exit code, 128+N for death by signal N.
+func (st *Status) Code() int {
 	if st.Signal != 0 {
 		return 128 + st.Signal
 	}
@@ -67,9 +76,9 @@ func (st *helperStatus) exitCode() int {
 }
 
 func helperMain() int {
-	status := os.NewFile(statusFD, "status")
+	status := os.NewFile(StatusFD, "status")
 	if os.Getpid() != 1 {
-		fmt.Fprintf(os.Stderr, "%s: internal helper of the actiond sandbox; not for direct use\n", helperArgv0)
+		fmt.Fprintf(os.Stderr, "%s: internal helper of the actiond sandbox; not for direct use\n", Argv0)
 		return 125
 	}
 	st := runHelper()
@@ -79,13 +88,13 @@ func helperMain() int {
 	if st.Error != "" {
 		return 125
 	}
-	return st.exitCode()
+	return st.Code()
 }
 
-func runHelper() *helperStatus {
-	fail := func(err error) *helperStatus { return &helperStatus{Error: err.Error()} }
-	var spec helperSpec
-	specFile := os.NewFile(specFD, "spec")
+func runHelper() *Status {
+	fail := func(err error) *Status { return &Status{Error: err.Error()} }
+	var spec Spec
+	specFile := os.NewFile(SpecFD, "spec")
 	if err := json.NewDecoder(specFile).Decode(&spec); err != nil {
 		return fail(fmt.Errorf("reading spec: %w", err))
 	}
@@ -100,13 +109,13 @@ func runHelper() *helperStatus {
 	if err := buildRoot(&spec); err != nil {
 		return fail(err)
 	}
-	wd := filepath.Join(execRootMount, spec.WorkingDirectory)
+	wd := join(spec.ExecRootMount, spec.WorkingDirectory)
 	if err := unix.Chdir(wd); err != nil {
 		return fail(fmt.Errorf("working directory %s: %w", wd, err))
 	}
 	path, err := lookPath(spec.Args[0], spec.Env)
 	if err != nil {
-		return &helperStatus{Done: true, ExitCode: 127, Message: err.Error()}
+		return &Status{Done: true, ExitCode: 127, Message: err.Error()}
 	}
 	if err := dropPrivileges(); err != nil {
 		return fail(err)
@@ -123,7 +132,7 @@ func runHelper() *helperStatus {
 	})
 	if err != nil {
 		if code, ok := execFailureCode(err); ok {
-			return &helperStatus{Done: true, ExitCode: code, Message: fmt.Sprintf("cannot run %s: %v", spec.Args[0], err)}
+			return &Status{Done: true, ExitCode: code, Message: fmt.Sprintf("cannot run %s: %v", spec.Args[0], err)}
 		}
 		return fail(fmt.Errorf("starting %s: %w", spec.Args[0], err))
 	}
@@ -131,7 +140,7 @@ func runHelper() *helperStatus {
 	if err != nil {
 		return fail(err)
 	}
-	st := &helperStatus{Done: true, WallNS: int64(time.Since(start))}
+	st := &Status{Done: true, WallNS: int64(time.Since(start))}
 	if ws.Signaled() {
 		st.Signal = int(ws.Signal())
 	} else {
@@ -184,15 +193,12 @@ func lookPath(file string, env []string) (string, error) {
 			path, found = v, true
 		}
 	}
-	for _, dir := range filepath.SplitList(path) {
+	for _, dir := range strings.Split(path, ":") {
 		if dir == "" {
 			dir = "."
 		}
-		p := filepath.Join(dir, file)
+		p := strings.TrimSuffix(dir, "/") + "/" + file // relative entries stay relative
 		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
-			if !filepath.IsAbs(p) {
-				p = "./" + p
-			}
 			return p, nil
 		}
 	}
@@ -254,8 +260,58 @@ func dropPrivileges() error {
 	if err := installSeccomp(); err != nil {
 		return err
 	}
-	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
+	return closeOnExec()
+}
+
+// closeOnExec marks every descriptor above 2 close-on-exec, so the command
+// inherits only stdin, stdout and stderr while the helper keeps its status
+// pipe.
+func closeOnExec() error {
+	err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EINVAL) {
 		return fmt.Errorf("close_range: %w", err)
 	}
+	// Before Linux 5.11: one by one.
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("listing descriptors: %w", err)
+	}
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.CloseOnExec(fd) // fails only for the directory's own, already closed, descriptor
+		}
+	}
 	return nil
+}
+
+// join joins absolute path elements with single slashes. It avoids
+// path/filepath, which Go initialises only after most of a large binary
+// (see the package comment). The parent validated the elements: none
+// contains "..".
+func join(elem ...string) string {
+	var b strings.Builder
+	for _, e := range elem {
+		for _, part := range strings.Split(e, "/") {
+			if part != "" && part != "." {
+				b.WriteByte('/')
+				b.WriteString(part)
+			}
+		}
+	}
+	if b.Len() == 0 {
+		return "/"
+	}
+	return b.String()
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }
