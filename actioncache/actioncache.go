@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/actiond/actiond/cas"
@@ -104,6 +105,9 @@ func (c *BoltCache) Put(_ context.Context, action cas.Digest, result *repb.Actio
 	if err := c.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucket).Put(key(action), data)
 	}); err != nil {
+		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+			return fmt.Errorf("store result of %s: %w: %w", action, cas.ErrNoSpace, err)
+		}
 		return fmt.Errorf("store result of %s: %w", action, err)
 	}
 	return nil

@@ -61,10 +61,11 @@ func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServ
 	defer func() { b.stats.add(0, sent) }()
 	if res.Compression == Zstd {
 		pr, pw := io.Pipe()
+		plain := src // src is replaced by the compressed stream below
 		go func() {
 			enc, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
 			if err == nil {
-				_, err = io.Copy(enc, src)
+				_, err = io.Copy(enc, plain)
 				if cerr := enc.Close(); err == nil {
 					err = cerr
 				}

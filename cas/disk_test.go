@@ -326,6 +326,51 @@ func TestDiskWriter(t *testing.T) {
 	assertTmpEmpty(t, s)
 }
 
+// TestDiskWriterLarge covers the pipelined path of large uploads: odd
+// chunk sizes, content, abort mid-way, mismatch detected at Commit.
+func TestDiskWriterLarge(t *testing.T) {
+	for _, fsync := range []bool{true, false} {
+		s := newStore(t, "", WithFsync(fsync))
+		data := blob(7, 9<<20+13)
+		d := DigestOf(data)
+		w, err := s.NewWriter(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for off, step := 0, 1; off < len(data); step = step*3 + 1 {
+			n := min(step%(3<<20)+1, len(data)-off)
+			if _, err := w.Write(data[off : off+n]); err != nil {
+				t.Fatal(err)
+			}
+			off += n
+		}
+		if err := w.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(get(t, s, d, 0), data) || !bytes.Equal(get(t, s, d, 5<<20), data[5<<20:]) {
+			t.Fatal("content differs")
+		}
+		// Abort half way.
+		other := blob(8, 6<<20)
+		w, _ = s.NewWriter(DigestOf(other))
+		w.Write(other[:3<<20+5])
+		w.Abort()
+		w.Abort()
+		// Wrong data, found at Commit.
+		wrong := append([]byte{}, other...)
+		wrong[4<<20] ^= 1
+		w, _ = s.NewWriter(DigestOf(other))
+		w.Write(wrong)
+		if err := w.Commit(); !errors.Is(err, ErrDigestMismatch) {
+			t.Fatalf("Commit of wrong data = %v", err)
+		}
+		if present(t, s, DigestOf(other)) {
+			t.Fatal("stored")
+		}
+		assertTmpEmpty(t, s)
+	}
+}
+
 func TestDiskLRUEviction(t *testing.T) {
 	s := newStore(t, "", WithMaxSize(300))
 	a := put(t, s, blob(1, 100))
@@ -662,6 +707,9 @@ func TestDiskPutBatch(t *testing.T) {
 			s := newStore(t, "", WithFsync(fsync))
 			old := put(t, s, blob(0, 10))
 			var blobs []Blob
+			// A digest sent twice, first with the wrong data.
+			dupData := blob(99, 99)
+			blobs = append(blobs, Blob{DigestOf(dupData), blob(98, 99)}, Blob{DigestOf(dupData), dupData})
 			for i := 1; i <= 50; i++ {
 				data := blob(i, i*10)
 				blobs = append(blobs, Blob{DigestOf(data), data})
@@ -670,13 +718,13 @@ func TestDiskPutBatch(t *testing.T) {
 				Blob{blobs[3].Digest, blobs[3].Data}, // duplicate
 				Blob{old, blob(0, 10)},               // already stored
 				Blob{EmptyDigest, nil},
-				Blob{blobs[5].Digest, blobs[6].Data}, // mismatch
+				Blob{blobs[5].Digest, blobs[6].Data}, // mismatch (same size)
 				Blob{Digest{"xyz", 3}, []byte("xyz")},
 			)
 			errs := s.PutBatch(ctx, blobs)
 			for i, err := range errs {
 				switch i {
-				case len(blobs) - 2:
+				case 0, len(blobs) - 2:
 					if !errors.Is(err, ErrDigestMismatch) {
 						t.Errorf("mismatch: %v", err)
 					}
@@ -690,12 +738,12 @@ func TestDiskPutBatch(t *testing.T) {
 					}
 				}
 			}
-			for _, b := range blobs[:50] {
+			for _, b := range blobs[1:52] {
 				if !bytes.Equal(get(t, s, b.Digest, 0), b.Data) {
 					t.Fatalf("blob %v differs", b.Digest)
 				}
 			}
-			if st := s.Stats(); st.Blobs != 51 {
+			if st := s.Stats(); st.Blobs != 52 {
 				t.Fatalf("Stats = %+v", st)
 			}
 			assertTmpEmpty(t, s)

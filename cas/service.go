@@ -144,9 +144,20 @@ func (s *Service) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlo
 	if err != nil {
 		return nil, ToStatus(err)
 	}
+	// Answer with the request's own messages: the store returns the
+	// missing digests in request order, so one pass pairs them up.
 	resp := &repb.FindMissingBlobsResponse{MissingBlobDigests: make([]*repb.Digest, len(missing))}
+	j := 0
 	for i, d := range missing {
-		resp.MissingBlobDigests[i] = d.Proto()
+		for j < len(ds) && ds[j] != d {
+			j++
+		}
+		if j < len(ds) {
+			resp.MissingBlobDigests[i] = req.BlobDigests[j]
+			j++
+		} else {
+			resp.MissingBlobDigests[i] = d.Proto()
+		}
 	}
 	return resp, nil
 }

@@ -11,7 +11,8 @@ import (
 // Implementations must be safe for concurrent use and must never return a
 // blob whose content does not match its digest.
 type Store interface {
-	// FindMissing returns the digests in ds that the store does not hold.
+	// FindMissing returns the digests in ds that the store does not hold,
+	// in the order of ds.
 	FindMissing(ctx context.Context, ds []Digest) ([]Digest, error)
 	// Get opens a blob for reading from offset. A missing blob is an error
 	// wrapping ErrNotFound.

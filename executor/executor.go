@@ -233,19 +233,16 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	}()
 	execRoot := filepath.Join(stage, "root")
 	inputRoot := e.opts.InputRoot
-	if plat.MutatesInputs {
-		inputRoot = CopyInputRoot{Store: e.opts.Store}
-	}
-	cleanup, err := inputRoot.Stage(ctx, tree, execRoot)
+	staged, err := stageInputs(ctx, inputRoot, e.opts.Store, tree, execRoot, plat.MutatesInputs)
 	if err != nil {
 		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
 	}
 	defer func() {
-		if err := cleanup(); err != nil {
+		if err := staged.Cleanup(); err != nil {
 			e.log.Warn("clean up input root", "dir", execRoot, "err", err)
 		}
 	}()
-	if plat.MutatesInputs {
+	if plat.MutatesInputs && !staged.SelfProtected {
 		if err := makeWritable(execRoot); err != nil {
 			return nil, err
 		}
@@ -253,6 +250,11 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	writable, err := prepareOutputDirs(execRoot, wd, outs, tree)
 	if err != nil {
 		return nil, err
+	}
+	if staged.SelfProtected {
+		// The root refuses what the command may not do itself, and it can
+		// only see (and report) attempts that reach it.
+		writable = append([]string{"."}, writable...)
 	}
 	md.InputFetchCompletedTimestamp = timestamppb.Now()
 
@@ -269,7 +271,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 		ExecRoot:         execRoot,
 		WorkingDirectory: wd,
 		WritableDirs:     writable,
-		WritableInputs:   plat.MutatesInputs,
+		WritableInputs:   plat.MutatesInputs && !staged.SelfProtected,
 		Args:             command.Arguments,
 		Env:              envList(command.EnvironmentVariables),
 		Runtime:          plat.Runtime,
@@ -293,7 +295,14 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	md.OutputUploadStartTimestamp = timestamppb.Now()
 	result := &repb.ActionResult{ExitCode: int32(run.ExitCode), ExecutionMetadata: md}
 	var outDigests []cas.Digest
-	collectErr := e.collectOutputs(ctx, execRoot, wd, outs, result, &outDigests)
+	var refused []string
+	if staged.Report != nil {
+		refused = staged.Report()
+	}
+	if len(refused) > 0 && run.ExitCode != 0 {
+		appendLines(spec.StderrPath, refused)
+	}
+	collectErr := e.collectOutputs(ctx, execRoot, wd, outs, staged.OutputPath, result, &outDigests)
 	for _, s := range []struct {
 		path string
 		set  func(*repb.Digest)
@@ -319,11 +328,18 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 
 	resp := &repb.ExecuteResponse{Result: result}
 	logText := e.serverLog(req, plat, inputRoot.Name(), tree, run)
+	if len(refused) > 0 {
+		logText += strings.Join(refused, "\n") + "\n"
+	}
 	if d, err := e.putBytes(ctx, []byte(logText)); err == nil {
 		resp.ServerLogs = map[string]*repb.LogFile{"sandbox": {Digest: d.Proto(), HumanReadable: true}}
 	}
 	if run.Message != "" {
 		resp.Message = run.Message
+	}
+	if len(refused) > 0 {
+		resp.Message = strings.TrimSpace(resp.Message + "\n" + strings.Join(refused, "\n"))
+		e.log.Info("action was refused input changes", "action", req.ActionDigest.String(), "refused", refused)
 	}
 	if collectErr != nil {
 		return resp, collectErr
@@ -383,6 +399,36 @@ func envList(vars []*repb.Command_EnvironmentVariable) []string {
 		env = append(env, v.Name+"="+v.Value)
 	}
 	return env
+}
+
+// stageInputs stages tree at execRoot through ir, with the options when ir
+// takes them; otherwise mutates_inputs gets a private copy of the inputs.
+func stageInputs(ctx context.Context, ir InputRoot, store cas.Store, tree *InputTree, execRoot string, mutatesInputs bool) (*StagedRoot, error) {
+	if oir, ok := ir.(OptionsInputRoot); ok {
+		return oir.StageWithOptions(ctx, tree, execRoot, StageOptions{MutatesInputs: mutatesInputs})
+	}
+	if mutatesInputs {
+		ir = CopyInputRoot{Store: store}
+	}
+	cleanup, err := ir.Stage(ctx, tree, execRoot)
+	if err != nil {
+		return nil, err
+	}
+	return &StagedRoot{Cleanup: cleanup}, nil
+}
+
+// appendLines adds lines to the end of a host file (the command's stderr),
+// best effort.
+func appendLines(path string, lines []string) {
+	if path == "" {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	f.WriteString(strings.Join(lines, "\n") + "\n")
 }
 
 // makeWritable opens a copied input tree to the sandbox user (mutates_inputs).

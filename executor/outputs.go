@@ -111,7 +111,9 @@ func mkdirNoFollow(root, rel string) error {
 }
 
 // collectOutputs moves the declared outputs into the CAS and fills result.
-func (e *Executor) collectOutputs(ctx context.Context, execRoot, wd string, outs []output, result *repb.ActionResult, digests *[]cas.Digest) error {
+// physical, if set, maps a regular file's path relative to execRoot to the
+// file holding its bytes (see StagedRoot.OutputPath).
+func (e *Executor) collectOutputs(ctx context.Context, execRoot, wd string, outs []output, physical func(string) string, result *repb.ActionResult, digests *[]cas.Digest) error {
 	for _, o := range outs {
 		rel := path.Join(wd, o.path)
 		host := filepath.Join(execRoot, rel)
@@ -143,7 +145,7 @@ func (e *Executor) collectOutputs(ctx context.Context, execRoot, wd string, outs
 			if o.kind == outputDir {
 				return &InvalidInputError{Msg: fmt.Sprintf("output directory %q is a regular file", o.path)}
 			}
-			d, err := e.opts.Store.PutFile(ctx, host)
+			d, err := e.opts.Store.PutFile(ctx, physicalPath(physical, rel, host))
 			if err != nil {
 				return fmt.Errorf("store output %q: %w", o.path, err)
 			}
@@ -155,7 +157,7 @@ func (e *Executor) collectOutputs(ctx context.Context, execRoot, wd string, outs
 			if o.kind == outputFile {
 				return &InvalidInputError{Msg: fmt.Sprintf("output file %q is a directory", o.path)}
 			}
-			td, err := e.storeTree(ctx, host, rel, digests)
+			td, err := e.storeTree(ctx, host, rel, physical, digests)
 			if err != nil {
 				return fmt.Errorf("output directory %q: %w", o.path, err)
 			}
@@ -200,8 +202,19 @@ func checkSymlink(rel, target string) error {
 	return nil
 }
 
+// physicalPath is where the output file rel (host under the execroot)
+// can be moved into the CAS from.
+func physicalPath(physical func(string) string, rel, host string) string {
+	if physical != nil {
+		if p := physical(rel); p != "" {
+			return p
+		}
+	}
+	return host
+}
+
 // storeTree moves a directory's files into the CAS and stores its Tree.
-func (e *Executor) storeTree(ctx context.Context, host, rel string, digests *[]cas.Digest) (cas.Digest, error) {
+func (e *Executor) storeTree(ctx context.Context, host, rel string, physical func(string) string, digests *[]cas.Digest) (cas.Digest, error) {
 	tree := &repb.Tree{}
 	children := map[cas.Digest]*repb.Directory{}
 	var order []cas.Digest
@@ -230,7 +243,7 @@ func (e *Executor) storeTree(ctx context.Context, host, rel string, digests *[]c
 				}
 				dir.Symlinks = append(dir.Symlinks, &repb.SymlinkNode{Name: ent.Name(), Target: target})
 			case fi.Mode().IsRegular():
-				d, err := e.opts.Store.PutFile(ctx, p)
+				d, err := e.opts.Store.PutFile(ctx, physicalPath(physical, r, p))
 				if err != nil {
 					return nil, err
 				}

@@ -1,6 +1,8 @@
 // Command actiond runs a Bazel Remote Execution API worker and cache.
 //
 //	actiond serve      worker+cache on this Linux host
+//	actiond serve-vm   worker+cache inside a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
+//	actiond guest      the VM guest's init (PID 1); not for direct use
 //	actiond version    print the version
 package main
 
@@ -16,6 +18,8 @@ func usage() {
 
 commands:
   serve     serve the REAPI cache (and executor) on this host
+  serve-vm  serve from a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
+  guest     run as the VM guest's init (PID 1); started by serve-vm's payload
   version   print the version
 
 Run "actiond <command> -h" for a command's flags.
@@ -31,6 +35,10 @@ func main() {
 	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
 	case "serve":
 		err = runServe(args)
+	case "serve-vm":
+		err = runServeVM(args)
+	case "guest":
+		err = runGuest(args)
 	case "version", "--version", "-version":
 		fmt.Println("actiond", actiond.Version)
 	case "help", "-h", "--help":

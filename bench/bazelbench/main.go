@@ -1,0 +1,415 @@
+// Command bazelbench times Bazel 4.2.3 builds of the test workspace
+// (testdata/bazel) executed remotely by actiond against the same builds
+// with Bazel's own linux-sandbox strategy, side by side in one run:
+//
+//   - genrules: 200 trivial genrules (//trivial), per-action wall time
+//     (build wall / 200) with --jobs=1 (the per-action cost) and with the
+//     default --jobs; each run uses a new --define=SALT so that every
+//     action executes again; the analysis is done by an untimed --nobuild
+//     first, so the timed build is (almost) only execution;
+//   - stress: //:agg (genrules, cc_binary/cc_test, tree artifacts, a
+//     2,049-input action, ...) after `bazel clean`: cold with
+//     --spawn_strategy=linux-sandbox, cold with --remote_executor against
+//     an actiond on a fresh root, and the warm rebuild (all remote cache
+//     hits) after another clean; --spawn_strategy=local for reference.
+//
+// Strategies take turns within each round, so load changes on the machine
+// affect them alike. Every build passes --nosandbox_debug (Debian's
+// /etc/bazel/bazelrc turns sandbox_debug on). Medians over --runs.
+//
+// Usage (as root): go run ./bench/bazelbench --actiond /path/to/actiond [--runs 3] [--json out.json]
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/actiond/actiond/bench/internal/benchutil"
+)
+
+// trivialCount is N in testdata/bazel/trivial/BUILD.
+const trivialCount = 200
+
+func main() {
+	actiond := flag.String("actiond", "", "actiond binary (required)")
+	serverArgs := flag.String("server-args", "", "extra `actiond serve` flags (space-separated)")
+	wsSrc := flag.String("workspace", "", "the test workspace (default: testdata/bazel of this module)")
+	runs := flag.Int("runs", 3, "runs per measurement (median reported)")
+	only := flag.String("only", "", "run only this part: genrules or stress")
+	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
+	keep := flag.Bool("keep", false, "keep the temporary directory (workspace, output base, server roots)")
+	flag.Parse()
+	b := &bench{actiond: *actiond, serverArgs: strings.Fields(*serverArgs), runs: *runs, keep: *keep}
+	if err := b.main(*wsSrc, *only, *jsonOut); err != nil {
+		fmt.Fprintln(os.Stderr, "bazelbench:", err)
+		os.Exit(1)
+	}
+}
+
+type bench struct {
+	actiond    string
+	serverArgs []string
+	runs       int
+	keep       bool
+	tmp        string
+	ws         string
+	our        string
+	nServers   int
+}
+
+// Result is the JSON output; durations in milliseconds.
+type Result struct {
+	Load     string        `json:"load_before"`
+	Genrules []Measurement `json:"genrules,omitempty"`
+	Stress   []Measurement `json:"stress,omitempty"`
+}
+
+// Measurement is one timed configuration.
+type Measurement struct {
+	Name     string    `json:"name"`
+	Runs     []float64 `json:"runs_ms"`
+	MedianMs float64   `json:"median_ms"`
+	// PerAction is MedianMs / trivialCount for the genrules.
+	PerActionMs float64        `json:"per_action_ms,omitempty"`
+	Processes   map[string]int `json:"processes,omitempty"`
+}
+
+func (b *bench) main(wsSrc, only, jsonOut string) error {
+	if b.actiond == "" {
+		return errors.New("--actiond is required")
+	}
+	if b.runs <= 0 {
+		return errors.New("--runs must be positive")
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (actiond executes actions in its sandbox only as root)")
+	}
+	if wsSrc == "" {
+		root, err := moduleRoot()
+		if err != nil {
+			return err
+		}
+		wsSrc = filepath.Join(root, "testdata", "bazel")
+	}
+	var err error
+	if b.tmp, err = os.MkdirTemp("", "bazelbench-"); err != nil {
+		return err
+	}
+	b.ws = filepath.Join(b.tmp, "ws")
+	b.our = filepath.Join(b.tmp, "our")
+	defer func() {
+		b.bazel("shutdown")
+		if b.keep {
+			fmt.Println("kept", b.tmp)
+			return
+		}
+		makeDirsWritable(b.tmp)
+		os.RemoveAll(b.tmp)
+	}()
+	if err := copyWorkspace(wsSrc, b.ws); err != nil {
+		return err
+	}
+	res := Result{Load: benchutil.Load()}
+	fmt.Printf("bazelbench: %d runs per measurement, workspace copy in %s (load before: %s)\n", b.runs, b.ws, res.Load)
+	// Start the Bazel server and warm it up (JIT, loading of the packages).
+	if _, err := b.bazel("build", "--nobuild", "//:agg"); err != nil {
+		return err
+	}
+	if only == "" || only == "genrules" {
+		if res.Genrules, err = b.genrules(); err != nil {
+			return err
+		}
+	}
+	if only == "" || only == "stress" {
+		if res.Stress, err = b.stress(); err != nil {
+			return err
+		}
+	}
+	return benchutil.WriteJSON(jsonOut, res)
+}
+
+// bazel runs one Bazel command in the workspace and returns its output.
+func (b *bench) bazel(args ...string) (string, error) {
+	startup := []string{"--output_user_root=" + b.our, "--nohome_rc", "--max_idle_secs=300"}
+	cmd := exec.Command("bazel", append(startup, args...)...)
+	cmd.Dir = b.ws
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("bazel %s: %v\n%s", strings.Join(args, " "), err, tail(string(out), 4000))
+	}
+	return string(out), nil
+}
+
+// timedBuild runs `bazel build args...` and returns its wall time and
+// process summary, checking that every non-internal process used the
+// expected strategy ("linux-sandbox", "remote", "remote cache hit", "local").
+func (b *bench) timedBuild(want string, args ...string) (time.Duration, map[string]int, error) {
+	start := time.Now()
+	out, err := b.bazel(append([]string{"build"}, args...)...)
+	took := time.Since(start)
+	if err != nil {
+		return 0, nil, err
+	}
+	p := parseProcesses(out)
+	if p == nil || p[want] == 0 || p[want] != p["total"]-p["internal"] {
+		return 0, nil, fmt.Errorf("bazel build %s: want every non-internal process to be %q, got %v", strings.Join(args, " "), want, p)
+	}
+	return took, p, nil
+}
+
+func (b *bench) startServer() (*benchutil.Server, error) {
+	b.nServers++
+	return benchutil.StartServer(b.actiond, filepath.Join(b.tmp, fmt.Sprintf("actiond-root-%d", b.nServers)), b.serverArgs...)
+}
+
+func remoteFlags(addr string) []string {
+	return []string{"--remote_executor=grpc://" + addr, "--spawn_strategy=remote", "--remote_local_fallback=false", "--remote_timeout=300", "--nosandbox_debug"}
+}
+
+var sandboxFlags = []string{"--spawn_strategy=linux-sandbox", "--nosandbox_debug"}
+
+// genrules times the 200 trivial genrules per strategy and --jobs.
+func (b *bench) genrules() ([]Measurement, error) {
+	srv, err := b.startServer()
+	if err != nil {
+		return nil, err
+	}
+	defer srv.Stop()
+	type config struct {
+		name, want string
+		flags      []string
+	}
+	var configs []config
+	for _, jobs := range []string{"1", ""} {
+		suffix, jobFlags := ", --jobs=1", []string{"--jobs=1"}
+		if jobs == "" {
+			suffix, jobFlags = ", default --jobs", nil
+		}
+		configs = append(configs,
+			config{"linux-sandbox" + suffix, "linux-sandbox", append(append([]string{}, sandboxFlags...), jobFlags...)},
+			config{"actiond remote" + suffix, "remote", append(remoteFlags(srv.Addr), jobFlags...)})
+	}
+	ms := make([]Measurement, len(configs))
+	for i, c := range configs {
+		ms[i].Name = fmt.Sprintf("%d trivial genrules, %s", trivialCount, c.name)
+	}
+	salt := time.Now().UnixNano()
+	for run := 0; run <= b.runs; run++ { // run 0 warms up
+		for i, c := range configs {
+			salt++
+			define := "--define=SALT=" + strconv.FormatInt(salt, 36)
+			if _, err := b.bazel(append(append([]string{"build", "--nobuild"}, c.flags...), define, "//trivial")...); err != nil {
+				return nil, err
+			}
+			took, p, err := b.timedBuild(c.want, append(append([]string{}, c.flags...), define, "//trivial")...)
+			if err != nil {
+				return nil, err
+			}
+			if p[c.want] != trivialCount {
+				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, trivialCount)
+			}
+			if run > 0 {
+				ms[i].Runs = append(ms[i].Runs, benchutil.Ms(took))
+				ms[i].Processes = p
+			}
+		}
+	}
+	fmt.Println("trivial genrules (wall of the build after an untimed analysis; per action = wall / N):")
+	for i := range ms {
+		ms[i].MedianMs = median(ms[i].Runs)
+		ms[i].PerActionMs = ms[i].MedianMs / trivialCount
+		fmt.Printf("  %-52s median %8.0f ms  per action %6.2f ms  runs %v\n", ms[i].Name, ms[i].MedianMs, ms[i].PerActionMs, roundAll(ms[i].Runs))
+	}
+	return ms, nil
+}
+
+// stress times //:agg: local, linux-sandbox, remote cold (fresh actiond
+// root), remote warm (after clean, against the same actiond).
+func (b *bench) stress() ([]Measurement, error) {
+	names := []string{"//:agg local (reference)", "//:agg linux-sandbox", "//:agg actiond remote, cold (fresh root)", "//:agg actiond remote, warm (all cache hits)"}
+	ms := make([]Measurement, len(names))
+	for i, n := range names {
+		ms[i].Name = n
+	}
+	record := func(i int, took time.Duration, p map[string]int) {
+		ms[i].Runs = append(ms[i].Runs, benchutil.Ms(took))
+		ms[i].Processes = p
+	}
+	// Each timed build follows `bazel clean` and an untimed analysis.
+	build := func(want string, flags ...string) (time.Duration, map[string]int, error) {
+		if _, err := b.bazel("clean"); err != nil {
+			return 0, nil, err
+		}
+		if _, err := b.bazel(append(append([]string{"build", "--nobuild"}, flags...), "//:agg")...); err != nil {
+			return 0, nil, err
+		}
+		return b.timedBuild(want, append(flags, "//:agg")...)
+	}
+	for run := 0; run < b.runs; run++ {
+		took, p, err := build("local", "--spawn_strategy=local", "--nosandbox_debug")
+		if err != nil {
+			return nil, err
+		}
+		record(0, took, p)
+		if took, p, err = build("linux-sandbox", sandboxFlags...); err != nil {
+			return nil, err
+		}
+		record(1, took, p)
+		srv, err := b.startServer()
+		if err != nil {
+			return nil, err
+		}
+		if took, p, err = build("remote", remoteFlags(srv.Addr)...); err != nil {
+			srv.Stop()
+			return nil, err
+		}
+		record(2, took, p)
+		took, p, err = build("remote cache hit", remoteFlags(srv.Addr)...)
+		srv.Stop()
+		if err != nil {
+			return nil, err
+		}
+		record(3, took, p)
+		os.RemoveAll(srv.Root)
+	}
+	fmt.Println("stress workspace //:agg after bazel clean (wall of the build after an untimed analysis):")
+	for i := range ms {
+		ms[i].MedianMs = median(ms[i].Runs)
+		fmt.Printf("  %-52s median %8.0f ms  runs %v  %v\n", ms[i].Name, ms[i].MedianMs, roundAll(ms[i].Runs), ms[i].Processes)
+	}
+	fmt.Printf("  remote cold / linux-sandbox = %.2f\n", ms[2].MedianMs/ms[1].MedianMs)
+	return ms, nil
+}
+
+func median(v []float64) float64 {
+	d := make([]time.Duration, len(v))
+	for i, x := range v {
+		d[i] = time.Duration(x * 1e6)
+	}
+	return benchutil.Ms(benchutil.Median(d))
+}
+
+func roundAll(v []float64) []int {
+	r := make([]int, len(v))
+	for i, x := range v {
+		r[i] = int(x + 0.5)
+	}
+	return r
+}
+
+var processesRE = regexp.MustCompile(`(?m)^INFO: ([0-9,]+) process(?:es)?(?::\s*(.*?))?\.\s*$`)
+
+// parseProcesses parses Bazel's last "INFO: N processes: ..." line (as
+// e2e.ParseProcesses does).
+func parseProcesses(output string) map[string]int {
+	ms := processesRE.FindAllStringSubmatch(output, -1)
+	if len(ms) == 0 {
+		return nil
+	}
+	m := ms[len(ms)-1]
+	total, err := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
+	if err != nil {
+		return nil
+	}
+	res := map[string]int{"total": total}
+	for _, part := range strings.Split(m[2], ", ") {
+		num, kind, ok := strings.Cut(strings.TrimSpace(part), " ")
+		if !ok {
+			continue
+		}
+		if n, err := strconv.Atoi(strings.ReplaceAll(num, ",", "")); err == nil {
+			res[kind] += n
+		}
+	}
+	return res
+}
+
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the working directory; pass --workspace")
+		}
+		dir = parent
+	}
+}
+
+// copyWorkspace copies src to dst, leaving out bazel-* symlinks and
+// many/inputs, and runs gen_inputs.sh in the copy.
+func copyWorkspace(src, dst string) error {
+	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, path)
+		if strings.HasPrefix(rel, "bazel-") && !strings.Contains(rel, "/") || rel == filepath.Join("many", "inputs") {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		target := filepath.Join(dst, rel)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(target, 0o755)
+		case d.Type()&fs.ModeSymlink != 0:
+			link, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			return os.Symlink(link, target)
+		default:
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(target, data, info.Mode().Perm()); err != nil {
+				return err
+			}
+			return os.Chmod(target, info.Mode().Perm())
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("copying the workspace: %w", err)
+	}
+	if out, err := exec.Command("/bin/sh", filepath.Join(dst, "gen_inputs.sh"), dst).CombinedOutput(); err != nil {
+		return fmt.Errorf("gen_inputs.sh: %v\n%s", err, out)
+	}
+	return nil
+}
+
+func makeDirsWritable(root string) {
+	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
+		if err == nil && info.IsDir() && info.Mode().Perm()&0o200 == 0 {
+			os.Chmod(p, info.Mode().Perm()|0o700)
+		}
+		return nil
+	})
+}
+
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "...\n" + s[len(s)-n:]
+}

@@ -1,0 +1,142 @@
+// Command summary prints the Markdown summary table of a bench/run.sh
+// results directory: execlatency.json, staging.txt (go test -bench output of
+// BenchmarkStageInputs) and bazel.json, each optional.
+//
+// Usage: go run ./bench/summary DIR
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+type stats struct {
+	Name string  `json:"name"`
+	N    int     `json:"n"`
+	P50  float64 `json:"p50_ms"`
+	P95  float64 `json:"p95_ms"`
+	Mean float64 `json:"mean_ms"`
+}
+
+type execLatency struct {
+	Load    string  `json:"load_before"`
+	Subject []stats `json:"subjects"`
+	Phases  []stats `json:"actiond_phases"`
+}
+
+type measurement struct {
+	Name        string    `json:"name"`
+	Runs        []float64 `json:"runs_ms"`
+	MedianMs    float64   `json:"median_ms"`
+	PerActionMs float64   `json:"per_action_ms"`
+}
+
+type bazelResult struct {
+	Load     string        `json:"load_before"`
+	Genrules []measurement `json:"genrules"`
+	Stress   []measurement `json:"stress"`
+}
+
+func main() {
+	if len(os.Args) != 2 {
+		fmt.Fprintln(os.Stderr, "usage: summary DIR")
+		os.Exit(2)
+	}
+	dir := os.Args[1]
+	fmt.Println("| measurement | actiond | Bazel linux-sandbox | actiond / sandbox | goal |")
+	fmt.Println("|---|---:|---:|---:|---|")
+
+	var el execLatency
+	if readJSON(filepath.Join(dir, "execlatency.json"), &el) {
+		find := func(prefix string) *stats {
+			for i := range el.Subject {
+				if strings.HasPrefix(el.Subject[i].Name, prefix) {
+					return &el.Subject[i]
+				}
+			}
+			return nil
+		}
+		a, s := find("actiond"), find("linux-sandbox (")
+		if a != nil && s != nil {
+			row(fmt.Sprintf("trivial action latency p50 (n=%d, load %s)", a.N, el.Load), a.P50, s.P50, "ms", fmt.Sprintf("≤ 5 ms and ≤ sandbox: %s", verdict(a.P50 <= 5 && a.P50 <= s.P50)))
+			row("trivial action latency p95", a.P95, s.P95, "ms", "")
+		}
+		if f := find("fork+exec"); f != nil {
+			fmt.Printf("| fork+exec of the same command (floor), p50 | %.2f ms | | | |\n", f.P50)
+		}
+		for _, p := range el.Phases {
+			fmt.Printf("| actiond phase: %s, p50 | %.2f ms | | | |\n", strings.TrimSpace(p.Name), p.P50)
+		}
+	}
+
+	var br bazelResult
+	haveBazel := readJSON(filepath.Join(dir, "bazel.json"), &br)
+	if haveBazel {
+		pairs := map[string][2]*measurement{}
+		for i := range br.Genrules {
+			m := &br.Genrules[i]
+			key := m.Name[strings.LastIndex(m.Name, ", ")+2:]
+			p := pairs[key]
+			if strings.Contains(m.Name, "actiond") {
+				p[0] = m
+			} else {
+				p[1] = m
+			}
+			pairs[key] = p
+		}
+		for _, key := range []string{"--jobs=1", "default --jobs"} {
+			if p := pairs[key]; p[0] != nil && p[1] != nil {
+				row(fmt.Sprintf("200 trivial genrules, wall per action, %s", key), p[0].PerActionMs, p[1].PerActionMs, "ms", "")
+			}
+		}
+	}
+
+	if f, err := os.Open(filepath.Join(dir, "staging.txt")); err == nil {
+		re := regexp.MustCompile(`^BenchmarkStageInputs/(\w+)/(\w+)-\d+\s+\d+\s+([0-9.]+) ns/op\s+([0-9.]+) µs/file`)
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				ns, _ := strconv.ParseFloat(m[3], 64)
+				fmt.Printf("| input staging, %s inputs, %s | %.1f ms (%s µs/file) | | | |\n", m[2], m[1], ns/1e6, m[4])
+			}
+		}
+		f.Close()
+	}
+
+	if haveBazel && len(br.Stress) == 4 {
+		local, sb, cold, warm := br.Stress[0], br.Stress[1], br.Stress[2], br.Stress[3]
+		row(fmt.Sprintf("//:agg cold build wall (median of %d, load %s)", len(cold.Runs), br.Load), cold.MedianMs/1000, sb.MedianMs/1000, "s",
+			fmt.Sprintf("≤ 1.2× sandbox: %s", verdict(cold.MedianMs <= 1.2*sb.MedianMs)))
+		fmt.Printf("| //:agg warm rebuild after clean (all remote cache hits) | %.2f s | | | |\n", warm.MedianMs/1000)
+		fmt.Printf("| //:agg --spawn_strategy=local (unsandboxed reference) | | %.2f s (local) | | |\n", local.MedianMs/1000)
+	}
+}
+
+func row(name string, actiond, sandbox float64, unit, goal string) {
+	fmt.Printf("| %s | %.2f %s | %.2f %s | %.2f | %s |\n", name, actiond, unit, sandbox, unit, actiond/sandbox, goal)
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "**missed**"
+}
+
+func readJSON(path string, v any) bool {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		fmt.Fprintf(os.Stderr, "summary: %s: %v\n", path, err)
+		return false
+	}
+	return true
+}

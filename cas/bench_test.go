@@ -1,0 +1,323 @@
+package cas_test
+
+// Benchmarks of the CAS through gRPC on a loopback TCP connection, the way
+// Bazel talks to actiond. Each throughput benchmark also hashes the same
+// data with SHA-256 in the same run and reports that rate (sha256-MB/s)
+// and the ratio of the two: the server must hash everything it stores, so
+// SHA-256 on one core is the physical limit. Run with `make bench`:
+//
+//	go test -run '^$' -bench . -benchtime 3x ./cas/
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/cas"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// tcpEnv serves a fresh server on 127.0.0.1.
+func tcpEnv(b *testing.B, fsync bool) *env {
+	b.Helper()
+	srv, err := actiond.New(actiond.Options{Root: b.TempDir(), Logger: quietLogger(), NoFsync: !fsync})
+	if err != nil {
+		b.Fatal(err)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	go srv.Serve(l)
+	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		conn.Close()
+		srv.Stop(bg)
+		srv.Close()
+	})
+	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
+}
+
+// cpuClock measures the CPU time of the whole test process (client and
+// server together) while the benchmark timer runs: unlike wall time it
+// does not depend on what else the machine is doing.
+type cpuClock struct {
+	start time.Duration
+	total time.Duration
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func (c *cpuClock) Start() { c.start = processCPU() }
+func (c *cpuClock) Stop()  { c.total += processCPU() - c.start }
+
+// shaClock measures raw SHA-256 over the same data as the benchmark,
+// interleaved with its iterations so that both see the same machine load
+// (the timer is stopped while it runs).
+type shaClock struct {
+	bytes int64
+	took  time.Duration
+}
+
+func (c *shaClock) hash(bufs ...[]byte) {
+	start := time.Now()
+	for _, b := range bufs {
+		sha256.Sum256(b)
+		c.bytes += int64(len(b))
+	}
+	c.took += time.Since(start)
+}
+
+// report adds the raw SHA-256 rate and the ratio of the benchmark's rate
+// to it; bytesPerOp must match what c hashed per op.
+func (c *shaClock) report(b *testing.B, bytesPerOp int64, cpu *cpuClock) {
+	raw := float64(c.bytes) / 1e6 / c.took.Seconds()
+	got := float64(bytesPerOp) * float64(b.N) / 1e6 / b.Elapsed().Seconds()
+	b.ReportMetric(raw, "sha256-MB/s")
+	b.ReportMetric(got/raw, "ratio")
+	// CPU per byte of this process against SHA-256's own cost per byte:
+	// how many cores' worth of work each byte takes, in units of hashing it.
+	cpuPerByte := float64(cpu.total.Nanoseconds()) / float64(bytesPerOp*int64(b.N))
+	b.ReportMetric(cpuPerByte*raw/1e3, "cpu/sha256")
+}
+
+var sizes = []struct {
+	name string
+	n    int
+}{{"1MiB", 1 << 20}, {"100MiB", 100 << 20}}
+
+// BenchmarkByteStreamWrite uploads distinct blobs in 1 MiB chunks.
+func BenchmarkByteStreamWrite(b *testing.B) {
+	for _, sz := range sizes {
+		for _, fsync := range []bool{true, false} {
+			b.Run(fmt.Sprintf("%s/fsync=%v", sz.name, fsync), func(b *testing.B) {
+				e := tcpEnv(b, fsync)
+				base := data(1, sz.n)
+				// Warm the connection (flow-control windows grow with use).
+				warm := data(9, sz.n)
+				if _, err := e.write(bg, "uploads/warm/blobs/"+cas.DigestOf(warm).String(), warm, 1<<20); err != nil {
+					b.Fatal(err)
+				}
+				var sha shaClock
+				var cpu cpuClock
+				b.SetBytes(int64(sz.n))
+				b.ResetTimer()
+				cpu.Start()
+				for i := 0; i < b.N; i++ {
+					cpu.Stop()
+					b.StopTimer()
+					blob := base
+					blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
+					d := cas.DigestOf(blob)
+					name := fmt.Sprintf("uploads/%d/blobs/%s", i, d)
+					b.StartTimer()
+					cpu.Start()
+					if _, err := e.write(bg, name, blob, 1<<20); err != nil {
+						b.Fatal(err)
+					}
+					cpu.Stop()
+					b.StopTimer()
+					sha.hash(blob)
+					b.StartTimer()
+					cpu.Start()
+				}
+				cpu.Stop()
+				b.StopTimer()
+				sha.report(b, int64(sz.n), &cpu)
+			})
+		}
+	}
+}
+
+// BenchmarkByteStreamRead downloads one blob repeatedly.
+func BenchmarkByteStreamRead(b *testing.B) {
+	for _, sz := range sizes {
+		b.Run(sz.name, func(b *testing.B) {
+			e := tcpEnv(b, false)
+			blob := data(2, sz.n)
+			d := cas.DigestOf(blob)
+			if _, err := e.write(bg, "uploads/r/blobs/"+d.String(), blob, 1<<20); err != nil {
+				b.Fatal(err)
+			}
+			var sha shaClock
+			var cpu cpuClock
+			b.SetBytes(int64(sz.n))
+			readAll := func() int {
+				st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
+				if err != nil {
+					b.Fatal(err)
+				}
+				var n int
+				for {
+					r, err := st.Recv()
+					if err != nil {
+						return n
+					}
+					n += len(r.Data)
+				}
+			}
+			readAll() // warm up
+			b.ResetTimer()
+			cpu.Start()
+			for i := 0; i < b.N; i++ {
+				if n := readAll(); n != sz.n {
+					b.Fatalf("read %d bytes", n)
+				}
+				cpu.Stop()
+				b.StopTimer()
+				sha.hash(blob)
+				b.StartTimer()
+				cpu.Start()
+			}
+			cpu.Stop()
+			b.StopTimer()
+			sha.report(b, int64(sz.n), &cpu)
+		})
+	}
+}
+
+// BenchmarkBatchUpdate10k uploads 10,000 distinct small blobs (100-900
+// bytes) per op, in batches under the 4 MiB limit.
+func BenchmarkBatchUpdate10k(b *testing.B) {
+	for _, fsync := range []bool{true, false} {
+		b.Run(fmt.Sprintf("fsync=%v", fsync), func(b *testing.B) {
+			e := tcpEnv(b, fsync)
+			const count = 10000
+			var total int64
+			mk := func(round int) []*repb.BatchUpdateBlobsRequest {
+				var reqs []*repb.BatchUpdateBlobsRequest
+				req := &repb.BatchUpdateBlobsRequest{}
+				var size int
+				for j := 0; j < count; j++ {
+					blob := data(round*count+j, 100+j%800)
+					if size+len(blob)+100 > cas.DefaultMaxBatchSize {
+						reqs = append(reqs, req)
+						req, size = &repb.BatchUpdateBlobsRequest{}, 0
+					}
+					req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: cas.DigestOf(blob).Proto(), Data: blob})
+					size += len(blob)
+				}
+				return append(reqs, req)
+			}
+			for _, req := range mk(-1) {
+				for _, r := range req.Requests {
+					total += int64(len(r.Data))
+				}
+			}
+			var sha shaClock
+			var cpu cpuClock
+			b.SetBytes(total)
+			b.ResetTimer()
+			cpu.Start()
+			for i := 0; i < b.N; i++ {
+				cpu.Stop()
+				b.StopTimer()
+				reqs := mk(i)
+				b.StartTimer()
+				cpu.Start()
+				for _, req := range reqs {
+					resp, err := e.cas.BatchUpdateBlobs(bg, req)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for _, r := range resp.Responses {
+						if r.Status.GetCode() != 0 {
+							b.Fatal(r.Status)
+						}
+					}
+				}
+				cpu.Stop()
+				b.StopTimer()
+				for _, req := range reqs {
+					for _, r := range req.Requests {
+						sha.hash(r.Data)
+					}
+				}
+				b.StartTimer()
+				cpu.Start()
+			}
+			cpu.Stop()
+			b.StopTimer()
+			b.ReportMetric(float64(count)*float64(b.N)/b.Elapsed().Seconds(), "blobs/s")
+			sha.report(b, total, &cpu)
+		})
+	}
+}
+
+// BenchmarkFindMissingBlobs10k looks up 10,000 digests, half of them present.
+func BenchmarkFindMissingBlobs10k(b *testing.B) {
+	e := tcpEnv(b, false)
+	req := &repb.FindMissingBlobsRequest{}
+	upload := &repb.BatchUpdateBlobsRequest{}
+	for j := 0; j < 10000; j++ {
+		blob := data(j, 64)
+		d := cas.DigestOf(blob)
+		req.BlobDigests = append(req.BlobDigests, d.Proto())
+		if j%2 == 0 {
+			upload.Requests = append(upload.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: d.Proto(), Data: blob})
+		}
+	}
+	if _, err := e.cas.BatchUpdateBlobs(bg, upload); err != nil {
+		b.Fatal(err)
+	}
+	var cpu cpuClock
+	b.ResetTimer()
+	cpu.Start()
+	for i := 0; i < b.N; i++ {
+		resp, err := e.cas.FindMissingBlobs(bg, req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(resp.MissingBlobDigests) != 5000 {
+			b.Fatalf("%d missing", len(resp.MissingBlobDigests))
+		}
+	}
+	cpu.Stop()
+	b.StopTimer()
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/op")
+	b.ReportMetric(float64(cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+}
+
+// BenchmarkDiskFsync writes and fsyncs files of the benchmark sizes
+// directly: the disk's own limit for durable writes, for comparison.
+func BenchmarkDiskFsync(b *testing.B) {
+	for _, sz := range sizes {
+		b.Run(sz.name, func(b *testing.B) {
+			dir := b.TempDir()
+			blob := data(3, sz.n)
+			b.SetBytes(int64(sz.n))
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				p := filepath.Join(dir, fmt.Sprint(i))
+				f, err := os.Create(p)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := f.Write(blob); err != nil {
+					b.Fatal(err)
+				}
+				if err := f.Sync(); err != nil {
+					b.Fatal(err)
+				}
+				f.Close()
+			}
+		})
+	}
+}

@@ -1,0 +1,545 @@
+//go:build linux
+
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/executor"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/jacobsa/fuse"
+	"github.com/jacobsa/fuse/fuseutil"
+	"golang.org/x/sys/unix"
+)
+
+// Defaults for the shared caches.
+const (
+	DefaultDirCacheBytes = 64 << 20
+	DefaultOpenBlobs     = 1024
+)
+
+// InputRoot stages input trees as actiondfs mounts, one FUSE mount per
+// action (a mount costs well under a millisecond; separate mounts keep
+// actions' inode tables, staged files and refusals apart and make cleanup
+// a single unmount). Directory messages and open blob files are shared by
+// all mounts. It implements executor.InputRoot and executor.OptionsInputRoot.
+//
+// State lives under stateDir, which must be on the CAS's file system so
+// that staged outputs move into the CAS by rename: stage/<id>/ holds the
+// bytes of files actions create (and the overlay upper and work
+// directories), mnt/<id> the lower FUSE mounts of mutates_inputs overlays.
+type InputRoot struct {
+	store    cas.LocalStore
+	stateDir string
+	log      *slog.Logger
+	dirs     *dirCache
+	blobs    *blobFiles
+	// fuseTag and overlayTag are the mount sources of this root's mounts,
+	// by which stale mounts are recognised after a crash.
+	fuseTag, overlayTag string
+	seq                 atomic.Uint64
+
+	mu         sync.Mutex
+	mounts     map[*Mount]struct{}
+	overlayErr error // why mutates_inputs falls back to copies, once known
+}
+
+// Option configures an InputRoot.
+type Option func(*config)
+
+type config struct {
+	log           *slog.Logger
+	dirCacheBytes int64
+	openBlobs     int
+}
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(c *config) { c.log = l } }
+
+// WithDirCacheSize bounds the shared Directory cache, in encoded bytes
+// (default DefaultDirCacheBytes).
+func WithDirCacheSize(n int64) Option { return func(c *config) { c.dirCacheBytes = n } }
+
+// WithOpenBlobs bounds how many unused blob files stay open for later
+// actions (default DefaultOpenBlobs).
+func WithOpenBlobs(n int) Option { return func(c *config) { c.openBlobs = n } }
+
+// NewInputRoot returns an InputRoot serving blobs of store, with its state
+// under stateDir. It fails when FUSE does not work here (see Available).
+// Mounts left by a crashed process with the same stateDir are removed.
+func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*InputRoot, error) {
+	c := config{log: slog.Default(), dirCacheBytes: DefaultDirCacheBytes, openBlobs: DefaultOpenBlobs}
+	for _, o := range opts {
+		o(&c)
+	}
+	if err := Available(); err != nil {
+		return nil, err
+	}
+	abs, err := filepath.Abs(stateDir)
+	if err != nil {
+		return nil, fmt.Errorf("actiondfs state dir: %w", err)
+	}
+	r := &InputRoot{
+		store:      store,
+		stateDir:   abs,
+		log:        c.log,
+		dirs:       newDirCache(store, c.dirCacheBytes),
+		blobs:      newBlobFiles(store, c.openBlobs),
+		fuseTag:    "actiondfs@" + abs,
+		overlayTag: "actiondfs-overlay@" + abs,
+		mounts:     make(map[*Mount]struct{}),
+	}
+	if err := os.MkdirAll(abs, 0o755); err != nil {
+		return nil, fmt.Errorf("create actiondfs state dir: %w", err)
+	}
+	if err := r.removeStale(); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{"stage", "mnt"} {
+		p := filepath.Join(abs, d)
+		if err := os.RemoveAll(p); err != nil {
+			return nil, fmt.Errorf("remove leftovers in %s: %w", p, err)
+		}
+		if err := os.Mkdir(p, 0o755); err != nil {
+			return nil, fmt.Errorf("create %s: %w", p, err)
+		}
+	}
+	if strings.ContainsAny(abs, ",:\\") {
+		r.overlayErr = fmt.Errorf("state dir %q contains a character overlayfs options cannot hold", abs)
+	}
+	if td, ok := store.(interface{ TempDir() string }); ok && !sameFS(td.TempDir(), abs) {
+		r.log.Warn("actiondfs state dir is not on the CAS's file system; outputs will be copied into the CAS instead of renamed",
+			"state_dir", abs, "cas_tmp", td.TempDir())
+	}
+	return r, nil
+}
+
+func sameFS(a, b string) bool {
+	var sa, sb unix.Stat_t
+	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil && sa.Dev == sb.Dev
+}
+
+// Name implements executor.InputRoot.
+func (r *InputRoot) Name() string { return "fuse" }
+
+// Stage implements executor.InputRoot: a strict mount of tree at dir.
+func (r *InputRoot) Stage(ctx context.Context, tree *executor.InputTree, dir string) (func() error, error) {
+	s, err := r.StageWithOptions(ctx, tree, dir, executor.StageOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return s.Cleanup, nil
+}
+
+// StageWithOptions implements executor.OptionsInputRoot: a strict mount,
+// or for mutates_inputs an overlay over a read-only mount (or, where
+// overlayfs does not work, a copy the executor makes writable).
+func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTree, dir string, opts executor.StageOptions) (*executor.StagedRoot, error) {
+	if opts.MutatesInputs {
+		r.mu.Lock()
+		overlayErr := r.overlayErr
+		r.mu.Unlock()
+		if overlayErr != nil {
+			return r.stageCopy(ctx, tree, dir)
+		}
+	}
+	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs, Writable: opts.MutatesInputs})
+	var oe *overlayError
+	if errors.As(err, &oe) {
+		r.mu.Lock()
+		if r.overlayErr == nil {
+			r.log.Warn("actiondfs: overlayfs does not work here; mutates_inputs actions get a copy of their inputs", "err", err)
+			r.overlayErr = err
+		}
+		r.mu.Unlock()
+		return r.stageCopy(ctx, tree, dir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &executor.StagedRoot{Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}, nil
+}
+
+func (r *InputRoot) stageCopy(ctx context.Context, tree *executor.InputTree, dir string) (*executor.StagedRoot, error) {
+	cleanup, err := executor.CopyInputRoot{Store: r.store}.Stage(ctx, tree, dir)
+	if err != nil {
+		return nil, err
+	}
+	return &executor.StagedRoot{Cleanup: cleanup}, nil
+}
+
+// MountOptions configure one mount.
+type MountOptions struct {
+	// Dirs are Directory messages already fetched and validated (the
+	// executor's InputTree.Dirs); others are read from the CAS on demand.
+	Dirs map[cas.Digest]*repb.Directory
+	// Writable selects the mutates_inputs mode: an overlayfs with a
+	// private upper directory over a read-only mount of the tree.
+	Writable bool
+}
+
+// Mount is one mounted input root.
+type Mount struct {
+	r       *InputRoot
+	dir     string // what the caller sees
+	fuseDir string // where the FUSE file system is mounted
+	overlay bool
+	stage   string // per-mount state under stateDir/stage
+	upper   string // overlay upper directory
+	fs      *actionFS
+	mfs     *fuse.MountedFileSystem
+
+	unmountOnce sync.Once
+	unmountErr  error
+	syncOnce    sync.Once
+}
+
+// overlayError is a failure to set up the overlay of a writable mount.
+type overlayError struct{ err error }
+
+func (e *overlayError) Error() string { return "overlayfs: " + e.err.Error() }
+func (e *overlayError) Unwrap() error { return e.err }
+
+// Mount shows the input root with digest root at dir, which must not exist
+// yet. Unmount it when done.
+func (r *InputRoot) Mount(ctx context.Context, root cas.Digest, dir string, opts MountOptions) (*Mount, error) {
+	id := "a" + strconv.FormatUint(r.seq.Add(1), 10)
+	m := &Mount{r: r, dir: dir, fuseDir: dir, overlay: opts.Writable, stage: filepath.Join(r.stateDir, "stage", id)}
+	if m.overlay {
+		m.fuseDir = filepath.Join(r.stateDir, "mnt", id)
+		if err := os.Mkdir(m.fuseDir, 0o755); err != nil {
+			return nil, fmt.Errorf("actiondfs: create mount point: %w", err)
+		}
+	} else if err := os.Mkdir(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("actiondfs: create mount point: %w", err)
+	}
+	m.fs = newActionFS(r, root, opts.Dirs, filepath.Join(m.stage, "files"), m.overlay)
+	mfs, err := fuse.Mount(m.fuseDir, fuseutil.NewFileSystemServer(m.fs), r.mountConfig(m.overlay))
+	if err != nil {
+		os.Remove(m.fuseDir)
+		return nil, fmt.Errorf("actiondfs: mount %s: %w", m.fuseDir, err)
+	}
+	m.mfs = mfs
+	if m.overlay {
+		if err := m.mountOverlay(); err != nil {
+			unmountDir(m.fuseDir)
+			m.join()
+			os.Remove(m.fuseDir)
+			os.RemoveAll(m.stage)
+			return nil, err
+		}
+	}
+	r.mu.Lock()
+	r.mounts[m] = struct{}{}
+	r.mu.Unlock()
+	return m, nil
+}
+
+func (m *Mount) mountOverlay() error {
+	m.upper = filepath.Join(m.stage, "upper")
+	work := filepath.Join(m.stage, "work")
+	for _, d := range []string{m.upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("actiondfs: create overlay directory: %w", err)
+		}
+	}
+	if err := os.Mkdir(m.dir, 0o755); err != nil {
+		return fmt.Errorf("actiondfs: create mount point: %w", err)
+	}
+	data := "lowerdir=" + m.fuseDir + ",upperdir=" + m.upper + ",workdir=" + work + ",index=off,metacopy=off"
+	if err := unix.Mount(m.r.overlayTag, m.dir, "overlay", 0, data); err != nil {
+		os.Remove(m.dir)
+		return &overlayError{fmt.Errorf("mount %s: %w", m.dir, err)}
+	}
+	return nil
+}
+
+func (r *InputRoot) mountConfig(readOnly bool) *fuse.MountConfig {
+	return &fuse.MountConfig{
+		FSName:   r.fuseTag,
+		Subtype:  "actiondfs",
+		ReadOnly: readOnly,
+		// Writes must reach the stage file before the command ends, so
+		// outputs can be taken from there.
+		DisableWritebackCaching: true,
+		// Attempts to change inputs must reach the server to be reported;
+		// it checks permissions itself.
+		DisableDefaultPermissions: true,
+		EnableAtomicTrunc:         true,
+		EnableParallelDirOps:      true,
+		EnableSymlinkCaching:      true,
+		EnableAsyncReads:          true,
+		// The sandbox user must see the tree.
+		Options: map[string]string{"allow_other": ""},
+	}
+}
+
+// Dir is where the input root is visible.
+func (m *Mount) Dir() string { return m.dir }
+
+// Unmount removes the mount and the files the command created that were
+// not moved out; it may be called more than once.
+func (m *Mount) Unmount() error {
+	m.unmountOnce.Do(func() {
+		var errs []error
+		if m.overlay {
+			errs = append(errs, unmountDir(m.dir))
+		}
+		if err := unmountDir(m.fuseDir); err != nil {
+			errs = append(errs, err)
+		} else {
+			m.join()
+		}
+		if m.overlay {
+			os.Remove(m.fuseDir)
+		}
+		if err := os.RemoveAll(m.stage); err != nil {
+			errs = append(errs, fmt.Errorf("actiondfs: remove stage: %w", err))
+		}
+		m.r.mu.Lock()
+		delete(m.r.mounts, m)
+		m.r.mu.Unlock()
+		m.unmountErr = errors.Join(errs...)
+	})
+	return m.unmountErr
+}
+
+// join waits (a bounded time) for the server to finish after unmounting.
+func (m *Mount) join() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := m.mfs.Join(ctx); err != nil {
+		m.r.log.Warn("actiondfs: server did not stop after unmount", "dir", m.fuseDir, "err", err)
+	}
+}
+
+// unmountDir unmounts dir with umount(2), lazily if it is busy.
+func unmountDir(dir string) error {
+	err := unix.Unmount(dir, 0)
+	if errors.Is(err, unix.EBUSY) {
+		err = unix.Unmount(dir, unix.MNT_DETACH)
+	}
+	if errors.Is(err, unix.EINVAL) {
+		return nil // not mounted (any more)
+	}
+	if err != nil {
+		return fmt.Errorf("actiondfs: unmount %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Refused lists the refused changes to inputs (at most 50, without
+// repeats) and how many attempts there were in all.
+func (m *Mount) Refused() ([]Refusal, int) { return m.fs.Refused() }
+
+// Report describes the refused changes for the user (nil when there were
+// none): which inputs the command tried to change and how to allow it.
+func (m *Mount) Report() []string {
+	refused, n := m.fs.Refused()
+	if n == 0 {
+		return nil
+	}
+	lines := []string{"actiond: the command tried to change input files, which are read-only (EROFS):"}
+	for _, r := range refused {
+		lines = append(lines, fmt.Sprintf("  %s: %s", r.Op, r.Path))
+	}
+	if n > len(refused) {
+		lines = append(lines, fmt.Sprintf("  (%d attempts in all)", n))
+	}
+	return append(lines, `actiond: if the tool must modify its inputs, set the platform property mutates_inputs=1 on the action (Bazel: exec_properties = {"mutates_inputs": "1"}).`)
+}
+
+// OutputPath returns the file holding the bytes of the regular file at rel
+// (relative to the root) when the command created it, so that it can be
+// moved into the CAS by rename; "" otherwise. Call it only after
+// everything that wrote to the mount has exited.
+func (m *Mount) OutputPath(rel string) string {
+	if m.overlay {
+		return regularBeneath(m.upper, rel)
+	}
+	m.syncOnce.Do(func() {
+		// Dirty pages of shared writable mappings reach the server when
+		// the mapping goes away; flush anything still pending anyway.
+		if fd, err := unix.Open(m.dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
+			unix.Syncfs(fd)
+			unix.Close(fd)
+		}
+	})
+	return m.fs.backingOf(context.Background(), rel)
+}
+
+// regularBeneath returns root/rel if it is a regular file with one link,
+// reached without following symlinks.
+func regularBeneath(root, rel string) string {
+	dfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(dfd)
+	fd, err := unix.Openat2(dfd, rel, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS | unix.RESOLVE_NO_XDEV,
+	})
+	if err != nil {
+		return ""
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 {
+		return ""
+	}
+	return filepath.Join(root, filepath.FromSlash(rel))
+}
+
+// Close unmounts whatever is still mounted and closes cached blob files.
+func (r *InputRoot) Close() error {
+	r.mu.Lock()
+	var ms []*Mount
+	for m := range r.mounts {
+		ms = append(ms, m)
+	}
+	r.mu.Unlock()
+	var errs []error
+	for _, m := range ms {
+		errs = append(errs, m.Unmount())
+	}
+	r.blobs.closeIdle()
+	return errors.Join(errs...)
+}
+
+// removeStale unmounts what a crashed process with the same state dir
+// left: mounts with this root's sources, and actiondfs or overlay mounts
+// below the state dir. Deepest first, lazily (a dead FUSE server cannot
+// answer anything).
+func (r *InputRoot) removeStale() error {
+	ents, err := readMountinfo()
+	if err != nil {
+		return err
+	}
+	var stale []string
+	for _, e := range ents {
+		below := strings.HasPrefix(e.point, r.stateDir+"/") && (e.fstype == "fuse.actiondfs" || e.fstype == "overlay")
+		if below || e.source == r.fuseTag || e.source == r.overlayTag {
+			stale = append(stale, e.point)
+		}
+	}
+	// Longer paths first: children before the mounts they sit on.
+	for i := range stale {
+		for j := i + 1; j < len(stale); j++ {
+			if len(stale[j]) > len(stale[i]) {
+				stale[i], stale[j] = stale[j], stale[i]
+			}
+		}
+	}
+	for _, p := range stale {
+		err := unix.Unmount(p, unix.MNT_DETACH)
+		if err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("actiondfs: remove stale mount %s: %w", p, err)
+		}
+		r.log.Info("actiondfs: removed a stale mount from an earlier run", "dir", p)
+	}
+	return nil
+}
+
+type mountEntry struct{ point, fstype, source string }
+
+// readMountinfo parses /proc/self/mountinfo.
+func readMountinfo() ([]mountEntry, error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("actiondfs: %w", err)
+	}
+	var out []mountEntry
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Split(line, " ")
+		sep := -1
+		for i := 6; i < len(f); i++ {
+			if f[i] == "-" {
+				sep = i
+				break
+			}
+		}
+		if len(f) < 5 || sep < 0 || sep+2 >= len(f) {
+			continue
+		}
+		out = append(out, mountEntry{point: unescapeMount(f[4]), fstype: f[sep+1], source: unescapeMount(f[sep+2])})
+	}
+	return out, nil
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space, ...).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+var (
+	availableOnce sync.Once
+	availableErr  error
+)
+
+// Available reports whether actiondfs works here: root, /dev/fuse, and a
+// real test mount (the result of the first call is kept).
+func Available() error {
+	availableOnce.Do(func() { availableErr = probe() })
+	return availableErr
+}
+
+func probe() error {
+	if os.Geteuid() != 0 {
+		return errors.New("actiondfs needs root (it mounts with mount(2))")
+	}
+	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("actiondfs: %w", err)
+	}
+	f.Close()
+	dir, err := os.MkdirTemp("", "actiondfs-probe-")
+	if err != nil {
+		return fmt.Errorf("actiondfs probe: %w", err)
+	}
+	defer os.Remove(dir)
+	r := &InputRoot{log: slog.Default(), dirs: newDirCache(nil, 0), fuseTag: "actiondfs-probe"}
+	afs := newActionFS(r, cas.EmptyDigest, nil, filepath.Join(dir, "stage"), false)
+	mfs, err := fuse.Mount(dir, fuseutil.NewFileSystemServer(afs), r.mountConfig(false))
+	if err != nil {
+		return fmt.Errorf("actiondfs probe mount: %w", err)
+	}
+	_, statErr := os.ReadDir(dir)
+	if err := unmountDir(dir); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	mfs.Join(ctx)
+	if statErr != nil {
+		return fmt.Errorf("actiondfs probe: list the test mount: %w", statErr)
+	}
+	return nil
+}
+
+var _ executor.OptionsInputRoot = (*InputRoot)(nil)

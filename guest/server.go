@@ -1,0 +1,222 @@
+package guest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/internal/units"
+	"github.com/actiond/actiond/sandbox"
+)
+
+// serverArgv0 is the argv[0] under which the binary runs as the guest's
+// server process (started by PID 1) instead of its main function; the
+// package's init function recognises it, as sandbox does for its helper.
+const serverArgv0 = "actiond-guest-server"
+
+// stateEnv carries serverState from PID 1 to the server, as JSON.
+const stateEnv = "ACTIOND_GUEST_STATE"
+
+// serverState is what PID 1 prepared for the server.
+type serverState struct {
+	Config   Config
+	Root     string            // actiond.Options.Root, on the CAS disk
+	CASMount string            // mount point of the CAS disk
+	StateDir string            // tmpfs scratch for the sandbox
+	Runtimes []sandbox.Runtime // from the runtimes disk
+	Info     map[string]any    // for the Info call: kernel, disks, boot timings
+}
+
+func init() {
+	if len(os.Args) > 0 && os.Args[0] == serverArgv0 {
+		os.Exit(serverMain())
+	}
+}
+
+func serverMain() int {
+	var st serverState
+	if err := json.Unmarshal([]byte(os.Getenv(stateEnv)), &st); err != nil {
+		fmt.Fprintf(os.Stderr, "%s: bad %s (this process is started by the guest's init): %v\n", serverArgv0, stateEnv, err)
+		return 2
+	}
+	log := newLogger(os.Stderr, st.Config.LogLevel, "server")
+	slog.SetDefault(log)
+	if err := serve(st, log); err != nil {
+		log.Error("server failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// pickDefaultRuntime returns want if available, else DefaultRuntimeName if
+// available, else the first runtime.
+func pickDefaultRuntime(want string, names []string) (string, error) {
+	if want != "" {
+		if !slices.Contains(names, want) {
+			return "", fmt.Errorf("actiond.default_runtime=%s: no such runtime (have %v)", want, names)
+		}
+		return want, nil
+	}
+	if slices.Contains(names, DefaultRuntimeName) {
+		return DefaultRuntimeName, nil
+	}
+	return names[0], nil
+}
+
+// serve runs the actiond.Server on the host transport until SIGTERM, then
+// drains.
+func serve(st serverState, log *slog.Logger) error {
+	cfg := st.Config
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	maxSize := cfg.MaxSize
+	if maxSize == 0 {
+		var fs unix.Statfs_t
+		if err := unix.Statfs(st.CASMount, &fs); err == nil {
+			maxSize = int64(fs.Blocks) * int64(fs.Bsize) / 100 * defaultMaxSizePercent
+		}
+	}
+	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, NoFsync: !cfg.Fsync}
+	var names []string
+	if len(st.Runtimes) > 0 {
+		sb, err := sandbox.New(sandbox.Config{Runtimes: st.Runtimes, StateDir: st.StateDir, Logger: log})
+		if err != nil {
+			return err
+		}
+		defer sb.Close()
+		names = sb.Runtimes()
+		def, err := pickDefaultRuntime(cfg.DefaultRuntime, names)
+		if err != nil {
+			return err
+		}
+		opts.Sandbox = sb
+		opts.DefaultRuntime = def
+		opts.Concurrency = cfg.Concurrency
+		if opts.Concurrency == 0 {
+			opts.Concurrency = runtime.NumCPU()
+		}
+		opts.InputRootKind = cfg.InputRoot
+	} else {
+		log.Warn("no runtimes: serving as a cache only (no Execution service)")
+	}
+	srv, err := actiond.New(opts)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+
+	l, transport, err := Listen(cfg, log)
+	if err != nil {
+		return err
+	}
+	ctl := &control{st: st, transport: transport, srv: srv}
+	g := srv.GRPCServer()
+	g.RegisterService(&controlDesc, ctl)
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(l) }()
+
+	stats := srv.Store.Stats()
+	log.Info("actiond guest ready",
+		"transport", transport,
+		"root", st.Root,
+		"cas_blobs", stats.Blobs,
+		"cas_bytes", units.Format(stats.Bytes),
+		"max_size", units.Format(maxSize),
+		"runtimes", names,
+		"default_runtime", opts.DefaultRuntime,
+		"boot", fmt.Sprintf("%.3fs", bootClock().Seconds()),
+		"version", actiond.Version)
+
+	select {
+	case err := <-errc:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			return fmt.Errorf("serve on %s: %w", transport, err)
+		}
+		return fmt.Errorf("serve on %s ended", transport)
+	case <-ctx.Done():
+	}
+	log.Info("draining", "timeout", cfg.DrainTimeout)
+	dctx, cancel := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	defer cancel()
+	srv.Stop(dctx) // health: NOT_SERVING (the gRPC server is ours, below)
+	done := make(chan struct{})
+	go func() { g.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-dctx.Done():
+		log.Warn("drain timeout: cutting off running calls")
+		g.Stop()
+		<-done
+	}
+	<-errc
+	log.Info("server stopped")
+	return nil
+}
+
+// control implements ControlService in the server process.
+type control struct {
+	st        serverState
+	transport string
+	srv       *actiond.Server
+	once      sync.Once
+}
+
+func (c *control) powerOff(ctx context.Context) error {
+	c.once.Do(func() {
+		slog.Info("power off requested by the host")
+		// PID 1 runs the shutdown: it stops this server (draining, so
+		// this reply still goes out), unmounts and powers off.
+		if os.Getppid() == 1 {
+			_ = unix.Kill(1, unix.SIGTERM)
+		} else {
+			_ = unix.Kill(os.Getpid(), unix.SIGTERM)
+		}
+	})
+	return nil
+}
+
+func (c *control) info(ctx context.Context) (*structpb.Struct, error) {
+	m := map[string]any{}
+	for k, v := range c.st.Info {
+		m[k] = v
+	}
+	m["transport"] = c.transport
+	m["uptime_s"] = bootClock().Seconds()
+	m["version"] = actiond.Version
+	var rts []any
+	for _, rt := range c.st.Runtimes {
+		rts = append(rts, rt.Name)
+	}
+	m["runtimes"] = rts
+	stats := c.srv.Store.Stats()
+	m["cas_blobs"] = float64(stats.Blobs)
+	m["cas_bytes"] = float64(stats.Bytes)
+	// Round-trip through JSON so that any value type becomes structpb's.
+	data, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var generic map[string]any
+	if err := json.Unmarshal(data, &generic); err != nil {
+		return nil, err
+	}
+	return structpb.NewStruct(generic)
+}
+
+// sandboxStateDir is the sandbox's scratch space (tmpfs).
+var sandboxStateDir = filepath.Join("/run", "actiond")

@@ -1,0 +1,403 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/actiond/actiond/guest"
+	"github.com/actiond/actiond/internal/testutil"
+)
+
+// payloadForTest builds (or finds up to date) the payload for arch in the
+// default cache directory, or uses ACTIOND_VM_PAYLOAD_<ARCH> if set.
+func payloadForTest(t *testing.T, arch string) (string, *Manifest) {
+	t.Helper()
+	testutil.RequireRoot(t)
+	_, err := exec.LookPath(qemuBinary[arch])
+	pkg := map[string]string{"amd64": "qemu-system-x86", "arm64": "qemu-system-arm"}[arch]
+	testutil.Require(t, err == nil, qemuBinary[arch]+" not installed (apt-get install "+pkg+")")
+	for _, tool := range []string{"apt-get", "dpkg-deb", "mksquashfs", "unsquashfs", "xz", "go"} {
+		_, err := lookPath(tool)
+		testutil.Require(t, err == nil, tool+" not installed")
+	}
+	src, err := moduleRoot(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := options{
+		Arch:        arch,
+		Out:         filepath.Join(defaultCacheDir, arch),
+		RuntimeDir:  defaultRuntimeDir(arch),
+		Compression: defaultCompression,
+		Src:         src,
+		Progress:    testWriter{t},
+	}
+	if d := os.Getenv("ACTIOND_VM_PAYLOAD_" + map[string]string{"amd64": "AMD64", "arm64": "ARM64"}[arch]); d != "" {
+		opts.Out = d
+	}
+	if arch == "amd64" {
+		// The boot test runs actions in glibc2.36: the runtimes of `make runtimes`.
+		_, err := os.Stat(filepath.Join(opts.RuntimeDir, "glibc2.36.squashfs"))
+		testutil.Require(t, err == nil, "no runtime image glibc2.36.squashfs in "+opts.RuntimeDir+" (make runtimes)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	m, err := build(ctx, opts)
+	if err != nil {
+		t.Fatalf("build the %s payload: %v", arch, err)
+	}
+	t.Logf("payload %s ready in %s: kernel %s %s, initramfs %s %s (%s uncompressed), runtimes %v",
+		opts.Out, time.Since(t0).Round(time.Millisecond), m.Kernel, mib(m.Files[m.Kernel].Size),
+		m.Initramfs, mib(m.Files[m.Initramfs].Size), mib(m.InitramfsRawSize), m.RuntimeNames)
+	return opts.Out, m
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
+}
+
+// newCASImage creates a sparse raw disk image.
+func newCASImage(t *testing.T, dir string, size int64) string {
+	t.Helper()
+	p := filepath.Join(dir, "cas.img")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	return p
+}
+
+var readyRE = `msg="actiond guest ready".* boot=([0-9.]+)s`
+
+// bootReady starts a VM and waits for the guest server; it returns the
+// guest's boot-to-ready time (from its own log) and the host's.
+func bootReady(t *testing.T, cfg vmConfig, timeout time.Duration) (*vm, float64, time.Duration) {
+	t.Helper()
+	v := startVM(t, cfg)
+	m, err := v.waitConsole(readyRE, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	guestBoot, _ := strconv.ParseFloat(m[1], 64)
+	return v, guestBoot, time.Since(v.started)
+}
+
+// client is the REAPI side of a test.
+type client struct {
+	t    *testing.T
+	cc   *grpc.ClientConn
+	cas  repb.ContentAddressableStorageClient
+	bs   bspb.ByteStreamClient
+	exec repb.ExecutionClient
+	ac   repb.ActionCacheClient
+}
+
+func newClient(t *testing.T, v *vm) *client {
+	t.Helper()
+	cc, sess, err := v.dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close(); sess.Close() })
+	if rtt, err := sess.Ping(); err != nil {
+		t.Fatalf("streammux ping: %v", err)
+	} else {
+		t.Logf("host↔guest ping: %s", rtt)
+	}
+	return &client{t: t, cc: cc,
+		cas:  repb.NewContentAddressableStorageClient(cc),
+		bs:   bspb.NewByteStreamClient(cc),
+		exec: repb.NewExecutionClient(cc),
+		ac:   repb.NewActionCacheClient(cc)}
+}
+
+func digestOf(data []byte) *repb.Digest {
+	sum := sha256.Sum256(data)
+	return &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(data))}
+}
+
+func (c *client) write(ctx context.Context, data []byte) *repb.Digest {
+	c.t.Helper()
+	d := digestOf(data)
+	stream, err := c.bs.Write(ctx)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	name := fmt.Sprintf("uploads/%x/blobs/%s/%d", time.Now().UnixNano(), d.Hash, d.SizeBytes)
+	const chunk = 256 << 10
+	for off := 0; ; off += chunk {
+		end := min(off+chunk, len(data))
+		req := &bspb.WriteRequest{WriteOffset: int64(off), Data: data[off:end], FinishWrite: end == len(data)}
+		if off == 0 {
+			req.ResourceName = name
+		}
+		if err := stream.Send(req); err != nil {
+			c.t.Fatalf("bytestream write: %v", err)
+		}
+		if end == len(data) {
+			break
+		}
+	}
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		c.t.Fatalf("bytestream write: %v", err)
+	}
+	if resp.CommittedSize != d.SizeBytes {
+		c.t.Fatalf("committed %d bytes, want %d", resp.CommittedSize, d.SizeBytes)
+	}
+	return d
+}
+
+func (c *client) read(ctx context.Context, d *repb.Digest) []byte {
+	c.t.Helper()
+	stream, err := c.bs.Read(ctx, &bspb.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", d.Hash, d.SizeBytes)})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var out bytes.Buffer
+	for {
+		resp, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			c.t.Fatalf("bytestream read: %v", err)
+		}
+		out.Write(resp.Data)
+	}
+	return out.Bytes()
+}
+
+func (c *client) putProto(ctx context.Context, m proto.Message) *repb.Digest {
+	c.t.Helper()
+	data, err := proto.Marshal(m)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	d := digestOf(data)
+	resp, err := c.cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{Requests: []*repb.BatchUpdateBlobsRequest_Request{{Digest: d, Data: data}}})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if code := resp.Responses[0].GetStatus().GetCode(); code != 0 {
+		c.t.Fatalf("BatchUpdateBlobs: %v", resp.Responses[0].Status)
+	}
+	return d
+}
+
+// shellAction uploads a /bin/sh -c script action for runtime and returns
+// its digest.
+func (c *client) shellAction(ctx context.Context, script, runtime string) *repb.Digest {
+	cmd := &repb.Command{
+		Arguments:            []string{"/bin/sh", "-c", script},
+		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}},
+		OutputFiles:          []string{"out.txt"},
+		Platform:             &repb.Platform{Properties: []*repb.Platform_Property{{Name: "libc", Value: runtime}}},
+	}
+	action := &repb.Action{CommandDigest: c.putProto(ctx, cmd), InputRootDigest: c.putProto(ctx, &repb.Directory{})}
+	return c.putProto(ctx, action)
+}
+
+func (c *client) execute(ctx context.Context, action *repb.Digest) *repb.ExecuteResponse {
+	c.t.Helper()
+	stream, err := c.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: action, SkipCacheLookup: true})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	for {
+		op, err := stream.Recv()
+		if err != nil {
+			c.t.Fatalf("execute: %v", err)
+		}
+		if !op.Done {
+			continue
+		}
+		if e := op.GetError(); e != nil {
+			c.t.Fatalf("execute: %v", e)
+		}
+		resp := new(repb.ExecuteResponse)
+		if err := op.GetResponse().UnmarshalTo(resp); err != nil {
+			c.t.Fatal(err)
+		}
+		if s := resp.GetStatus(); s.GetCode() != 0 {
+			c.t.Fatalf("execute: status %v", s)
+		}
+		return resp
+	}
+}
+
+// checkExecute runs `echo hi` in runtime and checks stdout and the output
+// file; it returns the action digest.
+func (c *client) checkExecute(ctx context.Context, runtime string) *repb.Digest {
+	c.t.Helper()
+	// The last line counts the guest's initramfs (rootfs) in the action's
+	// mount table: the sandbox must have pivoted away from it.
+	action := c.shellAction(ctx, "echo hi; { cat /etc/debian_version; uname -m; grep -c ' - rootfs ' /proc/self/mountinfo || true; } > out.txt", runtime)
+	t0 := time.Now()
+	resp := c.execute(ctx, action)
+	r := resp.Result
+	if r.ExitCode != 0 {
+		c.t.Fatalf("exit code %d, stderr %q", r.ExitCode, c.read(ctx, r.StderrDigest))
+	}
+	if got := string(c.read(ctx, r.StdoutDigest)); got != "hi\n" {
+		c.t.Fatalf("stdout %q, want \"hi\\n\"", got)
+	}
+	if len(r.OutputFiles) != 1 {
+		c.t.Fatalf("output files %v", r.OutputFiles)
+	}
+	out := string(c.read(ctx, r.OutputFiles[0].Digest))
+	c.t.Logf("Execute in %s took %s; out.txt: %q", runtime, time.Since(t0).Round(time.Millisecond), out)
+	if !strings.HasSuffix(out, "\n0\n") {
+		c.t.Errorf("the action sees the guest's rootfs in its mount table (out.txt %q)", out)
+	}
+	return action
+}
+
+// TestBootAmd64 boots the amd64 payload under QEMU (microvm, TCG) twice on
+// one CAS image: the first boot formats it and runs REAPI calls over the
+// virtio-serial transport (Capabilities, ByteStream upload and download,
+// an Execute in glibc2.36) and powers off through the guest control
+// service; the second boot finds the blob and the action result on the
+// persisted ext4 disk and powers off through the power button (QMP
+// system_powerdown).
+func TestBootAmd64(t *testing.T) {
+	payload, m := payloadForTest(t, "amd64")
+	dir := t.TempDir()
+	cfg := vmConfig{Arch: "amd64", Payload: payload, Manifest: m, CASImage: newCASImage(t, dir, 2<<30), Dir: dir}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	// Boot 1: fresh disk.
+	v, guestBoot, hostBoot := bootReady(t, cfg, 2*time.Minute)
+	t.Logf("boot 1 (mkfs): ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
+	c := newClient(t, v)
+	caps, err := repb.NewCapabilitiesClient(c.cc).GetCapabilities(ctx, &repb.GetCapabilitiesRequest{})
+	if err != nil {
+		t.Fatalf("GetCapabilities: %v", err)
+	}
+	if !caps.GetExecutionCapabilities().GetExecEnabled() {
+		t.Fatalf("execution not enabled: %v", caps)
+	}
+	info, err := guest.Info(ctx, c.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest info: %v", info)
+	if info["cas_formatted"] != true {
+		t.Errorf("first boot did not format the CAS disk: %v", info)
+	}
+	blob := make([]byte, 3<<20)
+	rand.Read(blob)
+	t0 := time.Now()
+	d := c.write(ctx, blob)
+	up := time.Since(t0)
+	t0 = time.Now()
+	if got := c.read(ctx, d); !bytes.Equal(got, blob) {
+		t.Fatalf("read back %d bytes, differ from the %d written", len(got), len(blob))
+	}
+	t.Logf("ByteStream 3 MiB: write %s, read %s", up.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
+	action := c.checkExecute(ctx, "glibc2.36")
+
+	t0 = time.Now()
+	if err := guest.PowerOff(ctx, c.cc); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.wait(time.Minute); err != nil {
+		t.Fatalf("power off: %v", err)
+	}
+	t.Logf("power off (control service) took %s", time.Since(t0).Round(time.Millisecond))
+	if _, err := v.waitConsole(`msg="powering off"`, time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	// Boot 2: same disk, no mkfs; the data is still there.
+	v, guestBoot, hostBoot = bootReady(t, cfg, 2*time.Minute)
+	t.Logf("boot 2: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
+	c = newClient(t, v)
+	missing, err := c.cas.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{d}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(missing.MissingBlobDigests) != 0 {
+		t.Fatalf("blob %s lost across reboot", d.Hash)
+	}
+	if got := c.read(ctx, d); !bytes.Equal(got, blob) {
+		t.Fatal("blob changed across reboot")
+	}
+	if _, err := c.ac.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: action}); err != nil {
+		t.Fatalf("action result lost across reboot: %v", err)
+	}
+	info, err = guest.Info(ctx, c.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info["cas_formatted"] != false {
+		t.Errorf("second boot formatted the CAS disk again: %v", info)
+	}
+	t0 = time.Now()
+	if err := v.qmp("system_powerdown"); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.wait(time.Minute); err != nil {
+		t.Fatalf("power button: %v", err)
+	}
+	t.Logf("power off (power button) took %s", time.Since(t0).Round(time.Millisecond))
+	if _, err := v.waitConsole(`reason="power button`, time.Second); err != nil {
+		t.Error(err)
+	}
+	if regexp.MustCompile(`level=(ERROR|WARN)`).MatchString(v.consoleText()) {
+		t.Errorf("warnings or errors on the console (see the log)")
+	}
+}
+
+// TestBootArm64 boots the arm64 payload once under qemu-system-aarch64
+// (-M virt, cortex-a72, TCG) with virtio-pci devices as
+// Virtualization.framework attaches them, and runs one action.
+func TestBootArm64(t *testing.T) {
+	payload, m := payloadForTest(t, "arm64")
+	dir := t.TempDir()
+	cfg := vmConfig{Arch: "arm64", Payload: payload, Manifest: m, CASImage: newCASImage(t, dir, 1<<30), Dir: dir}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	v, guestBoot, hostBoot := bootReady(t, cfg, 3*time.Minute)
+	t.Logf("arm64 boot (mkfs): ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
+	c := newClient(t, v)
+	info, err := guest.Info(ctx, c.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("guest info: %v", info)
+	c.checkExecute(ctx, m.RuntimeNames[0])
+	if err := guest.PowerOff(ctx, c.cc); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.wait(time.Minute); err != nil {
+		t.Fatalf("power off: %v", err)
+	}
+}
