@@ -5,15 +5,18 @@
 GO          ?= go
 CACHE_DIR   ?= /var/cache/actiond
 RUNTIME_DIR ?= $(CACHE_DIR)/runtimes
+VM_DIR      ?= $(CACHE_DIR)/vm
+ARCH        ?= amd64
 FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 60m
 export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
 
 # Debian packages the tests use, as "command:package".
 DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools \
-            protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc
+            protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc wget:wget \
+            qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm
 
-.PHONY: all build test deps runtimes unit fuzz vet bench fmt
+.PHONY: all build test deps runtimes vm-payload vm-payloads unit fuzz vet bench fmt
 
 all: build
 
@@ -38,6 +41,16 @@ runtimes: deps
 	@if [ "$$(id -u)" = 0 ]; then tools/mkruntimes.sh $(RUNTIME_DIR); \
 	else echo "make runtimes: needs root (debootstrap); runtime tests will skip"; fi
 
+# vm-payload builds the kernel, initramfs and runtimes disk that serve-vm
+# boots, for ARCH=amd64|arm64, into $(VM_DIR)/$(ARCH) (cached).
+vm-payload: runtimes
+	@if [ "$$(id -u)" = 0 ]; then $(GO) run ./tools/vmpayload -arch $(ARCH) -out $(VM_DIR)/$(ARCH) -runtime-dir $(RUNTIME_DIR); \
+	else echo "make vm-payload: needs root (apt-get download, dpkg --add-architecture); VM tests will skip"; fi
+
+vm-payloads:
+	$(MAKE) vm-payload ARCH=amd64
+	$(MAKE) vm-payload ARCH=arm64
+
 vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
@@ -51,7 +64,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseDigest$$' -fuzztime $(FUZZTIME) ./cas/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseResource$$' -fuzztime $(FUZZTIME) ./cas/
 
-test: deps runtimes vet
+test: deps runtimes vm-payloads vet
 	$(MAKE) unit
 	$(MAKE) fuzz
 

@@ -103,46 +103,59 @@ var sizes = []struct {
 	n    int
 }{{"1MiB", 1 << 20}, {"100MiB", 100 << 20}}
 
-// BenchmarkByteStreamWrite uploads distinct blobs in 1 MiB chunks.
+// BenchmarkByteStreamWrite uploads distinct blobs in 1 MiB chunks, and
+// 100 MiB ones also in Bazel's 16 KiB chunks.
 func BenchmarkByteStreamWrite(b *testing.B) {
+	type variant struct {
+		name  string
+		n     int
+		chunk int
+		fsync bool
+	}
+	var variants []variant
 	for _, sz := range sizes {
 		for _, fsync := range []bool{true, false} {
-			b.Run(fmt.Sprintf("%s/fsync=%v", sz.name, fsync), func(b *testing.B) {
-				e := tcpEnv(b, fsync)
-				base := data(1, sz.n)
-				// Warm the connection (flow-control windows grow with use).
-				warm := data(9, sz.n)
-				if _, err := e.write(bg, "uploads/warm/blobs/"+cas.DigestOf(warm).String(), warm, 1<<20); err != nil {
-					b.Fatal(err)
-				}
-				var sha shaClock
-				var cpu cpuClock
-				b.SetBytes(int64(sz.n))
-				b.ResetTimer()
+			variants = append(variants, variant{fmt.Sprintf("%s/fsync=%v", sz.name, fsync), sz.n, 1 << 20, fsync})
+		}
+	}
+	variants = append(variants, variant{"100MiB/chunk=16KiB/fsync=false", 100 << 20, 16 << 10, false})
+	for _, v := range variants {
+		sz, fsync := v, v.fsync
+		b.Run(v.name, func(b *testing.B) {
+			e := tcpEnv(b, fsync)
+			base := data(1, sz.n)
+			// Warm the connection (flow-control windows grow with use).
+			warm := data(9, sz.n)
+			if _, err := e.write(bg, "uploads/warm/blobs/"+cas.DigestOf(warm).String(), warm, 1<<20); err != nil {
+				b.Fatal(err)
+			}
+			var sha shaClock
+			var cpu cpuClock
+			b.SetBytes(int64(sz.n))
+			b.ResetTimer()
+			cpu.Start()
+			for i := 0; i < b.N; i++ {
+				cpu.Stop()
+				b.StopTimer()
+				blob := base
+				blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
+				d := cas.DigestOf(blob)
+				name := fmt.Sprintf("uploads/%d/blobs/%s", i, d)
+				b.StartTimer()
 				cpu.Start()
-				for i := 0; i < b.N; i++ {
-					cpu.Stop()
-					b.StopTimer()
-					blob := base
-					blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
-					d := cas.DigestOf(blob)
-					name := fmt.Sprintf("uploads/%d/blobs/%s", i, d)
-					b.StartTimer()
-					cpu.Start()
-					if _, err := e.write(bg, name, blob, 1<<20); err != nil {
-						b.Fatal(err)
-					}
-					cpu.Stop()
-					b.StopTimer()
-					sha.hash(blob)
-					b.StartTimer()
-					cpu.Start()
+				if _, err := e.write(bg, name, blob, sz.chunk); err != nil {
+					b.Fatal(err)
 				}
 				cpu.Stop()
 				b.StopTimer()
-				sha.report(b, int64(sz.n), &cpu)
-			})
-		}
+				sha.hash(blob)
+				b.StartTimer()
+				cpu.Start()
+			}
+			cpu.Stop()
+			b.StopTimer()
+			sha.report(b, int64(sz.n), &cpu)
+		})
 	}
 }
 
@@ -261,7 +274,10 @@ func BenchmarkBatchUpdate10k(b *testing.B) {
 	}
 }
 
-// BenchmarkFindMissingBlobs10k looks up 10,000 digests, half of them present.
+// BenchmarkFindMissingBlobs10k looks up 10,000 digests, half of them
+// present: through gRPC, and (direct) calling the service method without
+// the transport, which separates actiond's own cost from protobuf and
+// HTTP/2.
 func BenchmarkFindMissingBlobs10k(b *testing.B) {
 	e := tcpEnv(b, false)
 	req := &repb.FindMissingBlobsRequest{}
@@ -277,22 +293,37 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 	if _, err := e.cas.BatchUpdateBlobs(bg, upload); err != nil {
 		b.Fatal(err)
 	}
-	var cpu cpuClock
-	b.ResetTimer()
-	cpu.Start()
-	for i := 0; i < b.N; i++ {
-		resp, err := e.cas.FindMissingBlobs(bg, req)
-		if err != nil {
-			b.Fatal(err)
+	svc := cas.NewService(e.srv.Store, 0, quietLogger())
+	for _, direct := range []bool{false, true} {
+		name := "grpc"
+		if direct {
+			name = "direct"
 		}
-		if len(resp.MissingBlobDigests) != 5000 {
-			b.Fatalf("%d missing", len(resp.MissingBlobDigests))
-		}
+		b.Run(name, func(b *testing.B) {
+			var cpu cpuClock
+			b.ResetTimer()
+			cpu.Start()
+			for i := 0; i < b.N; i++ {
+				var resp *repb.FindMissingBlobsResponse
+				var err error
+				if direct {
+					resp, err = svc.FindMissingBlobs(bg, req)
+				} else {
+					resp, err = e.cas.FindMissingBlobs(bg, req)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(resp.MissingBlobDigests) != 5000 {
+					b.Fatalf("%d missing", len(resp.MissingBlobDigests))
+				}
+			}
+			cpu.Stop()
+			b.StopTimer()
+			b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/op")
+			b.ReportMetric(float64(cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+		})
 	}
-	cpu.Stop()
-	b.StopTimer()
-	b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/op")
-	b.ReportMetric(float64(cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
 }
 
 // BenchmarkDiskFsync writes and fsyncs files of the benchmark sizes

@@ -110,8 +110,9 @@ type upload struct {
 }
 
 type uploads struct {
-	mu sync.Mutex
-	m  map[string]*upload
+	mu        sync.Mutex
+	m         map[string]*upload
+	lastSweep time.Time
 }
 
 // uploadTTL is how long an interrupted upload waits for its client to resume.
@@ -125,11 +126,16 @@ func (u *uploads) get(name string) *upload {
 	return u.m[name]
 }
 
-// put registers up, dropping expired uploads while it is there.
+// put registers up, dropping expired uploads now and then.
 func (u *uploads) put(name string, up *upload) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	u.m[name] = up
 	now := time.Now()
+	if now.Sub(u.lastSweep) < time.Minute {
+		return
+	}
+	u.lastSweep = now
 	for k, v := range u.m {
 		if !v.mu.TryLock() {
 			continue // being written
@@ -140,7 +146,6 @@ func (u *uploads) put(name string, up *upload) {
 		}
 		v.mu.Unlock()
 	}
-	u.m[name] = up
 }
 
 func (u *uploads) remove(name string, up *upload) {

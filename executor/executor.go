@@ -54,8 +54,9 @@ type Options struct {
 
 // Executor runs actions. It is safe for concurrent use.
 type Executor struct {
-	opts Options
-	log  *slog.Logger
+	opts  Options
+	log   *slog.Logger
+	trees *TreeCache
 }
 
 // New checks opts and returns an Executor.
@@ -94,7 +95,8 @@ func New(opts Options) (*Executor, error) {
 	if !slices.Contains(opts.Sandbox.Runtimes(), opts.DefaultRuntime) {
 		return nil, fmt.Errorf("default runtime %q is not available; available: %s", opts.DefaultRuntime, joinQuoted(opts.Sandbox.Runtimes()))
 	}
-	return &Executor{opts: opts, log: opts.Logger}, nil
+	trees := NewTreeCache(DefaultTreeCacheDirBytes, DefaultTreeCacheFiles)
+	return &Executor{opts: opts, log: opts.Logger, trees: trees}, nil
 }
 
 // InputRootName is the input root strategy in use.
@@ -212,7 +214,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	progress(StageFetchingInputs)
 	md.InputFetchStartTimestamp = timestamppb.Now()
 	rootDigest, _ := cas.FromProto(action.InputRootDigest)
-	tree, err := LoadInputTree(ctx, e.opts.Store, rootDigest)
+	tree, err := e.trees.LoadInputTree(ctx, e.opts.Store, rootDigest)
 	if err != nil {
 		return nil, err
 	}

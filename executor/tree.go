@@ -55,6 +55,24 @@ func invalidf(format string, args ...any) error {
 // LoadInputTree fetches and validates the tree below root, then checks that
 // every file blob is present.
 func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*InputTree, error) {
+	return (*TreeCache)(nil).LoadInputTree(ctx, store, root)
+}
+
+// LoadInputTree is the package's LoadInputTree with c's memory of
+// validated directories and trees; a nil c remembers nothing. The returned
+// tree may be shared with other callers: it must not be modified.
+func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*InputTree, error) {
+	if t := c.tree(root); t != nil {
+		// Validated before; the blobs may have been evicted since.
+		m, err := store.FindMissing(ctx, t.Files)
+		if err != nil {
+			return nil, fmt.Errorf("check input blobs: %w", err)
+		}
+		if len(m) > 0 {
+			return nil, &MissingBlobsError{Digests: m}
+		}
+		return t, nil
+	}
 	t := &InputTree{Root: root, Dirs: make(map[cas.Digest]*repb.Directory)}
 	var missing []cas.Digest
 	files := make(map[cas.Digest]bool)
@@ -68,21 +86,25 @@ func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*Inpu
 			if _, ok := t.Dirs[d]; ok {
 				continue
 			}
-			data, err := cas.ReadAll(ctx, store, d)
-			if errors.Is(err, cas.ErrNotFound) {
-				missing = append(missing, d)
-				t.Dirs[d] = nil
-				continue
-			}
-			if err != nil {
-				return nil, fmt.Errorf("read directory %s: %w", d, err)
-			}
-			dir := &repb.Directory{}
-			if err := proto.Unmarshal(data, dir); err != nil {
-				return nil, invalidf("blob %s in the input root is not a Directory message: %v", d, err)
-			}
-			if err := validateDirectory(dir); err != nil {
-				return nil, invalidf("input directory %s: %v", d, err)
+			dir := c.dir(d)
+			if dir == nil {
+				data, err := cas.ReadAll(ctx, store, d)
+				if errors.Is(err, cas.ErrNotFound) {
+					missing = append(missing, d)
+					t.Dirs[d] = nil
+					continue
+				}
+				if err != nil {
+					return nil, fmt.Errorf("read directory %s: %w", d, err)
+				}
+				dir = &repb.Directory{}
+				if err := proto.Unmarshal(data, dir); err != nil {
+					return nil, invalidf("blob %s in the input root is not a Directory message: %v", d, err)
+				}
+				if err := validateDirectory(dir); err != nil {
+					return nil, invalidf("input directory %s: %v", d, err)
+				}
+				c.addDir(d, dir)
 			}
 			t.Dirs[d] = dir
 			for _, f := range dir.Files {
@@ -108,6 +130,7 @@ func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*Inpu
 	if len(missing) > 0 {
 		return nil, &MissingBlobsError{Digests: missing}
 	}
+	c.addTree(t)
 	return t, nil
 }
 

@@ -5,6 +5,7 @@ package fs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	iofs "io/fs"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -98,14 +100,15 @@ type Refusal struct {
 
 // actionFS is the file system of one mount.
 type actionFS struct {
-	fuseutil.NotImplementedFileSystem
-
 	log   *slog.Logger
 	dirs  *dirCache
 	blobs *blobFiles
 	known map[cas.Digest]*repb.Directory // from the executor's InputTree; read-only
 	stage string                         // directory for the bytes of staged files
 	lower bool                           // read-only lower layer of an overlay
+	// owner owns every input of a lower layer (the sandbox user), so the
+	// command may change anything in the overlay, as with a private copy.
+	owner [2]uint32
 	// expire is when cached entries and attributes expire.
 	expire time.Time
 
@@ -118,10 +121,18 @@ type actionFS struct {
 	nBacking   uint64
 	refused    []Refusal
 	nRefused   int
+	// probe is the hidden file disablePoll uses, visible while probing.
+	probe   *node
+	probing bool
 }
 
+// pollProbeName is the name under which the root shows the probe file
+// while disablePoll runs.
+const pollProbeName = ".actiondfs-poll-probe"
+
 func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Directory, stage string, lower bool) *actionFS {
-	fs := &actionFS{
+	afs := &actionFS{
+		owner:   r.owner,
 		log:     r.log,
 		dirs:    r.dirs,
 		blobs:   r.blobs,
@@ -133,23 +144,71 @@ func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Direc
 		nextID:  fuseops.RootInodeID,
 		handles: make(map[fuseops.HandleID]*handle),
 	}
-	rootNode := &node{kind: kindDir, input: true, dirDigest: root, mode: os.ModeDir | fs.inputDirPerm()}
-	setTimes(rootNode, inputTime)
-	fs.register(rootNode)
-	return fs
+	rootNode := &node{kind: kindDir, input: true, dirDigest: root, mode: os.ModeDir | afs.inputDirPerm()}
+	afs.setInputAttrs(rootNode)
+	afs.register(rootNode)
+	afs.probe = &node{kind: kindFile, input: true, digest: cas.EmptyDigest, nlink: 1, mode: 0o444, parent: rootNode, name: pollProbeName}
+	setTimes(afs.probe, inputTime)
+	afs.register(afs.probe)
+	return afs
 }
 
-func (fs *actionFS) inputDirPerm() os.FileMode {
-	if fs.lower {
+// disablePoll makes the kernel stop sending FUSE_POLL for files of the
+// mount at dir. Go's runtime registers every file it opens with epoll from
+// inside the runtime, holding its P; on a FUSE file that sends FUSE_POLL
+// and waits for this very process to answer, and once GOMAXPROCS threads
+// wait so, nothing can answer. The first FUSE_POLL answered with ENOSYS
+// (which fuseutil does for ops it does not know) turns polling off for the
+// connection, so it is sent here from a plain system call, on a hidden
+// empty file that only exists while this runs.
+func (afs *actionFS) disablePoll(dir string) error {
+	afs.mu.Lock()
+	afs.probing = true
+	afs.mu.Unlock()
+	defer func() {
+		afs.mu.Lock()
+		afs.probing = false
+		afs.mu.Unlock()
+	}()
+	fd, err := unix.Open(filepath.Join(dir, pollProbeName), unix.O_RDONLY|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return fmt.Errorf("open probe file: %w", err)
+	}
+	defer unix.Close(fd)
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("epoll_create: %w", err)
+	}
+	defer unix.Close(ep)
+	// Not unix.EpollCtl: that is a raw system call, which would keep this
+	// thread's P while the server (this process) has to answer.
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd)}
+	_, _, errno := syscall.Syscall6(unix.SYS_EPOLL_CTL, uintptr(ep), unix.EPOLL_CTL_ADD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0)
+	if errno != 0 && errno != unix.EPERM {
+		return fmt.Errorf("epoll_ctl: %w", errno)
+	}
+	return nil
+}
+
+// setInputAttrs sets the owner and times of an input node.
+func (afs *actionFS) setInputAttrs(n *node) {
+	setTimes(n, inputTime)
+	if afs.lower {
+		n.uid, n.gid = afs.owner[0], afs.owner[1]
+	}
+}
+
+func (afs *actionFS) inputDirPerm() os.FileMode {
+	if afs.lower {
 		return 0o777
 	}
 	return 0o755
 }
 
-func (fs *actionFS) register(n *node) {
-	n.id = fs.nextID
-	fs.nextID++
-	fs.nodes[n.id] = n
+func (afs *actionFS) register(n *node) {
+	n.id = afs.nextID
+	afs.nextID++
+	afs.nodes[n.id] = n
 }
 
 func setTimes(n *node, t time.Time) { n.atime, n.mtime, n.ctime = t, t, t }
@@ -186,21 +245,21 @@ func stickyDenied(dir, child *node, uid uint32) bool {
 }
 
 // dirOf returns the Directory message of an input directory (nil for a
-// staged one), resolving it on first use. Called with fs.mu held; it
+// staged one), resolving it on first use. Called with afs.mu held; it
 // releases the lock while reading the CAS.
-func (fs *actionFS) dirOf(ctx context.Context, n *node) (*repb.Directory, error) {
+func (afs *actionFS) dirOf(ctx context.Context, n *node) (*repb.Directory, error) {
 	if n.dir != nil || !n.input {
 		return n.dir, nil
 	}
-	if d := fs.known[n.dirDigest]; d != nil {
+	if d := afs.known[n.dirDigest]; d != nil {
 		n.dir = d
 		return d, nil
 	}
-	fs.mu.Unlock()
-	d, err := fs.dirs.get(ctx, n.dirDigest)
-	fs.mu.Lock()
+	afs.mu.Unlock()
+	d, err := afs.dirs.get(ctx, n.dirDigest)
+	afs.mu.Lock()
 	if err != nil {
-		fs.log.Warn("actiondfs: resolve input directory", "path", pathOf(n), "digest", n.dirDigest.String(), "err", err)
+		afs.log.Warn("actiondfs: resolve input directory", "path", pathOf(n), "digest", n.dirDigest.String(), "err", err)
 		return nil, syscall.EIO
 	}
 	if n.dir == nil {
@@ -211,8 +270,8 @@ func (fs *actionFS) dirOf(ctx context.Context, n *node) (*repb.Directory, error)
 
 // child returns the entry name of directory p (nil if there is none):
 // staged entries first, then inputs, whose nodes are made on first use.
-// Called with fs.mu held; may release it (see dirOf).
-func (fs *actionFS) child(ctx context.Context, p *node, name string) (*node, error) {
+// Called with afs.mu held; may release it (see dirOf).
+func (afs *actionFS) child(ctx context.Context, p *node, name string) (*node, error) {
 	if c := p.staged[name]; c != nil {
 		return c, nil
 	}
@@ -222,7 +281,7 @@ func (fs *actionFS) child(ctx context.Context, p *node, name string) (*node, err
 	if c := p.inputs[name]; c != nil {
 		return c, nil
 	}
-	dir, err := fs.dirOf(ctx, p)
+	dir, err := afs.dirOf(ctx, p)
 	if err != nil {
 		return nil, err
 	}
@@ -236,7 +295,7 @@ func (fs *actionFS) child(ctx context.Context, p *node, name string) (*node, err
 	if f := findFile(dir, name); f != nil {
 		d, _ := cas.FromProto(f.Digest)
 		perm := os.FileMode(0o444)
-		if fs.lower {
+		if afs.lower {
 			perm = 0o666
 		}
 		if f.IsExecutable {
@@ -245,15 +304,15 @@ func (fs *actionFS) child(ctx context.Context, p *node, name string) (*node, err
 		c = &node{kind: kindFile, digest: d, size: d.Size, nlink: 1, mode: perm}
 	} else if s := findDir(dir, name); s != nil {
 		d, _ := cas.FromProto(s.Digest)
-		c = &node{kind: kindDir, dirDigest: d, mode: os.ModeDir | fs.inputDirPerm()}
+		c = &node{kind: kindDir, dirDigest: d, mode: os.ModeDir | afs.inputDirPerm()}
 	} else if l := findSymlink(dir, name); l != nil {
 		c = &node{kind: kindSymlink, target: l.Target, nlink: 1, mode: os.ModeSymlink | 0o777}
 	} else {
 		return nil, nil
 	}
 	c.input, c.parent, c.name = true, p, name
-	setTimes(c, inputTime)
-	fs.register(c)
+	afs.setInputAttrs(c)
+	afs.register(c)
 	if p.inputs == nil {
 		p.inputs = make(map[string]*node)
 	}
@@ -261,16 +320,16 @@ func (fs *actionFS) child(ctx context.Context, p *node, name string) (*node, err
 	return c, nil
 }
 
-// attrs describes n to the kernel. Called with fs.mu held; may release it
+// attrs describes n to the kernel. Called with afs.mu held; may release it
 // to resolve an input directory (for its link count).
-func (fs *actionFS) attrs(ctx context.Context, n *node) (fuseops.InodeAttributes, error) {
+func (afs *actionFS) attrs(ctx context.Context, n *node) (fuseops.InodeAttributes, error) {
 	a := fuseops.InodeAttributes{
 		Nlink: n.nlink, Mode: n.mode, Uid: n.uid, Gid: n.gid,
 		Atime: n.atime, Mtime: n.mtime, Ctime: n.ctime,
 	}
 	switch n.kind {
 	case kindDir:
-		dir, err := fs.dirOf(ctx, n)
+		dir, err := afs.dirOf(ctx, n)
 		if err != nil {
 			return a, err
 		}
@@ -287,9 +346,9 @@ func (fs *actionFS) attrs(ctx context.Context, n *node) (fuseops.InodeAttributes
 	return a, nil
 }
 
-func (fs *actionFS) entry(ctx context.Context, n *node) (fuseops.ChildInodeEntry, error) {
-	a, err := fs.attrs(ctx, n)
-	return fuseops.ChildInodeEntry{Child: n.id, Attributes: a, AttributesExpiration: fs.expire, EntryExpiration: fs.expire}, err
+func (afs *actionFS) entry(ctx context.Context, n *node) (fuseops.ChildInodeEntry, error) {
+	a, err := afs.attrs(ctx, n)
+	return fuseops.ChildInodeEntry{Child: n.id, Attributes: a, AttributesExpiration: afs.expire, EntryExpiration: afs.expire}, err
 }
 
 // pathOf is n's path relative to the root of the mount.
@@ -310,25 +369,25 @@ func joinPath(dir *node, name string) string {
 }
 
 // refuse records a refused change to an input and returns EROFS.
-func (fs *actionFS) refuse(op, path string) error {
-	fs.nRefused++
+func (afs *actionFS) refuse(op, path string) error {
+	afs.nRefused++
 	r := Refusal{Op: op, Path: path}
-	if len(fs.refused) < maxRefusals && !slices.Contains(fs.refused, r) {
-		fs.refused = append(fs.refused, r)
+	if len(afs.refused) < maxRefusals && !slices.Contains(afs.refused, r) {
+		afs.refused = append(afs.refused, r)
 	}
-	fs.log.Debug("actiondfs: refused a change to an input", "op", op, "path", path)
+	afs.log.Debug("actiondfs: refused a change to an input", "op", op, "path", path)
 	return syscall.EROFS
 }
 
 // Refused returns the refusals so far and how many there were in all.
-func (fs *actionFS) Refused() ([]Refusal, int) {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	return slices.Clone(fs.refused), fs.nRefused
+func (afs *actionFS) Refused() ([]Refusal, int) {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	return slices.Clone(afs.refused), afs.nRefused
 }
 
-func (fs *actionFS) getDir(id fuseops.InodeID) (*node, error) {
-	n := fs.nodes[id]
+func (afs *actionFS) getDir(id fuseops.InodeID) (*node, error) {
+	n := afs.nodes[id]
 	switch {
 	case n == nil:
 		return nil, syscall.ENOENT
@@ -339,11 +398,11 @@ func (fs *actionFS) getDir(id fuseops.InodeID) (*node, error) {
 }
 
 // newEntryCheck checks that name may be created in p by the caller.
-func (fs *actionFS) newEntryCheck(ctx context.Context, p *node, name string, uid, gid uint32) error {
-	if fs.lower {
+func (afs *actionFS) newEntryCheck(ctx context.Context, p *node, name string, uid, gid uint32) error {
+	if afs.lower {
 		return syscall.EROFS
 	}
-	c, err := fs.child(ctx, p, name)
+	c, err := afs.child(ctx, p, name)
 	if err != nil {
 		return err
 	}
@@ -357,7 +416,7 @@ func (fs *actionFS) newEntryCheck(ctx context.Context, p *node, name string, uid
 }
 
 // addStaged links a new node into p.
-func (fs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
+func (afs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
 	now := time.Now()
 	setTimes(n, now)
 	n.parent, n.name, n.uid, n.gid = p, name, uid, gid
@@ -367,7 +426,7 @@ func (fs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
 			n.mode |= os.ModeSetgid
 		}
 	}
-	fs.register(n)
+	afs.register(n)
 	if p.staged == nil {
 		p.staged = make(map[string]*node)
 	}
@@ -379,26 +438,26 @@ func (fs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
 }
 
 // newBacking creates the file holding a staged file's bytes.
-func (fs *actionFS) newBacking() (string, *os.File, error) {
-	if !fs.stageMade {
-		if err := os.MkdirAll(fs.stage, 0o700); err != nil {
-			fs.log.Warn("actiondfs: create stage directory", "dir", fs.stage, "err", err)
+func (afs *actionFS) newBacking() (string, *os.File, error) {
+	if !afs.stageMade {
+		if err := os.MkdirAll(afs.stage, 0o700); err != nil {
+			afs.log.Warn("actiondfs: create stage directory", "dir", afs.stage, "err", err)
 			return "", nil, syscall.EIO
 		}
-		fs.stageMade = true
+		afs.stageMade = true
 	}
-	fs.nBacking++
-	p := filepath.Join(fs.stage, strconv.FormatUint(fs.nBacking, 10))
+	afs.nBacking++
+	p := filepath.Join(afs.stage, strconv.FormatUint(afs.nBacking, 10))
 	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		fs.log.Warn("actiondfs: create staged file", "path", p, "err", err)
+		afs.log.Warn("actiondfs: create staged file", "path", p, "err", err)
 		return "", nil, errnoOf(err)
 	}
 	return p, f, nil
 }
 
 // dropLink removes one name of n.
-func (fs *actionFS) dropLink(n *node) {
+func (afs *actionFS) dropLink(n *node) {
 	n.ctime = time.Now()
 	if n.kind == kindDir {
 		return
@@ -423,9 +482,9 @@ func errnoOf(err error) error {
 }
 
 // StatFS reports the space of the stage's file system.
-func (fs *actionFS) StatFS(ctx context.Context, op *fuseops.StatFSOp) error {
+func (afs *actionFS) StatFS(ctx context.Context, op *fuseops.StatFSOp) error {
 	var st unix.Statfs_t
-	if err := unix.Statfs(filepath.Dir(fs.stage), &st); err != nil {
+	if err := unix.Statfs(filepath.Dir(afs.stage), &st); err != nil {
 		return nil
 	}
 	op.BlockSize = uint32(st.Bsize)
@@ -435,51 +494,57 @@ func (fs *actionFS) StatFS(ctx context.Context, op *fuseops.StatFSOp) error {
 	return nil
 }
 
-// LookUpInode implements fuseutil.FileSystem. Missing names are answered
+// LookUpInode serves the op. Missing names are answered
 // with a cacheable negative entry: include-path searches look up many.
-func (fs *actionFS) LookUpInode(ctx context.Context, op *fuseops.LookUpInodeOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+func (afs *actionFS) LookUpInode(ctx context.Context, op *fuseops.LookUpInodeOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	if afs.probing && op.Parent == fuseops.RootInodeID && op.Name == pollProbeName {
+		// Not cached: the name goes away when probing ends.
+		a, _ := afs.attrs(ctx, afs.probe)
+		op.Entry = fuseops.ChildInodeEntry{Child: afs.probe.id, Attributes: a}
+		return nil
+	}
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
-	c, err := fs.child(ctx, p, op.Name)
+	c, err := afs.child(ctx, p, op.Name)
 	if err != nil {
 		return err
 	}
 	if c == nil {
-		op.Entry = fuseops.ChildInodeEntry{EntryExpiration: fs.expire}
+		op.Entry = fuseops.ChildInodeEntry{EntryExpiration: afs.expire}
 		return nil
 	}
-	op.Entry, err = fs.entry(ctx, c)
+	op.Entry, err = afs.entry(ctx, c)
 	return err
 }
 
-// GetInodeAttributes implements fuseutil.FileSystem.
-func (fs *actionFS) GetInodeAttributes(ctx context.Context, op *fuseops.GetInodeAttributesOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	n := fs.nodes[op.Inode]
+// GetInodeAttributes serves the op.
+func (afs *actionFS) GetInodeAttributes(ctx context.Context, op *fuseops.GetInodeAttributesOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	n := afs.nodes[op.Inode]
 	if n == nil {
 		return syscall.ENOENT
 	}
-	a, err := fs.attrs(ctx, n)
-	op.Attributes, op.AttributesExpiration = a, fs.expire
+	a, err := afs.attrs(ctx, n)
+	op.Attributes, op.AttributesExpiration = a, afs.expire
 	return err
 }
 
-// SetInodeAttributes implements fuseutil.FileSystem. Input files and
+// SetInodeAttributes serves the op. Input files and
 // symlinks never change; input directories may change mode, owner and
 // times (their entries stay immutable).
-func (fs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInodeAttributesOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	n := fs.nodes[op.Inode]
+func (afs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInodeAttributesOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	n := afs.nodes[op.Inode]
 	if n == nil {
 		return syscall.ENOENT
 	}
-	if fs.lower {
+	if afs.lower {
 		return syscall.EROFS
 	}
 	if n.input && n.kind != kindDir {
@@ -492,7 +557,7 @@ func (fs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInode
 		case op.Uid != nil || op.Gid != nil:
 			what = "chown"
 		}
-		return fs.refuse(what, pathOf(n))
+		return afs.refuse(what, pathOf(n))
 	}
 	uid, gid := creds(ctx, op.OpContext)
 	owner := uid == 0 || uid == n.uid
@@ -547,52 +612,52 @@ func (fs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInode
 	if op.Mtime != nil {
 		n.mtime, n.ctime = *op.Mtime, now
 	}
-	a, err := fs.attrs(ctx, n)
-	op.Attributes, op.AttributesExpiration = a, fs.expire
+	a, err := afs.attrs(ctx, n)
+	op.Attributes, op.AttributesExpiration = a, afs.expire
 	return err
 }
 
-// ForgetInode implements fuseutil.FileSystem: nodes live as long as the mount.
-func (fs *actionFS) ForgetInode(ctx context.Context, op *fuseops.ForgetInodeOp) error { return nil }
+// ForgetInode serves the op: nodes live as long as the mount.
+func (afs *actionFS) ForgetInode(ctx context.Context, op *fuseops.ForgetInodeOp) error { return nil }
 
-// BatchForget implements fuseutil.FileSystem.
-func (fs *actionFS) BatchForget(ctx context.Context, op *fuseops.BatchForgetOp) error { return nil }
+// BatchForget serves the op.
+func (afs *actionFS) BatchForget(ctx context.Context, op *fuseops.BatchForgetOp) error { return nil }
 
-// MkDir implements fuseutil.FileSystem.
-func (fs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+// MkDir serves the op.
+func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
 	uid, gid := creds(ctx, op.OpContext)
-	if err := fs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
+	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		return err
 	}
 	n := &node{kind: kindDir, mode: os.ModeDir | op.Mode&(os.ModePerm|specialBits)}
-	fs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = fs.entry(ctx, n)
+	afs.addStaged(p, op.Name, n, uid, gid)
+	op.Entry, err = afs.entry(ctx, n)
 	return err
 }
 
-// MkNode implements fuseutil.FileSystem: regular files, FIFOs and sockets.
-func (fs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+// MkNode serves the op: regular files, FIFOs and sockets.
+func (afs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
 	uid, gid := creds(ctx, op.OpContext)
-	if err := fs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
+	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		return err
 	}
 	perm := op.Mode & (os.ModePerm | specialBits)
 	var n *node
 	switch op.Mode.Type() {
 	case 0:
-		path, f, err := fs.newBacking()
+		path, f, err := afs.newBacking()
 		if err != nil {
 			return err
 		}
@@ -603,69 +668,69 @@ func (fs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
 	default:
 		return syscall.EPERM
 	}
-	fs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = fs.entry(ctx, n)
+	afs.addStaged(p, op.Name, n, uid, gid)
+	op.Entry, err = afs.entry(ctx, n)
 	return err
 }
 
-// CreateFile implements fuseutil.FileSystem.
-func (fs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+// CreateFile serves the op.
+func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
 	uid, gid := creds(ctx, op.OpContext)
-	if err := fs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
+	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		if err == syscall.EEXIST && uint32(op.OpenFlags)&unix.O_EXCL == 0 {
 			if c := p.staged[op.Name]; c == nil {
-				return fs.refuse("create over", joinPath(p, op.Name))
+				return afs.refuse("create over", joinPath(p, op.Name))
 			}
 		}
 		return err
 	}
-	path, f, err := fs.newBacking()
+	path, f, err := afs.newBacking()
 	if err != nil {
 		return err
 	}
 	n := &node{kind: kindFile, backing: path, f: f, opens: 1, nlink: 1, mode: op.Mode & (os.ModePerm | specialBits)}
-	fs.addStaged(p, op.Name, n, uid, gid)
-	if op.Entry, err = fs.entry(ctx, n); err != nil {
+	afs.addStaged(p, op.Name, n, uid, gid)
+	if op.Entry, err = afs.entry(ctx, n); err != nil {
 		return err
 	}
-	op.Handle = fs.newHandle(&handle{n: n})
+	op.Handle = afs.newHandle(&handle{n: n})
 	return nil
 }
 
-// CreateSymlink implements fuseutil.FileSystem.
-func (fs *actionFS) CreateSymlink(ctx context.Context, op *fuseops.CreateSymlinkOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+// CreateSymlink serves the op.
+func (afs *actionFS) CreateSymlink(ctx context.Context, op *fuseops.CreateSymlinkOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
 	uid, gid := creds(ctx, op.OpContext)
-	if err := fs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
+	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		return err
 	}
 	n := &node{kind: kindSymlink, target: op.Target, nlink: 1, mode: os.ModeSymlink | 0o777}
-	fs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = fs.entry(ctx, n)
+	afs.addStaged(p, op.Name, n, uid, gid)
+	op.Entry, err = afs.entry(ctx, n)
 	return err
 }
 
-// CreateLink implements fuseutil.FileSystem. A new name for an input is
+// CreateLink serves the op. A new name for an input is
 // allowed (it changes nothing); the inode stays immutable.
-func (fs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	p, err := fs.getDir(op.Parent)
+func (afs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
-	t := fs.nodes[op.Target]
+	t := afs.nodes[op.Target]
 	switch {
 	case t == nil:
 		return syscall.ENOENT
@@ -673,7 +738,7 @@ func (fs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) er
 		return syscall.EPERM
 	}
 	uid, gid := creds(ctx, op.OpContext)
-	if err := fs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
+	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		return err
 	}
 	if p.staged == nil {
@@ -683,27 +748,27 @@ func (fs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) er
 	t.nlink++
 	now := time.Now()
 	t.ctime, p.mtime, p.ctime = now, now, now
-	op.Entry, err = fs.entry(ctx, t)
+	op.Entry, err = afs.entry(ctx, t)
 	return err
 }
 
-// Rename implements fuseutil.FileSystem: staged entries move freely;
+// Rename serves the op: staged entries move freely;
 // inputs can be neither moved nor replaced.
-func (fs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if fs.lower {
+func (afs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	if afs.lower {
 		return syscall.EROFS
 	}
-	op1, err := fs.getDir(op.OldParent)
+	op1, err := afs.getDir(op.OldParent)
 	if err != nil {
 		return err
 	}
-	np, err := fs.getDir(op.NewParent)
+	np, err := afs.getDir(op.NewParent)
 	if err != nil {
 		return err
 	}
-	src, err := fs.child(ctx, op1, op.OldName)
+	src, err := afs.child(ctx, op1, op.OldName)
 	if err != nil {
 		return err
 	}
@@ -711,14 +776,14 @@ func (fs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 		return syscall.ENOENT
 	}
 	if op1.staged[op.OldName] != src {
-		return fs.refuse("rename", joinPath(op1, op.OldName))
+		return afs.refuse("rename", joinPath(op1, op.OldName))
 	}
-	dst, err := fs.child(ctx, np, op.NewName)
+	dst, err := afs.child(ctx, np, op.NewName)
 	if err != nil {
 		return err
 	}
 	if dst != nil && np.staged[op.NewName] != dst {
-		return fs.refuse("replace", joinPath(np, op.NewName))
+		return afs.refuse("replace", joinPath(np, op.NewName))
 	}
 	if src == dst {
 		return nil
@@ -743,7 +808,7 @@ func (fs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 		if dst.kind == kindDir {
 			np.subdirs--
 		}
-		fs.dropLink(dst)
+		afs.dropLink(dst)
 	}
 	delete(op1.staged, op.OldName)
 	if np.staged == nil {
@@ -762,18 +827,18 @@ func (fs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 	return nil
 }
 
-// RmDir implements fuseutil.FileSystem.
-func (fs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if fs.lower {
+// RmDir serves the op.
+func (afs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	if afs.lower {
 		return syscall.EROFS
 	}
-	p, err := fs.getDir(op.Parent)
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
-	c, err := fs.child(ctx, p, op.Name)
+	c, err := afs.child(ctx, p, op.Name)
 	switch {
 	case err != nil:
 		return err
@@ -782,7 +847,7 @@ func (fs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
 	case c.kind != kindDir:
 		return syscall.ENOTDIR
 	case p.staged[op.Name] != c:
-		return fs.refuse("remove directory", joinPath(p, op.Name))
+		return afs.refuse("remove directory", joinPath(p, op.Name))
 	case len(c.staged) > 0:
 		return syscall.ENOTEMPTY
 	}
@@ -800,18 +865,18 @@ func (fs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
 	return nil
 }
 
-// Unlink implements fuseutil.FileSystem.
-func (fs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if fs.lower {
+// Unlink serves the op.
+func (afs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	if afs.lower {
 		return syscall.EROFS
 	}
-	p, err := fs.getDir(op.Parent)
+	p, err := afs.getDir(op.Parent)
 	if err != nil {
 		return err
 	}
-	c, err := fs.child(ctx, p, op.Name)
+	c, err := afs.child(ctx, p, op.Name)
 	switch {
 	case err != nil:
 		return err
@@ -820,7 +885,7 @@ func (fs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
 	case c.kind == kindDir:
 		return syscall.EISDIR
 	case p.staged[op.Name] != c:
-		return fs.refuse("remove", joinPath(p, op.Name))
+		return afs.refuse("remove", joinPath(p, op.Name))
 	}
 	uid, gid := creds(ctx, op.OpContext)
 	if !allowed(p, uid, gid, wantW|wantX) {
@@ -830,24 +895,24 @@ func (fs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
 		return syscall.EPERM
 	}
 	delete(p.staged, op.Name)
-	fs.dropLink(c)
+	afs.dropLink(c)
 	now := time.Now()
 	p.mtime, p.ctime = now, now
 	return nil
 }
 
-func (fs *actionFS) newHandle(h *handle) fuseops.HandleID {
-	fs.nextHandle++
-	fs.handles[fs.nextHandle] = h
-	return fs.nextHandle
+func (afs *actionFS) newHandle(h *handle) fuseops.HandleID {
+	afs.nextHandle++
+	afs.handles[afs.nextHandle] = h
+	return afs.nextHandle
 }
 
-// OpenDir implements fuseutil.FileSystem; the listing is taken now, so
+// OpenDir serves the op; the listing is taken now, so
 // that offsets stay valid whatever the action creates meanwhile.
-func (fs *actionFS) OpenDir(ctx context.Context, op *fuseops.OpenDirOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	n, err := fs.getDir(op.Inode)
+func (afs *actionFS) OpenDir(ctx context.Context, op *fuseops.OpenDirOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	n, err := afs.getDir(op.Inode)
 	if err != nil {
 		return err
 	}
@@ -863,7 +928,7 @@ func (fs *actionFS) OpenDir(ctx context.Context, op *fuseops.OpenDirOp) error {
 		{Inode: n.id, Name: ".", Type: fuseutil.DT_Directory},
 		{Inode: parent.id, Name: "..", Type: fuseutil.DT_Directory},
 	}
-	dir, err := fs.dirOf(ctx, n)
+	dir, err := afs.dirOf(ctx, n)
 	if err != nil {
 		return err
 	}
@@ -884,7 +949,7 @@ func (fs *actionFS) OpenDir(ctx context.Context, op *fuseops.OpenDirOp) error {
 	}
 	slices.Sort(names)
 	for _, name := range names {
-		c, err := fs.child(ctx, n, name)
+		c, err := afs.child(ctx, n, name)
 		if err != nil {
 			return err
 		}
@@ -896,7 +961,7 @@ func (fs *actionFS) OpenDir(ctx context.Context, op *fuseops.OpenDirOp) error {
 	for i := range ents {
 		ents[i].Offset = fuseops.DirOffset(i + 1)
 	}
-	op.Handle = fs.newHandle(&handle{n: n, entries: ents})
+	op.Handle = afs.newHandle(&handle{n: n, entries: ents})
 	op.KeepCache, op.CacheDir = true, true
 	return nil
 }
@@ -916,11 +981,11 @@ func direntType(n *node) fuseutil.DirentType {
 	return fuseutil.DT_File
 }
 
-// ReadDir implements fuseutil.FileSystem.
-func (fs *actionFS) ReadDir(ctx context.Context, op *fuseops.ReadDirOp) error {
-	fs.mu.Lock()
-	h := fs.handles[op.Handle]
-	fs.mu.Unlock()
+// ReadDir serves the op.
+func (afs *actionFS) ReadDir(ctx context.Context, op *fuseops.ReadDirOp) error {
+	afs.mu.Lock()
+	h := afs.handles[op.Handle]
+	afs.mu.Unlock()
 	if h == nil || h.entries == nil {
 		return syscall.EBADF
 	}
@@ -934,58 +999,58 @@ func (fs *actionFS) ReadDir(ctx context.Context, op *fuseops.ReadDirOp) error {
 	return nil
 }
 
-// ReleaseDirHandle implements fuseutil.FileSystem.
-func (fs *actionFS) ReleaseDirHandle(ctx context.Context, op *fuseops.ReleaseDirHandleOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	delete(fs.handles, op.Handle)
+// ReleaseDirHandle serves the op.
+func (afs *actionFS) ReleaseDirHandle(ctx context.Context, op *fuseops.ReleaseDirHandleOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	delete(afs.handles, op.Handle)
 	return nil
 }
 
-// OpenFile implements fuseutil.FileSystem. Inputs open read-only; asking
+// OpenFile serves the op. Inputs open read-only; asking
 // for more is refused.
-func (fs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error {
+func (afs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error {
 	flags := uint32(op.OpenFlags)
 	acc := flags & unix.O_ACCMODE
-	fs.mu.Lock()
-	n := fs.nodes[op.Inode]
+	afs.mu.Lock()
+	n := afs.nodes[op.Inode]
 	switch {
 	case n == nil:
-		fs.mu.Unlock()
+		afs.mu.Unlock()
 		return syscall.ENOENT
 	case n.kind == kindDir:
-		fs.mu.Unlock()
+		afs.mu.Unlock()
 		return syscall.EISDIR
 	case n.input:
 		var err error
 		if acc != unix.O_RDONLY {
-			err = fs.refuse("open for writing", pathOf(n))
+			err = afs.refuse("open for writing", pathOf(n))
 		} else if flags&unix.O_TRUNC != 0 {
-			err = fs.refuse("truncate", pathOf(n))
+			err = afs.refuse("truncate", pathOf(n))
 		}
-		fs.mu.Unlock()
+		afs.mu.Unlock()
 		if err != nil {
 			return err
 		}
 		h := &handle{n: n}
 		if n.digest.Size > 0 {
-			bf, err := fs.blobs.acquire(n.digest)
+			bf, err := afs.blobs.acquire(n.digest)
 			if err != nil {
-				fs.log.Warn("actiondfs: open input", "path", pathOf(n), "digest", n.digest.String(), "err", err)
+				afs.log.Warn("actiondfs: open input", "path", pathOf(n), "digest", n.digest.String(), "err", err)
 				return syscall.EIO
 			}
 			h.blob = bf
 		}
-		fs.mu.Lock()
-		op.Handle = fs.newHandle(h)
-		fs.mu.Unlock()
+		afs.mu.Lock()
+		op.Handle = afs.newHandle(h)
+		afs.mu.Unlock()
 		op.KeepPageCache = true
 		return nil
 	case n.kind != kindFile:
-		fs.mu.Unlock()
+		afs.mu.Unlock()
 		return syscall.EINVAL
 	}
-	defer fs.mu.Unlock()
+	defer afs.mu.Unlock()
 	uid, gid := creds(ctx, op.OpContext)
 	want := uint32(0)
 	if acc == unix.O_RDONLY || acc == unix.O_RDWR {
@@ -1000,7 +1065,7 @@ func (fs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error 
 	if n.f == nil {
 		f, err := os.OpenFile(n.backing, os.O_RDWR, 0)
 		if err != nil {
-			fs.log.Warn("actiondfs: open staged file", "path", pathOf(n), "err", err)
+			afs.log.Warn("actiondfs: open staged file", "path", pathOf(n), "err", err)
 			return errnoOf(err)
 		}
 		n.f = f
@@ -1013,15 +1078,15 @@ func (fs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error 
 		now := time.Now()
 		n.size, n.mtime, n.ctime = 0, now, now
 	}
-	op.Handle = fs.newHandle(&handle{n: n})
+	op.Handle = afs.newHandle(&handle{n: n})
 	op.KeepPageCache = true
 	return nil
 }
 
-// ReadFile implements fuseutil.FileSystem.
-func (fs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error {
-	fs.mu.Lock()
-	h := fs.handles[op.Handle]
+// ReadFile serves the op.
+func (afs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error {
+	afs.mu.Lock()
+	h := afs.handles[op.Handle]
 	var f *os.File
 	if h != nil {
 		if h.blob != nil {
@@ -1030,7 +1095,7 @@ func (fs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error 
 			f = h.n.f
 		}
 	}
-	fs.mu.Unlock()
+	afs.mu.Unlock()
 	if h == nil {
 		return syscall.EBADF
 	}
@@ -1038,51 +1103,68 @@ func (fs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error 
 		return nil
 	}
 	dst := op.Dst
-	if dst == nil {
-		dst = make([]byte, op.Size)
+	var pooled *[]byte
+	if int64(len(dst)) < op.Size {
+		// Larger than the request buffer: a pooled buffer, given back once
+		// the reply is sent.
+		pooled = readBufs.Get().(*[]byte)
+		dst = (*pooled)[:min(op.Size, int64(len(*pooled)))]
 	}
 	n, err := f.ReadAt(dst, op.Offset)
 	if err != nil && err != io.EOF {
-		fs.log.Warn("actiondfs: read", "path", pathOf(h.n), "err", err)
+		if pooled != nil {
+			readBufs.Put(pooled)
+		}
+		afs.log.Warn("actiondfs: read", "path", pathOf(h.n), "err", err)
 		return errnoOf(err)
 	}
 	op.BytesRead = n
-	if op.Dst == nil {
+	if pooled != nil {
 		op.Data = [][]byte{dst[:n]}
+		op.Callback = func() { readBufs.Put(pooled) }
 	}
 	return nil
 }
 
-// WriteFile implements fuseutil.FileSystem (staged files only: inputs are
+// readBufs holds buffers for reads larger than the request buffer.
+var readBufs = sync.Pool{New: func() any {
+	b := make([]byte, maxReadBuf)
+	return &b
+}}
+
+// maxReadBuf bounds a read reply (the kernel asks for at most max_pages).
+const maxReadBuf = 1 << 20
+
+// WriteFile serves the op (staged files only: inputs are
 // never open for writing).
-func (fs *actionFS) WriteFile(ctx context.Context, op *fuseops.WriteFileOp) error {
-	fs.mu.Lock()
-	h := fs.handles[op.Handle]
+func (afs *actionFS) WriteFile(ctx context.Context, op *fuseops.WriteFileOp) error {
+	afs.mu.Lock()
+	h := afs.handles[op.Handle]
 	if h == nil || h.n.input || h.n.f == nil {
-		fs.mu.Unlock()
+		afs.mu.Unlock()
 		return syscall.EBADF
 	}
 	n := h.n
 	f := n.f
-	fs.mu.Unlock()
+	afs.mu.Unlock()
 	if _, err := f.WriteAt(op.Data, op.Offset); err != nil {
 		return errnoOf(err)
 	}
-	fs.mu.Lock()
+	afs.mu.Lock()
 	if end := op.Offset + int64(len(op.Data)); end > n.size {
 		n.size = end
 	}
 	now := time.Now()
 	n.mtime, n.ctime = now, now
-	fs.mu.Unlock()
+	afs.mu.Unlock()
 	return nil
 }
 
-// Fallocate implements fuseutil.FileSystem.
-func (fs *actionFS) Fallocate(ctx context.Context, op *fuseops.FallocateOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	h := fs.handles[op.Handle]
+// Fallocate serves the op.
+func (afs *actionFS) Fallocate(ctx context.Context, op *fuseops.FallocateOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	h := afs.handles[op.Handle]
 	if h == nil || h.n.input || h.n.f == nil {
 		return syscall.EBADF
 	}
@@ -1095,21 +1177,21 @@ func (fs *actionFS) Fallocate(ctx context.Context, op *fuseops.FallocateOp) erro
 	return nil
 }
 
-// SyncFile implements fuseutil.FileSystem. Staged files are moved into the
+// SyncFile serves the op. Staged files are moved into the
 // CAS (which syncs what it keeps) or thrown away: nothing to do.
-func (fs *actionFS) SyncFile(ctx context.Context, op *fuseops.SyncFileOp) error { return nil }
+func (afs *actionFS) SyncFile(ctx context.Context, op *fuseops.SyncFileOp) error { return nil }
 
-// FlushFile implements fuseutil.FileSystem.
-func (fs *actionFS) FlushFile(ctx context.Context, op *fuseops.FlushFileOp) error { return nil }
+// FlushFile serves the op.
+func (afs *actionFS) FlushFile(ctx context.Context, op *fuseops.FlushFileOp) error { return nil }
 
-// SyncFS implements fuseutil.FileSystem.
-func (fs *actionFS) SyncFS(ctx context.Context, op *fuseops.SyncFSOp) error { return nil }
+// SyncFS serves the op.
+func (afs *actionFS) SyncFS(ctx context.Context, op *fuseops.SyncFSOp) error { return nil }
 
-// ReleaseFileHandle implements fuseutil.FileSystem.
-func (fs *actionFS) ReleaseFileHandle(ctx context.Context, op *fuseops.ReleaseFileHandleOp) error {
-	fs.mu.Lock()
-	h := fs.handles[op.Handle]
-	delete(fs.handles, op.Handle)
+// ReleaseFileHandle serves the op.
+func (afs *actionFS) ReleaseFileHandle(ctx context.Context, op *fuseops.ReleaseFileHandleOp) error {
+	afs.mu.Lock()
+	h := afs.handles[op.Handle]
+	delete(afs.handles, op.Handle)
 	if h != nil && h.blob == nil && !h.n.input {
 		n := h.n
 		if n.opens--; n.opens == 0 && n.f != nil {
@@ -1117,18 +1199,18 @@ func (fs *actionFS) ReleaseFileHandle(ctx context.Context, op *fuseops.ReleaseFi
 			n.f = nil
 		}
 	}
-	fs.mu.Unlock()
+	afs.mu.Unlock()
 	if h != nil && h.blob != nil {
-		fs.blobs.release(h.blob)
+		afs.blobs.release(h.blob)
 	}
 	return nil
 }
 
-// ReadSymlink implements fuseutil.FileSystem.
-func (fs *actionFS) ReadSymlink(ctx context.Context, op *fuseops.ReadSymlinkOp) error {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	n := fs.nodes[op.Inode]
+// ReadSymlink serves the op.
+func (afs *actionFS) ReadSymlink(ctx context.Context, op *fuseops.ReadSymlinkOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	n := afs.nodes[op.Inode]
 	if n == nil || n.kind != kindSymlink {
 		return syscall.EINVAL
 	}
@@ -1136,17 +1218,17 @@ func (fs *actionFS) ReadSymlink(ctx context.Context, op *fuseops.ReadSymlinkOp) 
 	return nil
 }
 
-// Destroy implements fuseutil.FileSystem: the mount is gone.
-func (fs *actionFS) Destroy() {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	for id, h := range fs.handles {
+// Destroy is called when the mount is gone.
+func (afs *actionFS) Destroy() {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	for id, h := range afs.handles {
 		if h.blob != nil {
-			fs.blobs.release(h.blob)
+			afs.blobs.release(h.blob)
 		}
-		delete(fs.handles, id)
+		delete(afs.handles, id)
 	}
-	for _, n := range fs.nodes {
+	for _, n := range afs.nodes {
 		if n.f != nil {
 			n.f.Close()
 			n.f = nil
@@ -1156,10 +1238,10 @@ func (fs *actionFS) Destroy() {
 
 // resolve finds the node at rel (slash-separated, relative to the root)
 // without following symlinks.
-func (fs *actionFS) resolve(ctx context.Context, rel string) (*node, error) {
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	n := fs.nodes[fuseops.RootInodeID]
+func (afs *actionFS) resolve(ctx context.Context, rel string) (*node, error) {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	n := afs.nodes[fuseops.RootInodeID]
 	for _, c := range strings.Split(rel, "/") {
 		if c == "" || c == "." {
 			continue
@@ -1167,7 +1249,7 @@ func (fs *actionFS) resolve(ctx context.Context, rel string) (*node, error) {
 		if n.kind != kindDir {
 			return nil, iofs.ErrNotExist
 		}
-		next, err := fs.child(ctx, n, c)
+		next, err := afs.child(ctx, n, c)
 		if err != nil {
 			return nil, err
 		}
@@ -1180,16 +1262,23 @@ func (fs *actionFS) resolve(ctx context.Context, rel string) (*node, error) {
 }
 
 // backingOf returns the file holding the bytes of the staged regular file
-// at rel, or "" when there is none (an input, a hard-linked file, ...).
-func (fs *actionFS) backingOf(ctx context.Context, rel string) string {
-	n, err := fs.resolve(ctx, rel)
+// at rel, or the digest of the input file there; neither for anything else
+// (a missing path, a directory, a staged file with several names, ...).
+func (afs *actionFS) backingOf(ctx context.Context, rel string) (string, *cas.Digest) {
+	n, err := afs.resolve(ctx, rel)
 	if err != nil {
-		return ""
+		return "", nil
 	}
-	fs.mu.Lock()
-	defer fs.mu.Unlock()
-	if n.kind != kindFile || n.input || n.nlink != 1 {
-		return ""
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	switch {
+	case n.kind != kindFile:
+		return "", nil
+	case n.input:
+		d := n.digest
+		return "", &d
+	case n.nlink != 1:
+		return "", nil
 	}
-	return n.backing
+	return n.backing, nil
 }

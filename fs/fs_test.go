@@ -317,49 +317,51 @@ func TestStagedWrites(t *testing.T) {
 	if err != nil || d != cas.DigestOf([]byte("other\n")) {
 		t.Errorf("PutFile of the stage file: %v, %v", d, err)
 	}
-	for _, rel := range []string{"a.txt", "out/hard.txt", "out/alink", "missing", "src"} {
+	for _, rel := range []string{"out/hard.txt", "out/alink", "missing", "src"} {
 		if got := m.OutputPath(rel); got != "" {
-			t.Errorf("OutputPath(%s) = %q, want \"\" (input, hard link, symlink, missing, directory)", rel, got)
+			t.Errorf("OutputPath(%s) = %q, want \"\" (hard link, symlink, missing, directory)", rel, got)
 		}
+	}
+	// An input declared as an output: a link to its blob, which the CAS
+	// copies from (and unlinks) without touching the blob.
+	for _, rel := range []string{"a.txt", "bin/tool", "zero.txt"} {
+		phys := m.OutputPath(rel)
+		if phys == "" {
+			t.Fatalf("OutputPath(%s) = \"\"", rel)
+		}
+		d, err := e.store.PutFile(context.Background(), phys)
+		if err != nil || d != cas.DigestOf([]byte(sampleTree[rel+map[string]string{"bin/tool": "*"}[rel]])) {
+			t.Errorf("PutFile of input %s: %v, %v", rel, d, err)
+		}
+	}
+	if got := readFile(t, p("bin/tool")); got != sampleTree["bin/tool*"] {
+		t.Errorf("bin/tool after collection = %q", got)
+	}
+	if fi, err := os.Stat(m.OutputPath("bin/tool")); err != nil || fi.Mode() != 0o444 {
+		t.Errorf("the CAS blob of bin/tool: %v, %v", fi.Mode(), err)
 	}
 }
 
 // TestMmapWrites checks that bytes written through a shared mapping are in
-// the stage file once the mapping is gone.
+// the stage file once the mapping is gone (a linker writing its output).
 func TestMmapWrites(t *testing.T) {
 	e := newEnv(t)
 	m := e.mount(e.tree(sampleTree), false)
-	path := filepath.Join(m.Dir(), "out/mapped.bin")
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	cmd := exec.Command(os.Args[0], "-test.run=^$", filepath.Join(m.Dir(), "out/mapped.bin"))
+	cmd.Env = append(os.Environ(), "ACTIOND_FS_HELPER=mmap-write")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("mmap writer: %v\n%s", err, out)
+	}
+	data, err := os.ReadFile(m.OutputPath("out/mapped.bin"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	const size = 3 << 20
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	mem, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	for i := range mem {
-		mem[i] = byte(i % 251)
-	}
-	if err := unix.Munmap(mem); err != nil {
-		t.Fatal(err)
-	}
-	phys := m.OutputPath("out/mapped.bin")
-	data, err := os.ReadFile(phys)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(data) != size {
-		t.Fatalf("stage file has %d bytes, want %d", len(data), size)
+	if len(data) != mmapSize {
+		t.Fatalf("stage file has %d bytes, want %d", len(data), mmapSize)
 	}
 	for i, b := range data {
-		if b != byte(i%251) {
-			t.Fatalf("stage file byte %d = %d, want %d", i, b, i%251)
+		if b != mmapPattern(i) {
+			t.Fatalf("stage file byte %d = %d, want %d", i, b, mmapPattern(i))
 		}
 	}
 }
@@ -374,13 +376,13 @@ func TestSandboxUser(t *testing.T) {
 	dir := m.Dir()
 	p := func(rel string) string { return filepath.Join(dir, rel) }
 	// What the executor does for output directories.
-	if err := os.Chmod(p("out"), 0o1777); err != nil { // an input directory
+	if err := unix.Chmod(p("out"), 0o1777); err != nil { // an input directory
 		t.Fatalf("chmod of an input directory: %v", err)
 	}
 	if err := os.MkdirAll(p("bazel-out/bin"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(p("bazel-out/bin"), 0o1777); err != nil { // a staged directory
+	if err := unix.Chmod(p("bazel-out/bin"), 0o1777); err != nil { // a staged directory
 		t.Fatal(err)
 	}
 	if err := os.Chown(p("bazel-out/bin"), 0, 0); err != nil {
@@ -577,7 +579,11 @@ func TestOverlay(t *testing.T) {
 	if got := readFile(t, p("src/lib/util2.h")); got != "#define X 1\n" {
 		t.Errorf("util2.h = %q", got)
 	}
-	// The sandbox user may change inputs too.
+	// The sandbox user may change inputs too, even after the sandbox made
+	// the root sticky.
+	if err := unix.Chmod(dir, 0o1777); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command("/bin/sh", "-c", "echo nobody >> src/lib/other.txt && rm zero.txt && mkdir out/d && echo x > out/d/f")
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
@@ -601,8 +607,12 @@ func TestOverlay(t *testing.T) {
 	if m.OutputPath("src/lib/other.txt") == "" || m.OutputPath("out/d/f") == "" {
 		t.Error("OutputPath misses files written by the sandbox user")
 	}
-	if got := m.OutputPath("out/existing.txt"); got != "" {
-		t.Errorf("OutputPath of an untouched input = %q, want \"\"", got)
+	// An untouched input: a link to its blob. A removed one: nothing.
+	if got := m.OutputPath("out/existing.txt"); got == "" || readFile(t, got) != "already here\n" {
+		t.Errorf("OutputPath of an untouched input = %q", got)
+	}
+	if got := m.OutputPath("src/main.c"); got != "" {
+		t.Errorf("OutputPath of a removed input = %q", got)
 	}
 	if len(m.Report()) != 0 {
 		t.Errorf("overlay reported refusals: %q", m.Report())

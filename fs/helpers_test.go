@@ -5,6 +5,7 @@ package fs_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -16,6 +17,7 @@ import (
 	actiondfs "github.com/actiond/actiond/fs"
 	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -42,6 +44,10 @@ func newEnv(t testing.TB) *env {
 	t.Helper()
 	requireFUSE(t)
 	dir := t.TempDir()
+	// The sandbox user must be able to reach the mounts.
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
 	store, err := cas.NewDiskStore(filepath.Join(dir, "cas"), cas.WithFsync(false))
 	if err != nil {
 		t.Fatal(err)
@@ -154,6 +160,7 @@ func (e *env) mount(tree *executor.InputTree, writable bool) *actiondfs.Mount {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	os.Chmod(dir, 0o755)
 	dir = filepath.Join(dir, "root")
 	m, err := e.root.Mount(context.Background(), tree.Root, dir, actiondfs.MountOptions{Dirs: tree.Dirs, Writable: writable})
 	if err != nil {
@@ -182,3 +189,46 @@ func writeFile(t testing.TB, p, content string) {
 		t.Fatal(err)
 	}
 }
+
+// TestMain lets the test binary act as a helper process: FUSE files must
+// not be mapped by the process serving them (a page fault that waits for
+// the server holds a P and blocks garbage collection), so such clients
+// run in a child.
+func TestMain(m *testing.M) {
+	if os.Getenv("ACTIOND_FS_HELPER") == "mmap-write" {
+		if err := mmapWrite(os.Args[len(os.Args)-1]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// mmapPattern is what mmapWrite writes at byte i.
+func mmapPattern(i int) byte { return byte(i % 251) }
+
+const mmapSize = 3 << 20
+
+// mmapWrite fills path with mmapSize bytes through a shared mapping,
+// closing the file before unmapping it.
+func mmapWrite(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(mmapSize); err != nil {
+		return err
+	}
+	mem, err := unix.Mmap(int(f.Fd()), 0, mmapSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	for i := range mem {
+		mem[i] = mmapPattern(i)
+	}
+	return unix.Munmap(mem)
+}
+
+func unmarshal(data string, m proto.Message) error { return proto.Unmarshal([]byte(data), m) }

@@ -19,7 +19,6 @@ import (
 	"github.com/actiond/actiond/executor"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/jacobsa/fuse"
-	"github.com/jacobsa/fuse/fuseutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -49,6 +48,7 @@ type InputRoot struct {
 	// by which stale mounts are recognised after a crash.
 	fuseTag, overlayTag string
 	seq                 atomic.Uint64
+	owner               [2]uint32 // of inputs in mutates_inputs overlays
 
 	mu         sync.Mutex
 	mounts     map[*Mount]struct{}
@@ -62,6 +62,15 @@ type config struct {
 	log           *slog.Logger
 	dirCacheBytes int64
 	openBlobs     int
+	owner         [2]uint32
+}
+
+// WithSandboxUser names the user actions run as (default 65534:65534).
+// In mutates_inputs overlays it owns the inputs, so that the command may
+// rewrite, replace and remove them (the sandbox makes writable directories
+// sticky).
+func WithSandboxUser(uid, gid uint32) Option {
+	return func(c *config) { c.owner = [2]uint32{uid, gid} }
 }
 
 // WithLogger sets the logger (default slog.Default()).
@@ -79,7 +88,7 @@ func WithOpenBlobs(n int) Option { return func(c *config) { c.openBlobs = n } }
 // under stateDir. It fails when FUSE does not work here (see Available).
 // Mounts left by a crashed process with the same stateDir are removed.
 func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*InputRoot, error) {
-	c := config{log: slog.Default(), dirCacheBytes: DefaultDirCacheBytes, openBlobs: DefaultOpenBlobs}
+	c := config{log: slog.Default(), dirCacheBytes: DefaultDirCacheBytes, openBlobs: DefaultOpenBlobs, owner: [2]uint32{65534, 65534}}
 	for _, o := range opts {
 		o(&c)
 	}
@@ -96,6 +105,7 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 		log:        c.log,
 		dirs:       newDirCache(store, c.dirCacheBytes),
 		blobs:      newBlobFiles(store, c.openBlobs),
+		owner:      c.owner,
 		fuseTag:    "actiondfs@" + abs,
 		overlayTag: "actiondfs-overlay@" + abs,
 		mounts:     make(map[*Mount]struct{}),
@@ -203,6 +213,7 @@ type Mount struct {
 	unmountOnce sync.Once
 	unmountErr  error
 	syncOnce    sync.Once
+	links       atomic.Uint64
 }
 
 // overlayError is a failure to set up the overlay of a writable mount.
@@ -225,12 +236,18 @@ func (r *InputRoot) Mount(ctx context.Context, root cas.Digest, dir string, opts
 		return nil, fmt.Errorf("actiondfs: create mount point: %w", err)
 	}
 	m.fs = newActionFS(r, root, opts.Dirs, filepath.Join(m.stage, "files"), m.overlay)
-	mfs, err := fuse.Mount(m.fuseDir, fuseutil.NewFileSystemServer(m.fs), r.mountConfig(m.overlay))
+	mfs, err := fuse.Mount(m.fuseDir, &server{fs: m.fs, log: r.log}, r.mountConfig(m.overlay))
 	if err != nil {
 		os.Remove(m.fuseDir)
 		return nil, fmt.Errorf("actiondfs: mount %s: %w", m.fuseDir, err)
 	}
 	m.mfs = mfs
+	if err := m.fs.disablePoll(m.fuseDir); err != nil {
+		unmountDir(m.fuseDir)
+		m.join()
+		os.Remove(m.fuseDir)
+		return nil, fmt.Errorf("actiondfs: mount %s: %w", m.fuseDir, err)
+	}
 	if m.overlay {
 		if err := m.mountOverlay(); err != nil {
 			unmountDir(m.fuseDir)
@@ -253,6 +270,13 @@ func (m *Mount) mountOverlay() error {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("actiondfs: create overlay directory: %w", err)
 		}
+	}
+	// The upper directory is the overlay's root: owned like the inputs.
+	if err := os.Chown(m.upper, int(m.r.owner[0]), int(m.r.owner[1])); err != nil {
+		return fmt.Errorf("actiondfs: overlay directory: %w", err)
+	}
+	if err := os.Chmod(m.upper, 0o777); err != nil {
+		return fmt.Errorf("actiondfs: overlay directory: %w", err)
 	}
 	if err := os.Mkdir(m.dir, 0o755); err != nil {
 		return fmt.Errorf("actiondfs: create mount point: %w", err)
@@ -280,10 +304,21 @@ func (r *InputRoot) mountConfig(readOnly bool) *fuse.MountConfig {
 		EnableParallelDirOps:      true,
 		EnableSymlinkCaching:      true,
 		EnableAsyncReads:          true,
+		// Every request buffer is this big plus a page, and each mount
+		// allocates its own: 1 MiB (the default) makes mounting slower.
+		MaxWrite: maxWrite,
+		MaxPages: maxRead / 4096,
 		// The sandbox user must see the tree.
 		Options: map[string]string{"allow_other": ""},
 	}
 }
+
+// Request sizes: writes of staged files arrive in pieces of at most
+// maxWrite bytes; reads ask for up to maxRead.
+const (
+	maxWrite = 128 << 10
+	maxRead  = 1 << 20
+)
 
 // Dir is where the input root is visible.
 func (m *Mount) Dir() string { return m.dir }
@@ -330,7 +365,7 @@ func unmountDir(dir string) error {
 	if errors.Is(err, unix.EBUSY) {
 		err = unix.Unmount(dir, unix.MNT_DETACH)
 	}
-	if errors.Is(err, unix.EINVAL) {
+	if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
 		return nil // not mounted (any more)
 	}
 	if err != nil {
@@ -364,9 +399,23 @@ func (m *Mount) Report() []string {
 // (relative to the root) when the command created it, so that it can be
 // moved into the CAS by rename; "" otherwise. Call it only after
 // everything that wrote to the mount has exited.
+//
+// An input declared as an output (and, in an overlay, left untouched) is
+// answered with a new hard link to its CAS blob: the CAS copies a file
+// with other links instead of renaming it, and removes the link.
 func (m *Mount) OutputPath(rel string) string {
+	ctx := context.Background()
 	if m.overlay {
-		return regularBeneath(m.upper, rel)
+		if p := regularBeneath(m.upper, rel); p != "" {
+			return p
+		}
+		if !m.lowerVisible(rel) {
+			return ""
+		}
+		if n, err := m.fs.resolve(ctx, rel); err == nil && n.input && n.kind == kindFile {
+			return m.linkBlob(n.digest)
+		}
+		return ""
 	}
 	m.syncOnce.Do(func() {
 		// Dirty pages of shared writable mappings reach the server when
@@ -376,7 +425,51 @@ func (m *Mount) OutputPath(rel string) string {
 			unix.Close(fd)
 		}
 	})
-	return m.fs.backingOf(context.Background(), rel)
+	p, input := m.fs.backingOf(ctx, rel)
+	if input != nil {
+		return m.linkBlob(*input)
+	}
+	return p
+}
+
+// lowerVisible reports whether the overlay shows the lower layer's entry
+// at rel: the upper layer has nothing there, and no directory on the way
+// there that redirects or hides the lower one.
+func (m *Mount) lowerVisible(rel string) bool {
+	p := m.upper
+	parts := strings.Split(rel, "/")
+	for i, c := range parts {
+		p = filepath.Join(p, c)
+		fi, err := os.Lstat(p)
+		if errors.Is(err, os.ErrNotExist) {
+			return true
+		}
+		if err != nil || i == len(parts)-1 || !fi.IsDir() {
+			return false
+		}
+		for _, x := range []string{"trusted.overlay.redirect", "trusted.overlay.opaque"} {
+			if _, err := unix.Lgetxattr(p, x, nil); !errors.Is(err, unix.ENODATA) {
+				return false
+			}
+		}
+	}
+	return false
+}
+
+// linkBlob returns a new hard link, in the stage, to the CAS blob d.
+func (m *Mount) linkBlob(d cas.Digest) string {
+	src, err := m.r.store.BlobPath(d, false)
+	if err != nil {
+		return ""
+	}
+	if err := os.MkdirAll(m.stage, 0o700); err != nil {
+		return ""
+	}
+	dst := filepath.Join(m.stage, "link-"+strconv.FormatUint(m.links.Add(1), 10))
+	if err := os.Link(src, dst); err != nil {
+		return ""
+	}
+	return dst
 }
 
 // regularBeneath returns root/rel if it is a regular file with one link,
@@ -525,11 +618,14 @@ func probe() error {
 	defer os.Remove(dir)
 	r := &InputRoot{log: slog.Default(), dirs: newDirCache(nil, 0), fuseTag: "actiondfs-probe"}
 	afs := newActionFS(r, cas.EmptyDigest, nil, filepath.Join(dir, "stage"), false)
-	mfs, err := fuse.Mount(dir, fuseutil.NewFileSystemServer(afs), r.mountConfig(false))
+	mfs, err := fuse.Mount(dir, &server{fs: afs, log: r.log}, r.mountConfig(false))
 	if err != nil {
 		return fmt.Errorf("actiondfs probe mount: %w", err)
 	}
-	_, statErr := os.ReadDir(dir)
+	statErr := afs.disablePoll(dir)
+	if statErr == nil {
+		_, statErr = os.ReadDir(dir)
+	}
 	if err := unmountDir(dir); err != nil {
 		return err
 	}

@@ -25,6 +25,15 @@ type Option func(*struct{})
 // WithLogger is accepted for API compatibility.
 func WithLogger(*slog.Logger) Option { return func(*struct{}) {} }
 
+// WithDirCacheSize is accepted for API compatibility.
+func WithDirCacheSize(int64) Option { return func(*struct{}) {} }
+
+// WithOpenBlobs is accepted for API compatibility.
+func WithOpenBlobs(int) Option { return func(*struct{}) {} }
+
+// WithSandboxUser is accepted for API compatibility.
+func WithSandboxUser(uid, gid uint32) Option { return func(*struct{}) {} }
+
 // NewInputRoot fails off Linux.
 func NewInputRoot(cas.LocalStore, string, ...Option) (*InputRoot, error) { return nil, errUnsupported }
 
@@ -33,6 +42,11 @@ func (*InputRoot) Name() string { return "fuse" }
 
 // Stage implements executor.InputRoot.
 func (*InputRoot) Stage(context.Context, *executor.InputTree, string) (func() error, error) {
+	return nil, errUnsupported
+}
+
+// StageWithOptions implements executor.OptionsInputRoot.
+func (*InputRoot) StageWithOptions(context.Context, *executor.InputTree, string, executor.StageOptions) (*executor.StagedRoot, error) {
 	return nil, errUnsupported
 }
 

@@ -62,6 +62,7 @@ type Config struct {
 	DrainTimeout   time.Duration // actiond.drain: how long running calls may take to finish on shutdown
 	Console        string        // actiond.console: device for logs when /dev/console is unusable (e.g. hvc0)
 	Modules        bool          // actiond.modules: load the initramfs's kernel modules
+	Crash          string        // actiond.crash: init or server panics once booted (tests the crash path)
 }
 
 // DefaultConfig is the configuration of an empty command line.
@@ -179,6 +180,10 @@ var params = map[string]param{
 	"console": {"device for logs when /dev/console is unusable at boot, e.g. hvc0", func(c *Config, v string) error {
 		c.Console = strings.TrimPrefix(v, "/dev/")
 		return nil
+	}},
+	"crash": {"init or server: panic on purpose once booted, to test that crashes reach the console and power the VM off", func(c *Config, v string) error {
+		c.Crash = v
+		return oneOf(v, "init", "server")
 	}},
 	"modules": {"0 to skip loading kernel modules (default 1)", func(c *Config, v string) (err error) {
 		c.Modules, err = parseBool(v)

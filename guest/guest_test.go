@@ -228,6 +228,7 @@ func TestSerialListenerReconnect(t *testing.T) {
 	port := newFakePort()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	l := newSerialListener("/dev/vport0p1", port.open, log, time.Millisecond)
+	defer l.closeSession()
 	defer l.Close()
 
 	// Echo server on the listener.

@@ -109,12 +109,18 @@ func (b *boot) run() {
 		if b.con.attached() {
 			return nil
 		}
-		names := []string{"console"}
+		// The devices asked for first (actiond.console, then the kernel's
+		// console= from the last, which /dev/console would be), then
+		// /dev/console, then the usual suspects.
+		var names []string
 		if b.cfg.Console != "" {
-			names = []string{b.cfg.Console, "console"}
+			names = append(names, b.cfg.Console)
 		}
-		names = append(names, kernelConsoles(cmdline)...)
-		names = append(names, "hvc0", "ttyS0", "ttyAMA0")
+		consoles := kernelConsoles(cmdline)
+		for i := len(consoles) - 1; i >= 0; i-- {
+			names = append(names, consoles[i])
+		}
+		names = append(names, "console", "hvc0", "ttyS0", "ttyAMA0")
 		f, err := openConsole(names)
 		if err != nil {
 			// Nowhere to log: keep buffering, keep serving.
@@ -125,6 +131,9 @@ func (b *boot) run() {
 		return nil
 	})
 
+	if b.cfg.Crash == "init" {
+		panic("actiond.crash=init: crashing on purpose")
+	}
 	b.step("cas disk", func() error {
 		res, err := setupCAS(b.cfg, DefaultCASMountPoint, b.log)
 		if res.Disk.Dev != "" {

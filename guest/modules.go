@@ -158,6 +158,8 @@ func loadModules(dir string, log *slog.Logger) (moduleResult, error) {
 		// Load what can be loaded; the rest is reported.
 		log.Warn("modules: incomplete list", "err", err)
 	}
+	// One at a time: loading independent modules concurrently was slower
+	// under TCG (1.5-2.2 s against 0.65-1.1 s for these 23 modules).
 	for _, rel := range order {
 		name := moduleName(rel)
 		t := time.Now()

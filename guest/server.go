@@ -142,6 +142,10 @@ func serve(st serverState, log *slog.Logger) error {
 		"boot", fmt.Sprintf("%.3fs", bootClock().Seconds()),
 		"version", actiond.Version)
 
+	if cfg.Crash == "server" {
+		// Not on this goroutine: like a real bug, out of reach of any recover.
+		go func() { panic("actiond.crash=server: crashing on purpose") }()
+	}
 	select {
 	case err := <-errc:
 		if err != nil && !errors.Is(err, net.ErrClosed) {

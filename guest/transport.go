@@ -229,17 +229,23 @@ func (l *serialListener) Accept() (net.Conn, error) {
 	}
 }
 
-// Close stops accepting and ends the current session.
+// Close stops accepting streams. The current session stays up: a gRPC
+// server closes its listener first when it stops gracefully and then
+// finishes the calls in flight on the streams it has (the reply to a
+// PowerOff among them). The port closes when the process exits, or with
+// closeSession.
 func (l *serialListener) Close() error {
-	l.once.Do(func() {
-		close(l.done)
-		l.mu.Lock()
-		if l.port != nil {
-			l.port.Close()
-		}
-		l.mu.Unlock()
-	})
+	l.once.Do(func() { close(l.done) })
 	return nil
+}
+
+// closeSession ends the current session, if any (after Close).
+func (l *serialListener) closeSession() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.port != nil {
+		l.port.Close()
+	}
 }
 
 func (l *serialListener) Addr() net.Addr { return serialAddr(l.dev) }

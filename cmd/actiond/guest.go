@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/actiond/actiond/guest"
 )
@@ -58,7 +57,7 @@ Configuration comes from actiond.* parameters on the kernel command line.
 		return nil
 	}
 	if os.Getpid() != 1 {
-		return fmt.Errorf("must run as PID 1 of the VM (the initramfs's /init); see -h, -params and -cmdline=%q", strings.Join([]string{"actiond.transport=serial"}, " "))
+		return fmt.Errorf("must run as PID 1 of the VM (the initramfs's /init); see -h, -params and -cmdline")
 	}
 	guest.Main()
 	return nil

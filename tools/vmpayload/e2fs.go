@@ -41,6 +41,7 @@ func (b *builder) e2fs(ctx context.Context) ([]entry, string, error) {
 	libDirs := []string{"lib/" + triplet, "usr/lib/" + triplet, "lib", "usr/lib"}
 	var entries []entry
 	added := map[string]bool{}
+	placed := map[string]string{} // real file in the tree → where it went
 	var addELF func(treePath string, dest string) error
 	addELF = func(treePath, dest string) error {
 		if added[dest] {
@@ -51,6 +52,13 @@ func (b *builder) e2fs(ctx context.Context) ([]entry, string, error) {
 		if err != nil {
 			return err
 		}
+		if first, ok := placed[real]; ok {
+			// The same file under a second name (the loader is both
+			// PT_INTERP and libc's DT_NEEDED): a symlink.
+			entries = append(entries, entry{Path: dest, Link: first})
+			return nil
+		}
+		placed[real] = dest
 		entries = append(entries, entry{Path: dest, Mode: 0o755, Source: filepath.Join(tree, real)})
 		f, err := elf.Open(filepath.Join(tree, real))
 		if err != nil {

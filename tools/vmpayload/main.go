@@ -30,6 +30,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -62,10 +63,10 @@ type options struct {
 // defaultCacheDir is where payloads go by default: <dir>/<arch>.
 const defaultCacheDir = "/var/cache/actiond/vm"
 
-// defaultCompression: see the report in the package documentation of guest
-// tests; gzip is what every kernel config has, and unpacking it under TCG
-// costs little more than zstd for this size.
-const defaultCompression = compGzip
+// defaultCompression is zstd: Debian's 6.1 kernels (amd64 and arm64) have
+// RD_ZSTD, and under TCG it unpacked ~0.25 s faster than gzip and came out
+// ~10% smaller (7.0 vs 7.8 MiB for amd64).
+const defaultCompression = compZstd
 
 type builder struct {
 	opts options
@@ -114,6 +115,8 @@ func cmdlines(arch string) map[string]string {
 	switch arch {
 	case "amd64":
 		return map[string]string{
+			// (microvm has no PCI bus: the kernel logs "PCI: Fatal: No
+			// config space access function found"; harmless.)
 			"qemu-microvm": "console=ttyS0 reboot=t " + common,
 			"vz":           "console=hvc0 " + common,
 		}
@@ -140,6 +143,18 @@ func build(ctx context.Context, opts options) (*Manifest, error) {
 	}
 	if err := os.MkdirAll(b.work(""), 0o755); err != nil {
 		return nil, err
+	}
+	// One build per output directory at a time (make -j, parallel tests).
+	lock, err := os.OpenFile(filepath.Join(b.opts.Out, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b.progress("waiting for another build of %s", b.opts.Out)
+		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+			return nil, fmt.Errorf("lock %s: %w", b.opts.Out, err)
+		}
 	}
 	t0 := time.Now()
 	b.progress("building into %s", b.opts.Out)
@@ -192,12 +207,30 @@ func build(ctx context.Context, opts options) (*Manifest, error) {
 		}
 		m.Files[f] = FileInfo{Size: fi.Size(), SHA256: sum}
 	}
+	// Unchanged content keeps the old manifest (and its build time).
+	manifestPath := filepath.Join(b.opts.Out, "manifest.json")
+	if old, err := os.ReadFile(manifestPath); err == nil {
+		var prev Manifest
+		if json.Unmarshal(old, &prev) == nil {
+			m.BuiltAt = prev.BuiltAt
+		}
+	}
 	data, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
 		return nil, err
 	}
-	if err := writeFileAtomic(filepath.Join(b.opts.Out, "manifest.json"), append(data, '\n'), 0o644); err != nil {
-		return nil, err
+	data = append(data, '\n')
+	if old, err := os.ReadFile(manifestPath); err != nil || !bytes.Equal(old, data) {
+		if old != nil {
+			m.BuiltAt = time.Now().UTC().Round(time.Second)
+			if data, err = json.MarshalIndent(m, "", "  "); err != nil {
+				return nil, err
+			}
+			data = append(data, '\n')
+		}
+		if err := writeFileAtomic(manifestPath, data, 0o644); err != nil {
+			return nil, err
+		}
 	}
 	var sizes []string
 	for _, f := range []string{m.Kernel, m.Initramfs, m.Runtimes} {

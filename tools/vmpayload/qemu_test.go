@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -36,6 +37,45 @@ type vmConfig struct {
 	CASImage string    // raw disk image for the CAS (created sparse by the caller)
 	Dir      string    // for the sockets
 	Extra    string    // more kernel command line
+	Accel    string    // QEMU accelerator: tcg (default) or kvm
+}
+
+var (
+	accelOnce sync.Once
+	accelKVM  bool
+)
+
+// pickAccel returns ACTIOND_QEMU_ACCEL if set; otherwise kvm if a probe
+// boot with KVM reaches the guest's init within 10 s (here /dev/kvm is
+// PVM-backed and a stock kernel hangs under it), else tcg. Only a guest of
+// the host's architecture can use KVM.
+func pickAccel(t *testing.T, cfg vmConfig) string {
+	if a := os.Getenv("ACTIOND_QEMU_ACCEL"); a != "" {
+		return a
+	}
+	if cfg.Arch != runtime.GOARCH {
+		return "tcg"
+	}
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		return "tcg"
+	}
+	accelOnce.Do(func() {
+		probe := cfg
+		probe.Accel = "kvm"
+		probe.Dir = t.TempDir()
+		probe.CASImage = filepath.Join(probe.Dir, "none.img")
+		os.WriteFile(probe.CASImage, nil, 0o644)
+		v := startVM(t, probe)
+		_, err := v.waitConsole(`msg="actiond guest starting"`, 10*time.Second)
+		v.cmd.Process.Kill()
+		v.wait(time.Minute)
+		accelKVM = err == nil
+		t.Logf("KVM probe: usable=%v (%v); set ACTIOND_QEMU_ACCEL=tcg|kvm to skip the probe", accelKVM, err)
+	})
+	if accelKVM {
+		return "kvm"
+	}
+	return "tcg"
 }
 
 // vm is a running QEMU.
@@ -59,7 +99,7 @@ type vm struct {
 // stock kernel), the console on stdio, the CAS and runtimes disks, a
 // virtio-serial port named "actiond" on a unix socket, entropy, and QMP.
 func qemuArgs(cfg vmConfig, sock, qmp string) []string {
-	accel := os.Getenv("ACTIOND_QEMU_ACCEL")
+	accel := cfg.Accel
 	if accel == "" {
 		accel = "tcg"
 	}
@@ -70,13 +110,22 @@ func qemuArgs(cfg vmConfig, sock, qmp string) []string {
 	var cmdline string
 	switch cfg.Arch {
 	case "amd64":
-		args = []string{"-M", "microvm,rtc=on", "-cpu", "max"}
+		cpu := "max"
+		if accel == "kvm" {
+			cpu = "host"
+		}
+		args = []string{"-M", "microvm,rtc=on", "-cpu", cpu}
 		dev = func(kind string) string { return kind + "-device" }
 		cmdline = cfg.Manifest.Cmdlines["qemu-microvm"]
 	case "arm64":
 		args = []string{"-M", "virt", "-cpu", "cortex-a72"}
 		dev = func(kind string) string { return kind + "-pci" }
 		cmdline = cfg.Manifest.Cmdlines["qemu-virt"]
+	}
+	if cfg.Arch == "amd64" && accel == "tcg" {
+		if khz := hostTSCkHz(); khz > 0 {
+			cmdline += fmt.Sprintf(" tsc_early_khz=%d", khz)
+		}
 	}
 	if cfg.Extra != "" {
 		cmdline += " " + cfg.Extra
