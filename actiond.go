@@ -17,6 +17,7 @@ import (
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
+	actiondfs "github.com/actiond/actiond/fs"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	smpb "github.com/bazelbuild/remote-apis/build/bazel/semver"
 	"google.golang.org/grpc"
@@ -43,7 +44,8 @@ type Options struct {
 	// InputRoot overrides how input trees are materialised.
 	InputRoot executor.InputRoot
 	// InputRootKind picks a built-in strategy when InputRoot is nil:
-	// "hardlink" (default) or "copy".
+	// "auto" (default: actiondfs when FUSE works, else hardlinks), "fuse",
+	// "hardlink" or "copy".
 	InputRootKind string
 	// DefaultRuntime is the runtime of actions that name none (default "host").
 	DefaultRuntime string
@@ -106,15 +108,12 @@ func New(opts Options) (*Server, error) {
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {
-			switch opts.InputRootKind {
-			case "", "hardlink":
-				inputRoot = executor.LinkInputRoot{Store: store}
-			case "copy":
-				inputRoot = executor.CopyInputRoot{Store: store}
-			default:
+			r, err := s.builtinInputRoot(opts.InputRootKind)
+			if err != nil {
 				s.Close()
-				return nil, fmt.Errorf("input root %q: want hardlink or copy", opts.InputRootKind)
+				return nil, err
 			}
+			inputRoot = r
 		}
 		ex, err := executor.New(executor.Options{
 			Store:          store,
@@ -135,6 +134,33 @@ func New(opts Options) (*Server, error) {
 		s.closers = append(s.closers, func() error { s.Execution.Stop(); return nil })
 	}
 	return s, nil
+}
+
+// builtinInputRoot returns the input root strategy named kind. It runs
+// before the executor is created: actiondfs clears stale mounts from a
+// crashed run, which must be gone before the stage directory is emptied.
+func (s *Server) builtinInputRoot(kind string) (executor.InputRoot, error) {
+	switch kind {
+	case "", "auto", "fuse":
+		if err := actiondfs.Available(); err != nil {
+			if kind == "fuse" {
+				return nil, fmt.Errorf("input root fuse: %w", err)
+			}
+			s.log.Info("actiondfs unavailable; staging inputs with hardlinks", "reason", err)
+			return executor.LinkInputRoot{Store: s.Store}, nil
+		}
+		r, err := actiondfs.NewInputRoot(s.Store, filepath.Join(s.opts.Root, "cas", "fs"), actiondfs.WithLogger(s.log))
+		if err != nil {
+			return nil, fmt.Errorf("start actiondfs: %w", err)
+		}
+		s.closers = append(s.closers, r.Close)
+		return r, nil
+	case "hardlink":
+		return executor.LinkInputRoot{Store: s.Store}, nil
+	case "copy":
+		return executor.CopyInputRoot{Store: s.Store}, nil
+	}
+	return nil, fmt.Errorf("input root %q: want auto, fuse, hardlink or copy", kind)
 }
 
 // Register adds every service to r, for embedding in another gRPC server.

@@ -78,7 +78,7 @@ func prepareOutputDirs(execRoot, wd string, outs []output, tree *InputTree) ([]s
 		if err := mkdirNoFollow(execRoot, parent); err != nil {
 			return nil, fmt.Errorf("create output directory %q: %w", parent, err)
 		}
-		if err := os.Chmod(filepath.Join(execRoot, parent), 0o1777); err != nil {
+		if err := os.Chmod(filepath.Join(execRoot, parent), os.ModeSticky|0o777); err != nil {
 			return nil, fmt.Errorf("open output directory %q: %w", parent, err)
 		}
 		dirs = append(dirs, parent)

@@ -5,29 +5,42 @@
 // A mount shows one input root digest. Directories are resolved lazily from
 // REAPI Directory messages (from the executor's loaded InputTree when there
 // is one, otherwise from the CAS through a bounded cache shared by all
-// mounts) and file reads are served from the CAS blob files. Input entries
-// never change, so the kernel may cache their entries and attributes for as
-// long as the mount lives.
+// mounts) and file reads are served from the CAS blob files, kept open and
+// shared by all mounts. Input entries never change, so the kernel may cache
+// entries (negative ones too), attributes and pages for as long as the
+// mount lives.
 //
 // Two modes:
 //
 //   - strict (the default): inputs are immutable. Opening an input for
 //     writing, truncating it, changing its mode, owner or times, removing or
 //     renaming it, or creating something over it fails with EROFS and is
-//     recorded, so the executor can tell the user which file the command
-//     tried to change and that mutates_inputs exists. New files and
-//     directories may be created anywhere the caller has permission to,
+//     recorded (Mount.Report), so the executor can tell the user which file
+//     the command tried to change and that mutates_inputs exists. New files
+//     and directories may be created wherever the caller has permission,
 //     including inside input directories; their bytes live in a per-action
 //     stage directory on the CAS's file system, from which outputs move
-//     into the CAS by rename (see Mount.OutputPath). Input directories keep
-//     their entries but their own mode and owner may change (the executor
-//     makes output directories mode 1777 and the sandbox chowns them).
-//   - mutates_inputs: the tree is mounted read-only (with writable-looking
-//     modes) as the lower layer of a stock overlayfs whose upper and work
-//     directories are per action, so tools that rewrite inputs work and the
-//     CAS is never touched.
+//     into the CAS by rename (Mount.OutputPath). Input directories keep
+//     their entries but their own mode, owner and times may change (the
+//     executor and the sandbox make output directories mode 1777).
+//   - mutates_inputs: the tree is mounted read-only, every input owned by
+//     the sandbox user and writable, as the lower layer of a stock overlayfs
+//     whose upper and work directories are per action, so tools that
+//     rewrite inputs work and the CAS is never touched.
+//
+// The server checks permissions itself (no default_permissions), because
+// requests that change inputs must reach it to be reported. FUSE_ACCESS is
+// not implemented, so access(2) reports inputs as writable; opening them
+// for writing still fails.
 //
 // InputRoot implements executor.InputRoot and executor.OptionsInputRoot
-// with one FUSE mount per action. Mounting needs root (mount(2) directly;
-// fusermount is not used) and /dev/fuse; Available probes both.
+// with one FUSE mount per action: mounting and unmounting cost about a
+// millisecond each, and separate mounts keep actions' inodes, staged files
+// and refusals apart. Mounting needs root (mount(2) directly; fusermount
+// is not used) and /dev/fuse; Available probes both.
+//
+// The process serving a mount must not map its files, and opens them only
+// after the mount has made the kernel stop sending FUSE_POLL (see
+// disablePoll): both could otherwise leave every Go P waiting for the
+// server itself.
 package fs

@@ -352,7 +352,7 @@ func (m *Mount) Unmount() error {
 
 // join waits (a bounded time) for the server to finish after unmounting.
 func (m *Mount) join() {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if err := m.mfs.Join(ctx); err != nil {
 		m.r.log.Warn("actiondfs: server did not stop after unmount", "dir", m.fuseDir, "err", err)

@@ -281,6 +281,7 @@ func setupCAS(cfg Config, mountPoint string, log *slog.Logger) (casDiskResult, e
 			return res, fmt.Errorf("mke2fs %s failed (exit %d): %s", d.Dev, code, out)
 		}
 		res.Formatted, res.MkfsTime = true, time.Since(t)
+		res.Disk.Content = contentExt4
 		log.Info("formatted the CAS disk", "disk", d.Dev, "took", res.MkfsTime.Round(time.Millisecond))
 	} else if cfg.Fsck {
 		if _, ok := tool("e2fsck"); ok {

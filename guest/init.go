@@ -32,6 +32,7 @@ type boot struct {
 	info    map[string]any
 	timings map[string]float64 // step → seconds
 	mounted []string           // data file systems, in mount order
+	casDev  string             // the CAS disk's device
 	child   int                // server pid, 0 when not running
 	started float64            // boot clock (s) when init started
 	state   serverState
@@ -138,6 +139,7 @@ func (b *boot) run() {
 		res, err := setupCAS(b.cfg, DefaultCASMountPoint, b.log)
 		if res.Disk.Dev != "" {
 			b.info["cas_disk"] = res.Disk.String()
+			b.casDev = res.Disk.Dev
 		}
 		if err != nil {
 			return err
@@ -155,9 +157,7 @@ func (b *boot) run() {
 		return nil
 	})
 	b.step("runtimes disk", func() error {
-		casDev, _ := b.info["cas_disk"].(string)
-		casDev, _, _ = strings.Cut(casDev, " ")
-		d, rts, err := setupRuntimes(b.cfg, DefaultRuntimesMount, casDev, b.log)
+		d, rts, err := setupRuntimes(b.cfg, DefaultRuntimesMount, b.casDev, b.log)
 		if d.Dev != "" {
 			b.info["runtimes_disk"] = d.String()
 		}
@@ -356,7 +356,11 @@ func (b *boot) shutdown(reason string, failed bool) {
 	err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
 	b.log.Error("power off failed; halting", "err", err)
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_HALT)
-	select {} // PID 1 must not exit
+	for {
+		// PID 1 must not exit. (A bare select{} could end in the
+		// runtime's "all goroutines are asleep" fatal error.)
+		time.Sleep(time.Hour)
+	}
 }
 
 // waitAll reaps children until none are left or timeout passes.

@@ -36,7 +36,7 @@ func (f *execFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.runtimeDir, "runtime-dir", defaultRuntimeDir(), "directory of runtime SquashFS images (<name>.squashfs, e.g. glibc2.36.squashfs; built by `make runtimes`)")
 	fs.StringVar(&f.defaultRuntime, "default-runtime", "host", "runtime for actions that set no \"libc\" platform property")
 	fs.IntVar(&f.concurrency, "concurrency", runtime.NumCPU(), "actions run at once")
-	fs.StringVar(&f.inputRoot, "input-root", "hardlink", "how input trees are materialised: hardlink or copy")
+	fs.StringVar(&f.inputRoot, "input-root", "auto", "how input trees are materialised: auto (fuse when /dev/fuse works, else hardlink), fuse (actiondfs), hardlink or copy")
 	fs.DurationVar(&f.maxTimeout, "max-action-timeout", 0, "cap on an action's timeout, also applied to actions without one (0: none)")
 }
 
