@@ -53,6 +53,11 @@ type Options struct {
 	Concurrency int
 	// MaxActionTimeout caps Action.timeout (0: no cap).
 	MaxActionTimeout time.Duration
+	// Observer, if set, sees every action the executor runs (metrics,
+	// status page).
+	Observer executor.Observer
+	// GRPCOptions are added to the server Serve creates (e.g. interceptors).
+	GRPCOptions []grpc.ServerOption
 }
 
 // Server is a REAPI server over one root directory.
@@ -87,12 +92,18 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(opts.Root, 0o755); err != nil {
 		return nil, fmt.Errorf("create root %s: %w", opts.Root, err)
 	}
+	unlock, err := LockRoot(opts.Root)
+	if err != nil {
+		return nil, err
+	}
 	store, err := cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithFsync(!opts.NoFsync))
 	if err != nil {
+		unlock()
 		return nil, fmt.Errorf("open CAS: %w", err)
 	}
 	cache, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), store)
 	if err != nil {
+		unlock()
 		return nil, err
 	}
 	s := &Server{
@@ -104,7 +115,7 @@ func New(opts Options) (*Server, error) {
 		health: health.NewServer(),
 	}
 	s.ac = actioncache.NewService(cache, store, true)
-	s.closers = append(s.closers, func() error { s.cas.Close(); return nil }, cache.Close)
+	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil }, cache.Close)
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {
@@ -124,6 +135,7 @@ func New(opts Options) (*Server, error) {
 			DefaultRuntime: opts.DefaultRuntime,
 			MaxTimeout:     opts.MaxActionTimeout,
 			Logger:         log,
+			Observer:       opts.Observer,
 		})
 		if err != nil {
 			s.Close()
@@ -163,6 +175,17 @@ func (s *Server) builtinInputRoot(kind string) (executor.InputRoot, error) {
 	return nil, fmt.Errorf("input root %q: want auto, fuse, hardlink or copy", kind)
 }
 
+// CASCounters are the CAS service's cumulative byte counts.
+func (s *Server) CASCounters() *cas.Counters { return s.cas.Counters() }
+
+// InputRootName is the input root strategy in use ("" without execution).
+func (s *Server) InputRootName() string {
+	if s.Executor == nil {
+		return ""
+	}
+	return s.Executor.InputRootName()
+}
+
 // Register adds every service to r, for embedding in another gRPC server.
 func (s *Server) Register(r grpc.ServiceRegistrar) {
 	repb.RegisterContentAddressableStorageServer(r, s.cas)
@@ -189,7 +212,7 @@ func (s *Server) GRPCServer(extra ...grpc.ServerOption) *grpc.Server {
 
 // Serve serves on l until Stop.
 func (s *Server) Serve(l net.Listener) error {
-	s.grpc = s.GRPCServer()
+	s.grpc = s.GRPCServer(s.opts.GRPCOptions...)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	return s.grpc.Serve(l)
 }

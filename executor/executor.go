@@ -50,6 +50,8 @@ type Options struct {
 	// Zero: no cap.
 	MaxTimeout time.Duration
 	Logger     *slog.Logger
+	// Observer, if set, sees each action run (metrics, status pages).
+	Observer Observer
 }
 
 // Executor runs actions. It is safe for concurrent use.
@@ -121,6 +123,8 @@ type Request struct {
 	Queued time.Time
 	// Progress, if set, is called as the execution moves between stages.
 	Progress func(Stage)
+
+	obs ActionObserver // from Options.Observer
 }
 
 // Execute runs one action and always returns a response; failures are in
@@ -135,7 +139,13 @@ func (e *Executor) Execute(ctx context.Context, req Request) *repb.ExecuteRespon
 		QueuedTimestamp:      timestamppb.New(req.Queued),
 		WorkerStartTimestamp: timestamppb.Now(),
 	}
+	if e.opts.Observer != nil {
+		req.obs = e.opts.Observer.ActionStarted(req.ActionDigest, req.Queued)
+	}
 	progress := func(s Stage) {
+		if req.obs != nil {
+			req.obs.Stage(s)
+		}
 		if req.Progress != nil {
 			req.Progress(s)
 		}
@@ -147,6 +157,9 @@ func (e *Executor) Execute(ctx context.Context, req Request) *repb.ExecuteRespon
 		}
 		resp.Status = StatusProto(err)
 		e.log.Info("action failed", "action", req.ActionDigest.String(), "err", err)
+	}
+	if req.obs != nil {
+		req.obs.Finished(resp)
 	}
 	return resp
 }
@@ -198,6 +211,9 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	}
 	if !slices.Contains(e.opts.Sandbox.Runtimes(), plat.Runtime) {
 		return nil, &UnknownRuntimeError{Name: plat.Runtime, Available: e.opts.Sandbox.Runtimes()}
+	}
+	if req.obs != nil {
+		req.obs.Command(command.Arguments, plat.Runtime)
 	}
 	outs, err := parseOutputs(command)
 	if err != nil {

@@ -59,6 +59,8 @@ func runServe(args []string) error {
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish")
+	var web httpStatus
+	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics), e.g. 127.0.0.1:8981 (empty: off)")
 	var ex execFlags
 	ex.register(fs)
 	if err := fs.Parse(args); err != nil {
@@ -79,11 +81,17 @@ func runServe(args []string) error {
 		return err
 	}
 	defer closeExec()
+	web.prepare(&opts)
 	srv, err := actiond.New(opts)
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	stopWeb, err := web.start(srv, log)
+	if err != nil {
+		return err
+	}
+	defer stopWeb()
 	l, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *listen, err)

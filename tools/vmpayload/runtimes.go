@@ -58,6 +58,25 @@ func (b *builder) runtimesDisk(ctx context.Context) (*runtimesInfo, error) {
 			return nil, fmt.Errorf("%s not found (apt-get install squashfs-tools)", tool)
 		}
 	}
+	// The images of a runtime directory are usually for the build
+	// machine's architecture: keep those for the target's (an image named
+	// explicitly with -runtimes must be for it).
+	var kept []string
+	for _, img := range images {
+		m, err := imageMachine(ctx, img)
+		if err != nil {
+			return nil, fmt.Errorf("runtime image %s: %w", img, err)
+		}
+		if m != archMachine[b.arch] {
+			if len(b.opts.Runtimes) > 0 {
+				return nil, fmt.Errorf("runtime image %s is for %v, not %s", img, m, b.arch)
+			}
+			b.progress("runtimes: skipping %s (for %v, not %s)", filepath.Base(img), m, b.arch)
+			continue
+		}
+		kept = append(kept, img)
+	}
+	images = kept
 	info := &runtimesInfo{File: "runtimes.squashfs"}
 	out := filepath.Join(b.opts.Out, info.File)
 
@@ -179,6 +198,29 @@ func (b *builder) foreignRuntime(ctx context.Context, dir string) error {
 	return nil
 }
 
+// archMachine is the ELF machine of a Debian architecture's binaries.
+var archMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
+
+// imageMachine reads the ELF machine of the shell in a runtime image
+// without unpacking it (unsquashfs -cat).
+func imageMachine(ctx context.Context, img string) (elf.Machine, error) {
+	var lastErr error
+	for _, p := range []string{"usr/bin/dash", "bin/dash", "usr/bin/bash", "bin/bash"} {
+		out, err := run(ctx, "", "unsquashfs", "-cat", img, p)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		f, err := elf.NewFile(strings.NewReader(out))
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		return f.Machine, nil
+	}
+	return 0, fmt.Errorf("no shell (dash or bash) to tell its architecture: %v", lastErr)
+}
+
 // checkRuntimeArch verifies a runtime tree's shell is for arch.
 func checkRuntimeArch(dir, arch string) error {
 	for _, p := range []string{"usr/bin/dash", "bin/dash", "usr/bin/bash", "bin/bash"} {
@@ -188,8 +230,7 @@ func checkRuntimeArch(dir, arch string) error {
 		}
 		m := f.Machine
 		f.Close()
-		want := map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}[arch]
-		if m != want {
+		if m != archMachine[arch] {
 			return fmt.Errorf("/%s is for %v, but the payload is for %s (use -runtime-dir with %s images)", p, m, arch, arch)
 		}
 		return nil
