@@ -58,11 +58,12 @@ func RequireRuntimes(t testing.TB) string {
 	return dir
 }
 
-// InputRootStrategies lists the --input-root values `actiond serve -h`
-// mentions: hardlink and copy always, fuse once the server offers it.
-func InputRootStrategies(t testing.TB) []string {
+// InputRootStrategies reads `actiond serve -h`: the default of
+// --input-root (e.g. "auto") and the explicit strategies it offers among
+// fuse, hardlink and copy (hardlink and copy are required).
+func InputRootStrategies(t testing.TB) (def string, strategies []string) {
 	t.Helper()
-	out, _ := exec.Command(actiondBinary(t), "serve", "-h").CombinedOutput() // -h exits 2 with flag
+	out, _ := exec.Command(actiondBinary(t), "serve", "-h").CombinedOutput() // -h exits non-zero
 	help := string(out)
 	i := strings.Index(help, "-input-root")
 	if i < 0 {
@@ -72,17 +73,22 @@ func InputRootStrategies(t testing.TB) []string {
 	if j := strings.Index(usage, "\n  -"); j >= 0 {
 		usage = usage[:j]
 	}
-	strategies := []string{"hardlink", "copy"}
-	for _, s := range strategies {
-		if !strings.Contains(usage, s) {
-			t.Fatalf("actiond serve -h: -input-root does not offer %q: %s", s, usage)
+	for _, s := range []string{"fuse", "hardlink", "copy"} {
+		if strings.Contains(usage, s) {
+			strategies = append(strategies, s)
 		}
 	}
-	if strings.Contains(usage, "fuse") {
-		strategies = append(strategies, "fuse")
+	if !slices.Contains(strategies, "hardlink") || !slices.Contains(strategies, "copy") {
+		t.Fatalf("actiond serve -h: -input-root does not offer hardlink and copy: %s", usage)
 	}
-	return strategies
+	m := regexp.MustCompile(`\(default "([^"]*)"\)`).FindStringSubmatch(usage)
+	if m == nil {
+		t.Fatalf("actiond serve -h: no default for -input-root: %s", usage)
+	}
+	return m[1], strategies
 }
+
+var inputRootLogRE = regexp.MustCompile(`input_root=(\S+)`)
 
 // remoteExecFlags are the Bazel flags that send every action to addr and
 // never fall back to local execution.
@@ -142,10 +148,12 @@ func withoutRuntimes(h map[string]string) map[string]string {
 }
 
 // TestBazelRemoteExec: Bazel 4.2.3 with --remote_executor pointed at
-// `actiond serve`, once per input root strategy. A local build
-// (--spawn_strategy=local) of //:agg is the reference.
+// `actiond serve`, once per input root strategy (subtest "default" with the
+// server's default --input-root, then each other strategy that `actiond
+// serve -h` offers). A local build (--spawn_strategy=local) of //:agg is
+// the reference.
 //
-// With the default strategy (hardlink), the full matrix: //:agg (genrules,
+// With the default strategy, the full matrix: //:agg (genrules,
 // cc_binary/cc_test with the host runtime's gcc, a tree artifact consumed by
 // three actions, source-directory inputs, a 2,049-input action, output
 // directories) plus //runtimes (one action per glibc runtime): every action
@@ -161,8 +169,8 @@ func TestBazelRemoteExec(t *testing.T) {
 	RequireBazel(t)
 	testutil.RequireRoot(t)
 	runtimeDir := RequireRuntimes(t)
-	strategies := InputRootStrategies(t)
-	t.Logf("input root strategies: %v", strategies)
+	def, strategies := InputRootStrategies(t)
+	t.Logf("input root strategies: %v (default %q)", strategies, def)
 
 	ws := CopyWorkspace(t, WorkspaceDir(t))
 	our := t.TempDir()
@@ -183,12 +191,38 @@ func TestBazelRemoteExec(t *testing.T) {
 		}
 	}
 
-	for i, strategy := range strategies {
-		full := i == 0
+	// The server's default first (the full matrix), then every other
+	// strategy explicitly.
+	resolved := def // what the default resolves to ("auto" picks one)
+	cases := []string{"default"}
+	for _, s := range strategies {
+		if s != def {
+			cases = append(cases, s)
+		}
+	}
+	for _, strategy := range cases {
+		full := strategy == "default"
 		t.Run(strategy, func(t *testing.T) {
-			addr, serverLog := StartServerWithLog(t, "--runtime-dir", runtimeDir, "--input-root", strategy)
-			if want := "input_root=" + strategy; !strings.Contains(serverLog(), want) {
-				t.Fatalf("server log does not say %s:\n%s", want, serverLog())
+			if !full && strategy == resolved {
+				t.Skipf("the default run used %s already", strategy)
+			}
+			if strategy == "fuse" && def == "auto" && resolved != "fuse" {
+				testutil.Require(t, false, "actiondfs (FUSE) is unavailable here: --input-root=auto chose "+resolved)
+			}
+			args := []string{"--runtime-dir", runtimeDir}
+			if !full {
+				args = append(args, "--input-root", strategy)
+			}
+			addr, serverLog := StartServerWithLog(t, args...)
+			m := inputRootLogRE.FindStringSubmatch(serverLog())
+			if m == nil {
+				t.Fatalf("server log does not name its input root:\n%s", serverLog())
+			}
+			if full {
+				resolved = m[1]
+				t.Logf("default input root %q is %s", def, resolved)
+			} else if m[1] != strategy {
+				t.Fatalf("server uses input root %s, want %s", m[1], strategy)
 			}
 			remote := remoteExecFlags(addr)
 			build := func(extra ...string) string {
@@ -273,58 +307,90 @@ var escapeAttempts = map[string]string{
 	"connect_server": `/dev/tcp/127\.0\.0\.1/[0-9]+: (Connection refused|Network is unreachable|Cannot assign requested address)`,
 	"proc_root":      `cat: /proc/1/root/etc/shadow: (Permission denied|No such file or directory)`,
 	"become_root":    `uid is 65534, not root`,
+	// Refused by the server when collecting outputs (INVALID_ARGUMENT).
+	"output_symlink_abs": `output symlink "[^"]*/output_symlink_abs\.txt".*(absolute|outside)`,
+	"output_symlink_rel": `output symlink "[^"]*/output_symlink_rel\.txt".*outside`,
 }
 
 // TestBazelRemoteExecSandbox: escape attempts made through Bazel (reading
 // the host's /etc/shadow, writing to or replacing an input, writing to the
 // runtime, connecting to the actiond server, reaching the host root through
-// /proc/1/root, running as root) all fail when executed remotely, each
+// /proc/1/root, running as root, output symlinks to host files) all fail when executed remotely, each
 // with the expected diagnostic, and the attacked input still has its
-// original content afterwards (hardlinked inputs share bytes with the CAS).
+// original content afterwards (hardlinked inputs share bytes with the CAS);
+// with the server's default input root and each other one it offers.
 func TestBazelRemoteExecSandbox(t *testing.T) {
 	RequireBazel(t)
 	testutil.RequireRoot(t)
-	addr := StartServer(t)
+	def, strategies := InputRootStrategies(t)
 	ws := CopyWorkspace(t, WorkspaceDir(t))
 	our := t.TempDir()
-	_, port, _ := strings.Cut(addr, ":")
-	args := append(append([]string{"build"}, remoteExecFlags(addr)...), "--keep_going", "--define=ACTIOND_PORT="+port)
-
-	out, err := Bazel(t, ws, our, append(args, "//escape:attempts")...)
-	if err == nil {
-		t.Fatalf("bazel build //escape:attempts succeeded; every attempt must fail:\n%s", out)
-	}
-	for name, diag := range escapeAttempts {
-		if !strings.Contains(out, "Executing genrule //escape:"+name+" failed") {
-			t.Errorf("%s: no failure reported for it", name)
-		}
-		if !regexp.MustCompile(diag).MatchString(out) {
-			t.Errorf("%s: no diagnostic matching %q", name, diag)
-		}
-		// A failed remote action's outputs are still downloaded: a
-		// shell redirection may have created an empty one.
-		if b, err := os.ReadFile(filepath.Join(ws, "bazel-bin", "escape", name+".txt")); err == nil && len(b) > 0 {
-			t.Errorf("%s: produced its output: %q", name, b)
-		}
-	}
-	if t.Failed() {
-		t.Logf("bazel output:\n%s", out)
-	}
-
-	out, err = Bazel(t, ws, our, append(args, "//escape:victim_copy")...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	requireAllRemote(t, "victim_copy", out)
 	want, err := os.ReadFile(filepath.Join(ws, "escape", "victim.txt"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := os.ReadFile(filepath.Join(ws, "bazel-bin", "escape", "victim_copy.txt"))
-	if err != nil {
-		t.Fatal(err)
+	cases := []string{"default"}
+	for _, s := range strategies {
+		if s != def {
+			cases = append(cases, s)
+		}
 	}
-	if string(got) != string(want) {
-		t.Errorf("the victim input changed: got %q, want %q", got, want)
+	resolved := def
+	for _, strategy := range cases {
+		t.Run(strategy, func(t *testing.T) {
+			if strategy == resolved {
+				t.Skipf("the default run used %s already", strategy)
+			}
+			if strategy == "fuse" && def == "auto" && resolved != "fuse" {
+				testutil.Require(t, false, "actiondfs (FUSE) is unavailable here: --input-root=auto chose "+resolved)
+			}
+			var args []string
+			if strategy != "default" {
+				args = []string{"--input-root", strategy}
+			}
+			addr, serverLog := StartServerWithLog(t, args...)
+			m := inputRootLogRE.FindStringSubmatch(serverLog())
+			if m == nil {
+				t.Fatalf("server log does not name its input root:\n%s", serverLog())
+			}
+			if strategy == "default" {
+				resolved = m[1]
+			}
+			t.Logf("input root: %s", m[1])
+			_, port, _ := strings.Cut(addr, ":")
+			build := append(append([]string{"build"}, remoteExecFlags(addr)...), "--keep_going", "--define=ACTIOND_PORT="+port)
+			MustBazel(t, ws, our, "clean")
+
+			out, err := Bazel(t, ws, our, append(build, "//escape:attempts")...)
+			if err == nil {
+				t.Fatalf("bazel build //escape:attempts succeeded; every attempt must fail:\n%s", out)
+			}
+			for name, diag := range escapeAttempts {
+				if !strings.Contains(out, "Executing genrule //escape:"+name+" failed") {
+					t.Errorf("%s: no failure reported for it", name)
+				}
+				if !regexp.MustCompile(diag).MatchString(out) {
+					t.Errorf("%s: no diagnostic matching %q", name, diag)
+				}
+				// A failed remote action's outputs are still downloaded: a
+				// shell redirection may have created an empty one.
+				if b, err := os.ReadFile(filepath.Join(ws, "bazel-bin", "escape", name+".txt")); err == nil && len(b) > 0 {
+					t.Errorf("%s: produced its output: %q", name, b)
+				}
+			}
+			if t.Failed() {
+				t.Logf("bazel output:\n%s", out)
+			}
+
+			out = MustBazel(t, ws, our, append(build, "//escape:victim_copy")...)
+			requireAllRemote(t, "victim_copy", out)
+			got, err := os.ReadFile(filepath.Join(ws, "bazel-bin", "escape", "victim_copy.txt"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != string(want) {
+				t.Errorf("the victim input changed: got %q, want %q", got, want)
+			}
+		})
 	}
 }

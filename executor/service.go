@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"runtime"
+	"sort"
 	"sync"
 	"time"
 
@@ -79,6 +80,34 @@ func (s *Service) Load() (queued, running int) {
 	return s.queued, s.running
 }
 
+// OperationInfo describes one operation, for status pages.
+type OperationInfo struct {
+	Name   string
+	Action cas.Digest
+	Stage  repb.ExecutionStage_Value
+	Queued time.Time // when it was accepted
+}
+
+// Operations lists the operations not yet completed, oldest first.
+func (s *Service) Operations() []OperationInfo {
+	s.mu.Lock()
+	ops := make([]*operation, 0, len(s.ops))
+	for _, op := range s.ops {
+		ops = append(ops, op)
+	}
+	s.mu.Unlock()
+	var out []OperationInfo
+	for _, op := range ops {
+		op.mu.Lock()
+		if op.resp == nil {
+			out = append(out, OperationInfo{Name: op.name, Action: op.action, Stage: op.stage, Queued: op.queuedAt})
+		}
+		op.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Queued.Before(out[j].Queued) })
+	return out
+}
+
 // operation is one execution that any number of clients may watch.
 type operation struct {
 	name   string
@@ -91,6 +120,7 @@ type operation struct {
 	changed  chan struct{}         // closed and replaced on every change
 	watchers int
 	idleT    *time.Timer
+	queuedAt time.Time
 }
 
 func (op *operation) snapshot() (*longrunningpb.Operation, <-chan struct{}, bool) {
@@ -168,7 +198,7 @@ func (s *Service) start(d cas.Digest, skipCache bool) (*operation, error) {
 		return nil, status.Errorf(codes.ResourceExhausted, "%d actions are already queued (limit %d); retry later", s.queued, s.opts.MaxQueue)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	op := &operation{name: newOperationName(), action: d, cancel: cancel, stage: repb.ExecutionStage_QUEUED, changed: make(chan struct{})}
+	op := &operation{name: newOperationName(), action: d, cancel: cancel, stage: repb.ExecutionStage_QUEUED, changed: make(chan struct{}), queuedAt: time.Now()}
 	s.ops[op.name] = op
 	if !skipCache {
 		s.inflight[d] = op

@@ -2,6 +2,7 @@ package observe
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"html/template"
 	"log/slog"
@@ -12,8 +13,11 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/internal/units"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/protobuf/proto"
 )
 
 // BuildInfo describes the running binary.
@@ -62,6 +66,7 @@ type statusData struct {
 	InputRoot                       string
 	Queued, Running, Concurrency    int
 	RunningRows                     []runningRow
+	QueuedRows                      []runningRow
 	Finished                        []finishedRow
 	Blobs                           int
 	Stored, Limit                   string
@@ -160,8 +165,61 @@ func (o *Observer) snapshot() statusData {
 		d.Queued, d.Running = srv.Execution.Load()
 		d.Concurrency = srv.Execution.Concurrency()
 		d.InputRoot = srv.InputRootName()
+		d.QueuedRows = queuedRows(srv, now)
 	}
 	return d
+}
+
+// maxQueuedRows bounds the queued actions the page lists (and loads).
+const maxQueuedRows = 20
+
+// queuedRows lists actions waiting for a slot, with their commands read
+// from the CAS.
+func queuedRows(srv *actiond.Server, now time.Time) []runningRow {
+	var rows []runningRow
+	for _, op := range srv.Execution.Operations() {
+		if op.Stage != repb.ExecutionStage_QUEUED {
+			continue
+		}
+		if len(rows) == maxQueuedRows {
+			break
+		}
+		r := runningRow{What: "(unknown)", Action: op.Action.String(), Stage: "queued", Elapsed: now.Sub(op.Queued).Round(time.Millisecond)}
+		if args, rt, err := describeAction(srv.Store, op.Action); err == nil {
+			r.What, r.Runtime = argvHead(args), rt
+		}
+		rows = append(rows, r)
+	}
+	return rows
+}
+
+func describeAction(store cas.Store, d cas.Digest) ([]string, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var action repb.Action
+	var command repb.Command
+	b, err := cas.ReadAll(ctx, store, d)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := proto.Unmarshal(b, &action); err != nil {
+		return nil, "", err
+	}
+	cd, err := cas.FromProto(action.CommandDigest)
+	if err != nil {
+		return nil, "", err
+	}
+	if b, err = cas.ReadAll(ctx, store, cd); err != nil {
+		return nil, "", err
+	}
+	if err := proto.Unmarshal(b, &command); err != nil {
+		return nil, "", err
+	}
+	rt := ""
+	if p, err := executor.ParsePlatform(action.Platform, command.Platform); err == nil {
+		rt = p.Runtime
+	}
+	return command.Arguments, rt, nil
 }
 
 func (o *Observer) serveStatus(w http.ResponseWriter, r *http.Request) {
@@ -226,6 +284,12 @@ code{font-size:.92em}.bad{color:#b00}.muted{color:#777}
 {{range .RunningRows}}<tr class="action"><td><code>{{.What}}</code></td><td>{{.Runtime}}</td><td>{{.Stage}}</td><td class="n">{{ms .Elapsed}}</td><td><code class="muted">{{.Action}}</code></td></tr>
 {{else}}<tr><td colspan="5" class="muted">none</td></tr>
 {{end}}</table>
+{{if .QueuedRows}}
+<table id="queued">
+<tr><th>queued</th><th>runtime</th><th></th><th>waiting</th><th>action</th></tr>
+{{range .QueuedRows}}<tr class="action"><td><code>{{.What}}</code></td><td>{{.Runtime}}</td><td>{{.Stage}}</td><td class="n">{{ms .Elapsed}}</td><td><code class="muted">{{.Action}}</code></td></tr>
+{{end}}</table>
+{{end}}
 
 <h2>Last {{.RecentLimit}} finished</h2>
 <table id="finished">

@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"sync"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -55,6 +56,16 @@ type Store struct {
 	bs    bytestream.ByteStreamClient
 	opts  Options
 	log   *slog.Logger
+
+	mu       sync.Mutex
+	fetching map[cas.Digest]*fetch // in-flight downloads, shared by callers
+}
+
+// fetch is one download of a blob into the local store that every caller
+// wanting the blob meanwhile waits for.
+type fetch struct {
+	done chan struct{}
+	err  error
 }
 
 var (
@@ -71,11 +82,12 @@ func NewStore(conn grpc.ClientConnInterface, local *cas.DiskStore, opts Options)
 		opts.Logger = slog.Default()
 	}
 	return &Store{
-		local: local,
-		cas:   repb.NewContentAddressableStorageClient(conn),
-		bs:    bytestream.NewByteStreamClient(conn),
-		opts:  opts,
-		log:   opts.Logger,
+		local:    local,
+		cas:      repb.NewContentAddressableStorageClient(conn),
+		bs:       bytestream.NewByteStreamClient(conn),
+		opts:     opts,
+		log:      opts.Logger,
+		fetching: make(map[cas.Digest]*fetch),
 	}
 }
 
@@ -176,10 +188,39 @@ func (s *Store) ensureLocal(ctx context.Context, d cas.Digest) error {
 	if len(missing) == 0 {
 		return nil
 	}
-	if d.Size <= s.opts.MaxBatchSize {
-		return s.fetchBatch(ctx, d)
+	// Runners staging the same inputs download each blob once.
+	s.mu.Lock()
+	f, ok := s.fetching[d]
+	if !ok {
+		f = &fetch{done: make(chan struct{})}
+		s.fetching[d] = f
 	}
-	return s.fetchStream(ctx, d)
+	s.mu.Unlock()
+	if ok {
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for download of %s: %w", d, ctx.Err())
+		}
+		if f.err == nil {
+			return nil
+		}
+		// The other download may have failed for its own reasons (its
+		// context ended): try ourselves.
+	}
+	if d.Size <= s.opts.MaxBatchSize {
+		err = s.fetchBatch(ctx, d)
+	} else {
+		err = s.fetchStream(ctx, d)
+	}
+	if !ok {
+		f.err = err
+		s.mu.Lock()
+		delete(s.fetching, d)
+		s.mu.Unlock()
+		close(f.done)
+	}
+	return err
 }
 
 func (s *Store) fetchBatch(ctx context.Context, d cas.Digest) error {

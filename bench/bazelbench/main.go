@@ -64,13 +64,15 @@ type bench struct {
 	ws         string
 	our        string
 	nServers   int
+	inputRoot  string
 }
 
 // Result is the JSON output; durations in milliseconds.
 type Result struct {
-	Load     string        `json:"load_before"`
-	Genrules []Measurement `json:"genrules,omitempty"`
-	Stress   []Measurement `json:"stress,omitempty"`
+	Load      string        `json:"load_before"`
+	InputRoot string        `json:"input_root"`
+	Genrules  []Measurement `json:"genrules,omitempty"`
+	Stress    []Measurement `json:"stress,omitempty"`
 }
 
 // Measurement is one timed configuration.
@@ -134,6 +136,7 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 			return err
 		}
 	}
+	res.InputRoot = b.inputRoot
 	return benchutil.WriteJSON(jsonOut, res)
 }
 
@@ -168,7 +171,12 @@ func (b *bench) timedBuild(want string, args ...string) (time.Duration, map[stri
 
 func (b *bench) startServer() (*benchutil.Server, error) {
 	b.nServers++
-	return benchutil.StartServer(b.actiond, filepath.Join(b.tmp, fmt.Sprintf("actiond-root-%d", b.nServers)), b.serverArgs...)
+	srv, err := benchutil.StartServer(b.actiond, filepath.Join(b.tmp, fmt.Sprintf("actiond-root-%d", b.nServers)), b.serverArgs...)
+	if err == nil && b.inputRoot == "" {
+		b.inputRoot = srv.InputRoot()
+		fmt.Printf("actiond input root: %s\n", b.inputRoot)
+	}
+	return srv, err
 }
 
 func remoteFlags(addr string) []string {

@@ -67,9 +67,10 @@ func main() {
 
 // Result is the JSON output.
 type Result struct {
-	Load    string            `json:"load_before"`
-	Subject []benchutil.Stats `json:"subjects"`
-	Phases  []benchutil.Stats `json:"actiond_phases"`
+	Load      string            `json:"load_before"`
+	InputRoot string            `json:"input_root,omitempty"`
+	Subject   []benchutil.Stats `json:"subjects"`
+	Phases    []benchutil.Stats `json:"actiond_phases"`
 }
 
 // subject is one thing measured: sample runs it once.
@@ -119,6 +120,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, 
 		}
 		defer srv.Stop()
 		addr = srv.Addr
+		res.InputRoot = srv.InputRoot()
 	}
 	if addr != "" {
 		var err error
@@ -148,7 +150,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, 
 			s.samples = append(s.samples, d)
 		}
 	}
-	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s)\n", n, res.Load)
+	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s)\n", n, res.Load, res.InputRoot)
 	for _, s := range subjects {
 		st := benchutil.Summarise(s.name, s.samples)
 		res.Subject = append(res.Subject, st)

@@ -25,9 +25,10 @@ type stats struct {
 }
 
 type execLatency struct {
-	Load    string  `json:"load_before"`
-	Subject []stats `json:"subjects"`
-	Phases  []stats `json:"actiond_phases"`
+	Load      string  `json:"load_before"`
+	InputRoot string  `json:"input_root"`
+	Subject   []stats `json:"subjects"`
+	Phases    []stats `json:"actiond_phases"`
 }
 
 type measurement struct {
@@ -38,9 +39,10 @@ type measurement struct {
 }
 
 type bazelResult struct {
-	Load     string        `json:"load_before"`
-	Genrules []measurement `json:"genrules"`
-	Stress   []measurement `json:"stress"`
+	Load      string        `json:"load_before"`
+	InputRoot string        `json:"input_root"`
+	Genrules  []measurement `json:"genrules"`
+	Stress    []measurement `json:"stress"`
 }
 
 func main() {
@@ -64,7 +66,7 @@ func main() {
 		}
 		a, s := find("actiond"), find("linux-sandbox (")
 		if a != nil && s != nil {
-			row(fmt.Sprintf("trivial action latency p50 (n=%d, load %s)", a.N, el.Load), a.P50, s.P50, "ms", fmt.Sprintf("≤ 5 ms and ≤ sandbox: %s", verdict(a.P50 <= 5 && a.P50 <= s.P50)))
+			row(fmt.Sprintf("trivial action latency p50 (n=%d, load %s, input root %s)", a.N, el.Load, el.InputRoot), a.P50, s.P50, "ms", fmt.Sprintf("≤ 5 ms and ≤ sandbox: %s", verdict(a.P50 <= 5 && a.P50 <= s.P50)))
 			row("trivial action latency p95", a.P95, s.P95, "ms", "")
 		}
 		if f := find("fork+exec"); f != nil {
@@ -111,7 +113,7 @@ func main() {
 
 	if haveBazel && len(br.Stress) == 4 {
 		local, sb, cold, warm := br.Stress[0], br.Stress[1], br.Stress[2], br.Stress[3]
-		row(fmt.Sprintf("//:agg cold build wall (median of %d, load %s)", len(cold.Runs), br.Load), cold.MedianMs/1000, sb.MedianMs/1000, "s",
+		row(fmt.Sprintf("//:agg cold build wall (median of %d, load %s, input root %s)", len(cold.Runs), br.Load, br.InputRoot), cold.MedianMs/1000, sb.MedianMs/1000, "s",
 			fmt.Sprintf("≤ 1.2× sandbox: %s", verdict(cold.MedianMs <= 1.2*sb.MedianMs)))
 		fmt.Printf("| //:agg warm rebuild after clean (all remote cache hits) | %.2f s | | | |\n", warm.MedianMs/1000)
 		fmt.Printf("| //:agg --spawn_strategy=local (unsandboxed reference) | | %.2f s (local) | | |\n", local.MedianMs/1000)

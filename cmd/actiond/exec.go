@@ -51,17 +51,25 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 		return func() {}, nil
 	}
 	runtimes := []sandbox.Runtime{sandbox.HostRuntime()}
+	unmountEmbedded := func() {}
 	if _, err := os.Stat(f.runtimeDir); err == nil {
 		loaded, err := sandbox.LoadRuntimes(f.runtimeDir, filepath.Join(opts.Root, "runtimes"))
 		if err != nil {
 			return nil, fmt.Errorf("load runtimes from %s: %w", f.runtimeDir, err)
 		}
 		runtimes = append(runtimes, loaded...)
+	} else if embedded, unmount, ok, err := embeddedRuntimes(opts.Root, log); err != nil {
+		return nil, err
+	} else if ok {
+		// A standalone binary: the runtimes disk it carries.
+		runtimes = append(runtimes, embedded...)
+		unmountEmbedded = unmount
 	} else {
 		log.Info("no runtime images; only the host runtime is available", "runtime_dir", f.runtimeDir, "hint", "build them with `make runtimes`")
 	}
 	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log})
 	if err != nil {
+		unmountEmbedded()
 		return nil, err
 	}
 	opts.Sandbox = sb
@@ -69,5 +77,5 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 	opts.Concurrency = f.concurrency
 	opts.MaxActionTimeout = f.maxTimeout
 	opts.InputRootKind = f.inputRoot
-	return func() { sb.Close() }, nil
+	return func() { sb.Close(); unmountEmbedded() }, nil
 }

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -23,7 +22,7 @@ func init() {
 // rdinit=/actiond and "-- guest" on the kernel command line); otherwise it
 // can check a kernel command line and list the parameters.
 func runGuest(args []string) error {
-	fs := flag.NewFlagSet("guest", flag.ContinueOnError)
+	fs := newFlagSet("guest")
 	cmdline := fs.String("cmdline", "", "instead of running: parse this kernel command line and print the resulting configuration")
 	params := fs.Bool("params", false, "instead of running: list the actiond.* kernel command line parameters")
 	fs.Usage = func() {

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net"
@@ -51,7 +50,7 @@ func newLogger(level string) (*slog.Logger, error) {
 }
 
 func runServe(args []string) error {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs := newFlagSet("serve")
 	listen := fs.String("listen", "127.0.0.1:8980", "gRPC listen address (host:port)")
 	root := fs.String("root", defaultRoot(), "directory for all state (CAS, action cache, staging)")
 	maxSize := int64(50 << 30)

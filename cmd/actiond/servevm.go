@@ -25,7 +25,7 @@ import (
 // (Virtualization.framework on macOS, QEMU on Linux) and this process
 // proxies client connections to it. See package vmhost.
 func runServeVM(args []string) error {
-	fs := flag.NewFlagSet("serve-vm", flag.ContinueOnError)
+	fs := newFlagSet("serve-vm")
 	listen := fs.String("listen", "127.0.0.1:8980", "gRPC listen address (host:port); keep it on loopback: every guest service is reachable through it")
 	root := fs.String("root", filepath.Join(defaultRoot(), "vm"), "directory for the VM's host-side state (CAS image, console log, KVM probe verdict)")
 	casImage := fs.String("cas-image", "", "disk image holding the guest's CAS and action cache (default <root>/cas.ext4; created sparse and formatted by the guest when missing)")
@@ -59,6 +59,16 @@ func runServeVM(args []string) error {
 	}
 	slog.SetDefault(log)
 
+	if *payloadDir == "" && *kernel == "" && *initrd == "" {
+		// A standalone binary boots the payload it carries.
+		dir, ok, err := embeddedPayloadDir(*root, *arch, log)
+		if err != nil {
+			return err
+		}
+		if ok {
+			*payloadDir = dir
+		}
+	}
 	if *payloadDir == "" {
 		*payloadDir = vmhost.DefaultPayloadDir(*arch)
 	}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"syscall"
@@ -134,6 +135,16 @@ func StartServer(bin, root string, args ...string) (*Server, error) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// InputRoot is the input root strategy the server logged at start-up
+// ("input_root=fuse"), or "?".
+func (s *Server) InputRoot() string {
+	b, _ := os.ReadFile(s.log.Name())
+	if m := regexp.MustCompile(`input_root=(\S+)`).FindSubmatch(b); m != nil {
+		return string(m[1])
+	}
+	return "?"
 }
 
 // Stop sends SIGTERM and waits (SIGKILL after 20 s).

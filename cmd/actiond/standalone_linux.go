@@ -1,0 +1,80 @@
+//go:build linux
+
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/internal/payload"
+	"github.com/actiond/actiond/sandbox"
+)
+
+// embeddedRuntimes makes the runtimes of the embedded runtimes disk
+// available to `actiond serve`: it extracts the disk under root/payload,
+// mounts it read-only on root/runtimes-embedded and returns one runtime
+// per top-level directory (like the guest does with the same disk). The
+// returned function unmounts it. ok is false when the binary carries no
+// runtimes disk.
+func embeddedRuntimes(root string, log *slog.Logger) (rts []sandbox.Runtime, unmount func(), ok bool, err error) {
+	if !payload.Embedded() {
+		return nil, nil, false, nil
+	}
+	m, err := payload.ReadManifest()
+	if err != nil {
+		return nil, nil, false, err
+	}
+	if m.Runtimes == "" {
+		return nil, nil, false, nil
+	}
+	dir := filepath.Join(root, "payload", m.Arch)
+	start := time.Now()
+	res, err := payload.Extract(dir, m.Runtimes)
+	if err != nil {
+		return nil, nil, false, fmt.Errorf("extract the embedded runtimes: %w", err)
+	}
+	logExtract(log, res, start)
+	mnt := filepath.Join(root, "runtimes-embedded")
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		return nil, nil, false, err
+	}
+	img := filepath.Join(dir, m.Runtimes)
+	if err := sandbox.MountImage(img, mnt); err != nil {
+		return nil, nil, false, err
+	}
+	unmount = func() {
+		if err := unix.Unmount(mnt, 0); err != nil {
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	}
+	entries, err := os.ReadDir(mnt)
+	if err != nil {
+		unmount()
+		return nil, nil, false, err
+	}
+	for _, e := range entries {
+		if !e.IsDir() || e.Name() == sandbox.HostRuntimeName || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		r := filepath.Join(mnt, e.Name())
+		if !standaloneExists(filepath.Join(r, "usr")) && !standaloneExists(filepath.Join(r, "bin")) {
+			continue
+		}
+		// No Image: the sandbox must not unmount the subdirectory; the
+		// disk is unmounted by the returned function.
+		rts = append(rts, sandbox.Runtime{Name: e.Name(), Root: r})
+	}
+	log.Info("using the embedded runtimes disk", "image", img, "mount", mnt, "runtimes", len(rts))
+	return rts, unmount, true, nil
+}
+
+func standaloneExists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}

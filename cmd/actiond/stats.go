@@ -1,0 +1,59 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/units"
+)
+
+// runStats is `actiond stats`: what a root not in use holds. Hit ratios
+// are counted per server run and not persisted; a running server shows
+// them on its --http status page and metrics.
+func runStats(args []string) error {
+	fs := newFlagSet("stats")
+	root := fs.String("root", defaultRoot(), "actiond root to describe (not in use by a server)")
+	logLevel := fs.String("log-level", "warn", "log level: debug, info, warn, error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	log, err := newLogger(*logLevel)
+	if err != nil {
+		return err
+	}
+	unlock, err := lockExistingRoot(*root)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	store, err := cas.NewDiskStore(filepath.Join(*root, "cas"), cas.WithLogger(log))
+	if err != nil {
+		return fmt.Errorf("open CAS: %w", err)
+	}
+	st := store.Stats()
+	fmt.Printf("root:          %s\n", *root)
+	fmt.Printf("CAS blobs:     %d\n", st.Blobs)
+	fmt.Printf("CAS bytes:     %s (%d)\n", units.Format(st.Bytes), st.Bytes)
+	if q, err := os.ReadDir(filepath.Join(*root, "cas", cas.QuarantineDir)); err == nil {
+		fmt.Printf("quarantined:   %d blobs (in %s)\n", len(q), filepath.Join(*root, "cas", cas.QuarantineDir))
+	}
+	acPath := filepath.Join(*root, "ac.db")
+	if _, err := os.Stat(acPath); err != nil {
+		fmt.Println("ActionCache:   none")
+		return nil
+	}
+	ac, err := actioncache.Open(acPath, store)
+	if err != nil {
+		return err
+	}
+	defer ac.Close()
+	fmt.Printf("ActionCache:   %d results\n", ac.Stats().Entries)
+	fmt.Println("hit ratio:     not persisted; see a running server's --http page or actiond_ac_hit_ratio")
+	return nil
+}
