@@ -569,7 +569,7 @@ func (s *DiskStore) commitFile(f *os.File, d Digest) error {
 	if err := f.Close(); err != nil {
 		return s.spaceErr(fmt.Errorf("close upload of %s: %w", d, err))
 	}
-	return s.link(f.Name(), d)
+	return s.link(f.Name(), d, true)
 }
 
 // link moves the verified, read-only (and, with fsync, synced) file tmp
@@ -577,7 +577,11 @@ func (s *DiskStore) commitFile(f *os.File, d Digest) error {
 // removed instead. Room is made before the rename, so a blob that cannot
 // be kept (everything else pinned) is never renamed into place. The rename
 // itself runs without holding mu, so lookups never wait for the disk.
-func (s *DiskStore) link(tmp string, d Digest) error {
+//
+// With syncDir (and fsync on) the shard directory is synced after the
+// rename: a synced file under a name that was never synced can vanish in a
+// power loss (or a VM kill) before the file system commits its journal.
+func (s *DiskStore) link(tmp string, d Digest, syncDir bool) error {
 	s.mu.Lock()
 	if e, ok := s.index[d.Hash]; ok {
 		s.lru.MoveToFront(e.elem)
@@ -600,6 +604,9 @@ func (s *DiskStore) link(tmp string, d Digest) error {
 	s.mu.Unlock()
 
 	err := os.Rename(tmp, s.blobPath(d.Hash))
+	if err == nil && syncDir && s.fsync {
+		err = fsyncDir(filepath.Dir(s.blobPath(d.Hash)))
+	}
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -736,7 +743,7 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if li, err := os.Lstat(path); err != nil || !os.SameFile(li, fi) {
 		return Digest{}, fmt.Errorf("%s was replaced while being stored", path)
 	}
-	err = s.link(path, d)
+	err = s.link(path, d, true)
 	if errors.Is(err, syscall.EXDEV) {
 		return s.putCopy(ctx, f, path)
 	}
@@ -854,11 +861,22 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		if tmps[i] == "" {
 			return
 		}
-		if err := s.link(tmps[i], blobs[i].Digest); err != nil {
+		if err := s.link(tmps[i], blobs[i].Digest, !barrier); err != nil {
 			os.Remove(tmps[i])
 			errs[i] = err
 		}
 	})
+	if barrier {
+		// One more barrier makes the new names durable too.
+		if err := syncFS(s.blobDir); err != nil {
+			err = s.spaceErr(fmt.Errorf("sync batch names: %w", err))
+			for _, i := range todo {
+				if errs[i] == nil {
+					errs[i] = err
+				}
+			}
+		}
+	}
 	// Duplicates within the batch share the first copy's outcome.
 	for i, b := range blobs {
 		if j, ok := seen[b.Digest.Hash]; ok && j != i && errs[i] == nil && blobs[j].Digest == b.Digest {
@@ -1011,4 +1029,17 @@ func (s *DiskStore) spaceErr(err error) error {
 		return fmt.Errorf("%w: %w", ErrNoSpace, err)
 	}
 	return err
+}
+
+// fsyncDir makes the entries of dir durable.
+func fsyncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
+	}
+	return nil
 }

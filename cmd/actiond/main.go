@@ -2,6 +2,7 @@
 //
 //	actiond serve      worker+cache on this Linux host
 //	actiond serve-vm   worker+cache inside a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
+//	actiond worker     a Buildbarn farm worker (bb_scheduler)
 //	actiond guest      the VM guest's init (PID 1); not for direct use
 //	actiond version    print the version
 package main
@@ -19,6 +20,7 @@ func usage() {
 commands:
   serve     serve the REAPI cache (and executor) on this host
   serve-vm  serve from a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
+  worker    run as a Buildbarn farm worker (bb_scheduler)
   guest     run as the VM guest's init (PID 1); started by serve-vm's payload
   version   print the version
 
@@ -37,6 +39,8 @@ func main() {
 		err = runServe(args)
 	case "serve-vm":
 		err = runServeVM(args)
+	case "worker":
+		err = runWorker(args)
 	case "guest":
 		err = runGuest(args)
 	case "version", "--version", "-version":

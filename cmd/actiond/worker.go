@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"os/signal"
@@ -59,7 +58,7 @@ func (f *platformFlag) platform() *repb.Platform {
 
 // runWorker is `actiond worker`: the executor as a Buildbarn farm worker.
 func runWorker(args []string) error {
-	fs := flag.NewFlagSet("worker", flag.ContinueOnError)
+	fs := newFlagSet("worker")
 	schedAddr := fs.String("scheduler", "", "bb_scheduler worker gRPC address (host:port), required")
 	casAddr := fs.String("cas", "", "the farm's CAS and ActionCache gRPC address (host:port, e.g. bb_storage), required")
 	instance := fs.String("instance-name", "", "REAPI instance name the worker serves (instance_name_prefix)")
