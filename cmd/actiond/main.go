@@ -20,6 +20,8 @@ func usage() {
 commands:
   serve     serve the REAPI cache (and executor) on this host
   serve-vm  serve from a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
+  cas       verify or gc the CAS of a root not in use (cas verify|gc -h)
+  stats     show what a root not in use holds
   worker    run as a Buildbarn farm worker (bb_scheduler)
   guest     run as the VM guest's init (PID 1); started by serve-vm's payload
   version   print the version
@@ -39,6 +41,10 @@ func main() {
 		err = runServe(args)
 	case "serve-vm":
 		err = runServeVM(args)
+	case "cas":
+		err = runCAS(args)
+	case "stats":
+		err = runStats(args)
 	case "worker":
 		err = runWorker(args)
 	case "guest":
