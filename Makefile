@@ -16,7 +16,9 @@ DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-to
             protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc wget:wget xz:xz-utils \
             qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm
 
-.PHONY: all build test deps runtimes vm-payload vm-payloads unit fuzz vet bench fmt
+.PHONY: all build test deps runtimes vm-payload vm-payloads standalone unit fuzz vet bench fmt
+
+STANDALONE_BIN ?= bin/actiond-standalone
 
 all: build
 
@@ -50,6 +52,12 @@ vm-payload: runtimes
 vm-payloads:
 	$(MAKE) vm-payload ARCH=amd64
 	$(MAKE) vm-payload ARCH=arm64
+
+# standalone: actiond with the VM payload embedded (serve-vm needs no other
+# file; serve uses the embedded runtimes). Staged files are git-ignored.
+standalone: vm-payload
+	$(GO) run ./tools/stagepayload -payload-dir $(VM_DIR)/$(ARCH) -out internal/payload/files
+	$(GO) build -trimpath -tags actiond_standalone -o $(STANDALONE_BIN) ./cmd/actiond
 
 vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

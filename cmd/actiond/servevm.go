@@ -115,7 +115,10 @@ func runServeVM(args []string) error {
 		extra = append(extra, *kernelArgs)
 	}
 	console := vmhost.NewConsole(log, "guest", 0)
-	consoleLog, err := os.Create(filepath.Join(*root, "console.log"))
+	// Keep the previous boot's console: after a crash it is the evidence.
+	consolePath := filepath.Join(*root, "console.log")
+	os.Rename(consolePath, consolePath+".1")
+	consoleLog, err := os.Create(consolePath)
 	if err != nil {
 		return fmt.Errorf("console log: %w", err)
 	}
