@@ -400,7 +400,15 @@ func (e *Executor) putBytes(ctx context.Context, b []byte) (cas.Digest, error) {
 	return d, e.opts.Store.Put(ctx, d, bytes.NewReader(b))
 }
 
+// MaxMessageSize bounds the Action, Command and Directory blobs the
+// executor reads into memory; a client naming a huge blob as one of them
+// gets INVALID_ARGUMENT instead of making the server allocate it.
+const MaxMessageSize = 64 << 20
+
 func (e *Executor) loadProto(ctx context.Context, d cas.Digest, m proto.Message, what string) error {
+	if d.Size > MaxMessageSize {
+		return invalidf("%s %s is %d bytes; at most %d bytes are accepted", what, d, d.Size, MaxMessageSize)
+	}
 	data, err := cas.ReadAll(ctx, e.opts.Store, d)
 	if err != nil {
 		return err

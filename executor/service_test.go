@@ -327,6 +327,12 @@ func TestBadRequestsAreInvalidArgument(t *testing.T) {
 	if err != nil || !strings.Contains(resp.Status.GetMessage(), `"host"`) {
 		t.Fatalf("unknown runtime message should list the available runtimes: %v", resp.GetStatus())
 	}
+	// An "Action" the server would have to load gigabytes of.
+	huge := cas.Digest{Hash: strings.Repeat("ab", 32), Size: 8 << 30}
+	resp, _, err = e.execute(context.Background(), huge, false)
+	if err != nil || status.FromProto(resp.Status).Code() != codes.InvalidArgument {
+		t.Fatalf("8 GiB action digest: %v %v, want INVALID_ARGUMENT", resp.GetStatus(), err)
+	}
 	_, err = e.exec.Execute(context.Background(), &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})
 	if err == nil {
 		_, _, err = drainErr(e, &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})

@@ -88,6 +88,9 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 			}
 			dir := c.dir(d)
 			if dir == nil {
+				if d.Size > MaxMessageSize {
+					return nil, invalidf("input directory %s is %d bytes; Directory messages may be at most %d bytes", d, d.Size, MaxMessageSize)
+				}
 				data, err := cas.ReadAll(ctx, store, d)
 				if errors.Is(err, cas.ErrNotFound) {
 					missing = append(missing, d)
