@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 var ctx = context.Background()
@@ -592,14 +594,11 @@ func TestDiskPutFile(t *testing.T) {
 func TestDiskPutFileCrossDevice(t *testing.T) {
 	s := newStore(t, "")
 	shm, err := os.MkdirTemp("/dev/shm", "actiond-test-")
-	if err != nil {
-		t.Skipf("no /dev/shm: %v", err)
-	}
+	testutil.Require(t, err == nil, fmt.Sprintf("needs /dev/shm as a second file system: %v", err))
 	defer os.RemoveAll(shm)
 	var a, b syscall.Statfs_t
-	if syscall.Statfs(shm, &a) != nil || syscall.Statfs(s.Dir(), &b) != nil || a.Fsid == b.Fsid {
-		t.Skip("/dev/shm is on the same file system")
-	}
+	testutil.Require(t, syscall.Statfs(shm, &a) == nil && syscall.Statfs(s.Dir(), &b) == nil && a.Fsid != b.Fsid,
+		"needs /dev/shm on another file system than the test's temp dir")
 	data := blob(7, 7000)
 	p := filepath.Join(shm, "f")
 	if err := os.WriteFile(p, data, 0o644); err != nil {
