@@ -76,5 +76,9 @@ test: deps runtimes vm-payloads vet
 	$(MAKE) unit
 	$(MAKE) fuzz
 
-bench: deps runtimes
-	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./cas/
+# bench runs the Go benchmarks and bench/run.sh (Execute latency against
+# Bazel's linux-sandbox, input staging, the stress build remote vs local);
+# numbers go into BENCHMARKS.md by hand.
+bench: deps runtimes vm-payload
+	$(GO) test -run '^$$' -bench . -benchtime 3x -timeout 60m ./cas/ ./executor/ ./fs/ ./vmhost/ ./vmhost/qemu/
+	bench/run.sh

@@ -4,9 +4,9 @@
 # `make bench` calls it. Needs root (actiond executes only as root) and bazel
 # (Debian: bazel-bootstrap). Takes ~5-8 minutes on a 2-core machine.
 #
-#   1. bench/execlatency: trivial-action latency, actiond Execute vs
-#      linux-sandbox invoked as Bazel does vs fork+exec, with actiond's
-#      phase breakdown;
+#   1. bench/execlatency: trivial-action latency (/bin/true with no inputs,
+#      and /bin/cat of one input file), actiond Execute vs linux-sandbox
+#      invoked as Bazel does vs fork+exec, with actiond's phase breakdown;
 #   2. executor BenchmarkStageInputs: input staging, hardlink and copy,
 #      1k/10k/100k files;
 #   3. bench/bazelbench: 200 trivial genrules per action (--jobs=1 and
@@ -47,6 +47,8 @@ echo "bench: results in $OUT; load: $(cat /proc/loadavg)"
 if [ -z "$ONLY" ] || [ "$ONLY" = execlatency ]; then
     echo "== trivial action latency"
     "$OUT/execlatency" --actiond "$OUT/actiond" -n "$N" --json "$OUT/execlatency.json" | tee "$OUT/execlatency.txt"
+    echo "== the same, reading one input file"
+    "$OUT/execlatency" --actiond "$OUT/actiond" -n "$N" -inputs 1 -cmd "/bin/cat in/f0" --json "$OUT/execlatency-1input.json" | tee "$OUT/execlatency-1input.txt"
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = staging ]; then
     echo "== input staging"

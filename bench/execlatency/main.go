@@ -35,6 +35,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -56,10 +57,11 @@ func main() {
 	n := flag.Int("n", 200, "measured runs per subject")
 	warmup := flag.Int("warmup", 10, "unmeasured runs first, per subject")
 	sandboxBin := flag.String("linux-sandbox", "", "Bazel's linux-sandbox binary (default: <bazel info install_base>/linux-sandbox); \"none\" skips it")
-	command := flag.String("cmd", "/bin/true", "the trivial command (absolute path, no arguments)")
+	command := flag.String("cmd", "/bin/true", "the trivial command: an absolute path, then arguments (space-separated)")
+	inputs := flag.Int("inputs", 0, "input files (in/f0 .. in/fN-1, a few bytes each) in every action's input root")
 	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
 	flag.Parse()
-	if err := run(*addr, *actiond, *serverArgs, *instance, *n, *warmup, *sandboxBin, *command, *jsonOut); err != nil {
+	if err := run(*addr, *actiond, *serverArgs, *instance, *n, *warmup, *sandboxBin, strings.Fields(*command), *inputs, *jsonOut); err != nil {
 		fmt.Fprintln(os.Stderr, "execlatency:", err)
 		os.Exit(1)
 	}
@@ -68,6 +70,7 @@ func main() {
 // Result is the JSON output.
 type Result struct {
 	Load      string            `json:"load_before"`
+	Inputs    int               `json:"inputs"`
 	InputRoot string            `json:"input_root,omitempty"`
 	Subject   []benchutil.Stats `json:"subjects"`
 	Phases    []benchutil.Stats `json:"actiond_phases"`
@@ -80,15 +83,38 @@ type subject struct {
 	samples []time.Duration
 }
 
-func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, command, jsonOut string) error {
-	if n <= 0 {
-		return errors.New("-n must be positive")
+func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin string, command []string, inputs int, jsonOut string) error {
+	if n <= 0 || inputs < 0 {
+		return errors.New("-n must be positive, -inputs not negative")
 	}
-	if !filepath.IsAbs(command) {
-		return fmt.Errorf("-cmd %q: want an absolute path", command)
+	if len(command) == 0 || !filepath.IsAbs(command[0]) {
+		return fmt.Errorf("-cmd %q: want an absolute path first", command)
 	}
-	res := Result{Load: benchutil.Load()}
-	subjects := []*subject{{name: "fork+exec " + command, sample: timed(func() error { return exec.Command(command).Run() })}}
+	res := Result{Load: benchutil.Load(), Inputs: inputs}
+	// The inputs, for fork+exec and linux-sandbox (which gets symlinks to
+	// them, as Bazel's sandbox does).
+	inputDir, err := os.MkdirTemp("", "execlatency-inputs-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(inputDir)
+	if err := os.Mkdir(filepath.Join(inputDir, "in"), 0o755); err != nil {
+		return err
+	}
+	for i := range inputs {
+		if err := os.WriteFile(filepath.Join(inputDir, "in", fmt.Sprintf("f%d", i)), inputContent(i), 0o644); err != nil {
+			return err
+		}
+	}
+	name := strings.Join(command, " ")
+	if inputs > 0 {
+		name += fmt.Sprintf(" (%d inputs)", inputs)
+	}
+	subjects := []*subject{{name: "fork+exec " + name, sample: timed(func() error {
+		cmd := exec.Command(command[0], command[1:]...)
+		cmd.Dir = inputDir
+		return cmd.Run()
+	})}}
 
 	if sandboxBin != "none" {
 		if sandboxBin == "" {
@@ -103,8 +129,8 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, 
 		}
 		defer os.RemoveAll(base)
 		subjects = append(subjects,
-			&subject{name: "linux-sandbox (as Bazel runs a genrule)", sample: timed(linuxSandbox(sandboxBin, base, command, false))},
-			&subject{name: "linux-sandbox -N (+ network namespace)", sample: timed(linuxSandbox(sandboxBin, base, command, true))})
+			&subject{name: "linux-sandbox (as Bazel runs a genrule)", sample: timed(linuxSandbox(sandboxBin, base, inputDir, inputs, command, false))},
+			&subject{name: "linux-sandbox -N (+ network namespace)", sample: timed(linuxSandbox(sandboxBin, base, inputDir, inputs, command, true))})
 	}
 
 	var ex *actiondExec
@@ -124,7 +150,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, 
 	}
 	if addr != "" {
 		var err error
-		if ex, err = newActiondExec(addr, instance, command); err != nil {
+		if ex, err = newActiondExec(addr, instance, command, inputs); err != nil {
 			return fmt.Errorf("actiond at %s: %w", addr, err)
 		}
 		defer ex.conn.Close()
@@ -150,7 +176,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin, 
 			s.samples = append(s.samples, d)
 		}
 	}
-	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s)\n", n, res.Load, res.InputRoot)
+	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s; %d inputs)\n", n, res.Load, res.InputRoot, inputs)
 	for _, s := range subjects {
 		st := benchutil.Summarise(s.name, s.samples)
 		res.Subject = append(res.Subject, st)
@@ -220,17 +246,23 @@ func makeDirsWritable(root string) {
 
 // linuxSandbox returns one run of the command through linux-sandbox as
 // Bazel 4.2.3 does it for a genrule with --nosandbox_debug: a new sandbox
-// directory with an execroot, `linux-sandbox -W EXECROOT -t 15 -w EXECROOT
-// -w /tmp -w /dev/shm -- CMD` with stdout and stderr redirected to files,
-// then the directory deleted.
-func linuxSandbox(bin, base, command string, netns bool) func() error {
+// directory with an execroot holding a symlink per input, `linux-sandbox -W
+// EXECROOT -t 15 -w EXECROOT -w /tmp -w /dev/shm -- CMD` with stdout and
+// stderr redirected to files, then the directory deleted.
+func linuxSandbox(bin, base, inputDir string, inputs int, command []string, netns bool) func() error {
 	i := 0
 	return func() error {
 		i++
 		dir := filepath.Join(base, fmt.Sprint(netns, i))
 		execroot := filepath.Join(dir, "execroot", "ws")
-		if err := os.MkdirAll(execroot, 0o755); err != nil {
+		if err := os.MkdirAll(filepath.Join(execroot, "in"), 0o755); err != nil {
 			return err
+		}
+		for j := range inputs {
+			name := fmt.Sprintf("f%d", j)
+			if err := os.Symlink(filepath.Join(inputDir, "in", name), filepath.Join(execroot, "in", name)); err != nil {
+				return err
+			}
 		}
 		stdout, err := os.Create(filepath.Join(dir, "stdout"))
 		if err != nil {
@@ -246,7 +278,7 @@ func linuxSandbox(bin, base, command string, netns bool) func() error {
 		if netns {
 			args = append(args, "-N")
 		}
-		args = append(args, "--", command)
+		args = append(append(args, "--"), command...)
 		cmd := exec.Command(bin, args...)
 		cmd.Dir = execroot
 		cmd.Stdout = stdout
@@ -259,48 +291,63 @@ func linuxSandbox(bin, base, command string, netns bool) func() error {
 	}
 }
 
+func inputContent(i int) []byte { return fmt.Appendf(nil, "input %d\n", i) }
+
 // actiondExec executes one uploaded trivial action again and again.
 type actiondExec struct {
 	conn    *grpc.ClientConn
 	exe     repb.ExecutionClient
 	req     *repb.ExecuteRequest
-	command string
+	command []string
 	phases  []phases
 }
 
 // phases of one execution, from ExecutedActionMetadata.
 type phases struct{ queue, input, run, output, rest time.Duration }
 
-func newActiondExec(addr, instance, command string) (*actiondExec, error) {
+func newActiondExec(addr, instance string, command []string, inputs int) (*actiondExec, error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, err
 	}
+	var blobs []*repb.BatchUpdateBlobsRequest_Request
+	add := func(b []byte, d *repb.Digest) *repb.Digest {
+		blobs = append(blobs, &repb.BatchUpdateBlobsRequest_Request{Digest: d, Data: b})
+		return d
+	}
+	root := &repb.Directory{}
+	if inputs > 0 {
+		in := &repb.Directory{}
+		for i := range inputs {
+			in.Files = append(in.Files, &repb.FileNode{Name: fmt.Sprintf("f%d", i), Digest: add(blobOf(inputContent(i)))})
+		}
+		// Directory entries must be sorted by name.
+		slices.SortFunc(in.Files, func(a, b *repb.FileNode) int { return strings.Compare(a.Name, b.Name) })
+		root.Directories = []*repb.DirectoryNode{{Name: "in", Digest: add(marshal(in))}}
+	}
 	cmdpb := &repb.Command{
-		Arguments:            []string{command},
+		Arguments:            command,
 		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/bin:/usr/bin"}},
 	}
-	cmdBytes, cmdDigest := marshal(cmdpb)
-	rootBytes, rootDigest := marshal(&repb.Directory{})
-	actionBytes, actionDigest := marshal(&repb.Action{CommandDigest: cmdDigest, InputRootDigest: rootDigest})
+	cmdDigest := add(marshal(cmdpb))
+	rootDigest := add(marshal(root))
+	actionDigest := add(marshal(&repb.Action{CommandDigest: cmdDigest, InputRootDigest: rootDigest}))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	resp, err := repb.NewContentAddressableStorageClient(conn).BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{
-		InstanceName: instance,
-		Requests: []*repb.BatchUpdateBlobsRequest_Request{
-			{Digest: cmdDigest, Data: cmdBytes},
-			{Digest: rootDigest, Data: rootBytes},
-			{Digest: actionDigest, Data: actionBytes},
-		},
-	})
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("upload: %w", err)
-	}
-	for _, r := range resp.Responses {
-		if codes.Code(r.GetStatus().GetCode()) != codes.OK {
+	cas := repb.NewContentAddressableStorageClient(conn)
+	for len(blobs) > 0 {
+		batch := blobs[:min(len(blobs), 1000)]
+		blobs = blobs[len(batch):]
+		resp, err := cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{InstanceName: instance, Requests: batch})
+		if err != nil {
 			conn.Close()
-			return nil, fmt.Errorf("upload %s: %s", r.Digest.GetHash(), r.GetStatus().GetMessage())
+			return nil, fmt.Errorf("upload: %w", err)
+		}
+		for _, r := range resp.Responses {
+			if codes.Code(r.GetStatus().GetCode()) != codes.OK {
+				conn.Close()
+				return nil, fmt.Errorf("upload %s: %s", r.Digest.GetHash(), r.GetStatus().GetMessage())
+			}
 		}
 	}
 	return &actiondExec{
@@ -402,6 +449,10 @@ func marshal(m proto.Message) ([]byte, *repb.Digest) {
 	if err != nil {
 		panic(err)
 	}
+	return blobOf(b)
+}
+
+func blobOf(b []byte) ([]byte, *repb.Digest) {
 	sum := sha256.Sum256(b)
 	return b, &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(b))}
 }

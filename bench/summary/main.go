@@ -77,6 +77,22 @@ func main() {
 		}
 	}
 
+	var el1 execLatency
+	if readJSON(filepath.Join(dir, "execlatency-1input.json"), &el1) {
+		var a, s *stats
+		for i := range el1.Subject {
+			switch {
+			case strings.HasPrefix(el1.Subject[i].Name, "actiond"):
+				a = &el1.Subject[i]
+			case strings.HasPrefix(el1.Subject[i].Name, "linux-sandbox ("):
+				s = &el1.Subject[i]
+			}
+		}
+		if a != nil && s != nil {
+			row("action reading 1 input (`cat in/f0`), latency p50", a.P50, s.P50, "ms", "")
+		}
+	}
+
 	var br bazelResult
 	haveBazel := readJSON(filepath.Join(dir, "bazel.json"), &br)
 	if haveBazel {
