@@ -54,3 +54,30 @@ func (h *httpStatus) start(srv *actiond.Server, log *slog.Logger) (func(), error
 		h.srv.Shutdown(ctx)
 	}, nil
 }
+
+// serveVMStatus starts serve-vm's optional --http listener. serve-vm is a
+// byte proxy with no server of its own, so it exposes the VM's state; the
+// guest's own metrics stay inside the guest. The returned setter records a
+// state ("starting", "running", "dead", "stopped").
+func serveVMStatus(addr string, log *slog.Logger) (func(string), func(), error) {
+	if addr == "" {
+		return func(string) {}, func() {}, nil
+	}
+	obs := observe.New(observe.Options{})
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--http: listen on %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: obs.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("http status listener", "err", err)
+		}
+	}()
+	log.Info("vm state metrics", "metrics", "http://"+l.Addr().String()+"/metrics")
+	return obs.SetVMState, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}, nil
+}

@@ -47,6 +47,7 @@ func runServeVM(args []string) error {
 	readyTimeout := fs.Duration("ready-timeout", 2*time.Minute, "how long the guest may take to boot and answer")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish in the guest")
 	logLevel := fs.String("log-level", "info", "log level: debug (includes the guest console), info, warn, error")
+	httpAddr := fs.String("http", "", "serve the VM state gauge (actiond_vm_state) and a status page on this address, e.g. 127.0.0.1:8981 (off when empty)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -170,17 +171,26 @@ func runServeVM(args []string) error {
 		"cpus", *cpus, "memory", units.Format(memory), "cas_image", *casImage, "kernel", *kernel, "root", *root)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	vmState, stopHTTP, err := serveVMStatus(*httpAddr, log)
+	if err != nil {
+		return err
+	}
+	defer stopHTTP()
+	vmState("starting")
+	defer vmState("stopped")
 	err = vmhost.Serve(ctx, m, l, vmhost.ServeOptions{
 		Logger:      log,
 		Console:     console,
 		Ready:       vmhost.ReadyOptions{Timeout: *readyTimeout},
 		StopTimeout: *drain + 15*time.Second,
 		OnReady: func(took time.Duration) {
+			vmState("running")
 			log.Info("use it from Bazel", "flags", "--remote_executor=grpc://"+l.Addr().String()+" --spawn_strategy=remote")
 		},
 	})
 	var ee *vmhost.ExitError
 	if errors.As(err, &ee) {
+		vmState("dead")
 		log.Error("the vm died", "err", ee.Err, "console_log", consoleLog.Name())
 	}
 	return err
