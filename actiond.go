@@ -143,7 +143,7 @@ func New(opts Options) (*Server, error) {
 		}
 		s.Executor = ex
 		s.Execution = executor.NewService(ex, executor.ServiceOptions{Concurrency: opts.Concurrency})
-		s.closers = append(s.closers, func() error { s.Execution.Stop(); return nil })
+		s.closers = append(s.closers, func() error { s.Execution.Stop(); ex.Wait(); return nil })
 	}
 	return s, nil
 }

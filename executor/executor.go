@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/actiond/actiond/actioncache"
@@ -59,6 +60,9 @@ type Executor struct {
 	opts  Options
 	log   *slog.Logger
 	trees *TreeCache
+
+	cleaning     sync.WaitGroup
+	cleanupSlots chan struct{}
 }
 
 // New checks opts and returns an Executor.
@@ -98,8 +102,42 @@ func New(opts Options) (*Executor, error) {
 		return nil, fmt.Errorf("default runtime %q is not available; available: %s", opts.DefaultRuntime, joinQuoted(opts.Sandbox.Runtimes()))
 	}
 	trees := NewTreeCache(DefaultTreeCacheDirBytes, DefaultTreeCacheFiles)
-	return &Executor{opts: opts, log: opts.Logger, trees: trees}, nil
+	return &Executor{opts: opts, log: opts.Logger, trees: trees, cleanupSlots: make(chan struct{}, maxPendingCleanups)}, nil
 }
+
+// maxPendingCleanups bounds the stages being removed in the background;
+// beyond it an execution cleans up before returning, so a slow disk
+// cannot pile up stages.
+const maxPendingCleanups = 16
+
+// cleanUpLater runs fns, last first, in the background.
+func (e *Executor) cleanUpLater(fns []func()) {
+	if len(fns) == 0 {
+		return
+	}
+	run := func() {
+		for i := len(fns) - 1; i >= 0; i-- {
+			fns[i]()
+		}
+	}
+	select {
+	case e.cleanupSlots <- struct{}{}:
+	default:
+		run()
+		return
+	}
+	e.cleaning.Add(1)
+	go func() {
+		defer e.cleaning.Done()
+		defer func() { <-e.cleanupSlots }()
+		run()
+	}()
+}
+
+// Wait returns when the cleanup of finished executions (unmounting input
+// roots, removing stage directories) is done. Call it before closing the
+// InputRoot or the Store.
+func (e *Executor) Wait() { e.cleaning.Wait() }
 
 // InputRootName is the input root strategy in use.
 func (e *Executor) InputRootName() string { return e.opts.InputRoot.Name() }
@@ -234,8 +272,13 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	if err != nil {
 		return nil, err
 	}
+	// Unmounting and removing the stage are not the client's wait: they
+	// run after the response (see cleanUpLater), last added first.
+	var cleanups []func()
+	defer func() { e.cleanUpLater(cleanups) }()
 	if pinner, ok := e.opts.Store.(cas.Pinner); ok {
-		defer pinner.Pin(tree.Files)()
+		// Until the input root is gone.
+		cleanups = append(cleanups, pinner.Pin(tree.Files))
 	}
 	if _, err := tree.lookupDir(wd); err != nil {
 		return nil, err
@@ -244,22 +287,22 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	if err != nil {
 		return nil, fmt.Errorf("create stage directory: %w", err)
 	}
-	defer func() {
+	cleanups = append(cleanups, func() {
 		if err := os.RemoveAll(stage); err != nil {
 			e.log.Warn("remove stage directory", "dir", stage, "err", err)
 		}
-	}()
+	})
 	execRoot := filepath.Join(stage, "root")
 	inputRoot := e.opts.InputRoot
 	staged, err := stageInputs(ctx, inputRoot, e.opts.Store, tree, execRoot, plat.MutatesInputs)
 	if err != nil {
 		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
 	}
-	defer func() {
+	cleanups = append(cleanups, func() {
 		if err := staged.Cleanup(); err != nil {
 			e.log.Warn("clean up input root", "dir", execRoot, "err", err)
 		}
-	}()
+	})
 	if plat.MutatesInputs && !staged.SelfProtected {
 		if err := makeWritable(execRoot); err != nil {
 			return nil, err

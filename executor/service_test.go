@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"net"
 	"path/filepath"
 	"strings"
@@ -36,6 +38,8 @@ type env struct {
 	cache *actioncache.BoltCache
 	svc   *executor.Service
 	exec  repb.ExecutionClient
+	ex    *executor.Executor
+	stage string // the executor's StageDir
 }
 
 func newEnv(t *testing.T, sopts executor.ServiceOptions) *env {
@@ -56,7 +60,8 @@ func newEnv(t *testing.T, sopts executor.ServiceOptions) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sb.Close() })
-	ex, err := executor.New(executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: filepath.Join(root, "cas", "stage")})
+	stage := filepath.Join(root, "cas", "stage")
+	ex, err := executor.New(executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +78,7 @@ func newEnv(t *testing.T, sopts executor.ServiceOptions) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &env{t: t, store: store, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn)}
+	return &env{t: t, store: store, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
 }
 
 func (e *env) put(data []byte) cas.Digest {
@@ -239,6 +244,37 @@ func TestExecuteOutputsAndCache(t *testing.T) {
 	mustOK(t, resp, err)
 	if resp.CachedResult {
 		t.Fatal("skip_cache_lookup returned a cached result")
+	}
+}
+
+// The stage (input root, outputs not taken, stdout/stderr files) is removed
+// after the response, in the background; Wait waits for that.
+func TestStageIsRemovedAfterTheResponse(t *testing.T) {
+	e := newEnv(t, executor.ServiceOptions{Concurrency: 4})
+	in := e.put([]byte("input\n"))
+	var wg sync.WaitGroup
+	for i := range 8 {
+		d := e.action(actionSpec{
+			script:     fmt.Sprintf("mkdir -p scratch/deep && echo %d > scratch/deep/f && cat in.txt > out.txt", i),
+			inputs:     &repb.Directory{Files: []*repb.FileNode{{Name: "in.txt", Digest: in.Proto()}}},
+			outFiles:   []string{"out.txt"},
+			doNotCache: true,
+		})
+		wg.Go(func() {
+			resp, _, err := e.execute(context.Background(), d, false)
+			if err != nil || resp.Status.GetCode() != 0 || len(resp.Result.GetOutputFiles()) != 1 {
+				t.Errorf("action %d: %v %v", i, err, resp)
+			}
+		})
+	}
+	wg.Wait()
+	e.ex.Wait()
+	ents, err := os.ReadDir(e.stage)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ent := range ents {
+		t.Errorf("left in the stage directory after Wait: %s", ent.Name())
 	}
 }
 

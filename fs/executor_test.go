@@ -59,6 +59,7 @@ func (e *env) run(ex *executor.Executor, tree *executor.InputTree, script string
 	if resp.Status.GetCode() != 0 {
 		e.t.Fatalf("status %v", resp.Status)
 	}
+	ex.Wait() // the stage is removed after the response
 	return resp
 }
 

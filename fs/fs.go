@@ -1177,12 +1177,17 @@ func (afs *actionFS) Fallocate(ctx context.Context, op *fuseops.FallocateOp) err
 	return nil
 }
 
-// SyncFile serves the op. Staged files are moved into the
-// CAS (which syncs what it keeps) or thrown away: nothing to do.
-func (afs *actionFS) SyncFile(ctx context.Context, op *fuseops.SyncFileOp) error { return nil }
+// SyncFile serves the op. Staged files are moved into the CAS (which
+// syncs what it keeps) or thrown away: nothing to do. ENOSYS tells the
+// kernel so once (fsync then succeeds without asking).
+func (afs *actionFS) SyncFile(ctx context.Context, op *fuseops.SyncFileOp) error { return fuse.ENOSYS }
 
-// FlushFile serves the op.
-func (afs *actionFS) FlushFile(ctx context.Context, op *fuseops.FlushFileOp) error { return nil }
+// FlushFile serves the op: writes reach the server synchronously, so there
+// is nothing to flush. ENOSYS makes the kernel stop sending a FLUSH with
+// every close(2), a round trip per closed file.
+func (afs *actionFS) FlushFile(ctx context.Context, op *fuseops.FlushFileOp) error {
+	return fuse.ENOSYS
+}
 
 // SyncFS serves the op.
 func (afs *actionFS) SyncFS(ctx context.Context, op *fuseops.SyncFSOp) error { return nil }

@@ -40,8 +40,30 @@ func (s *server) ServeOps(c *fuse.Connection) {
 			c.Reply(ctx, nil)
 			continue
 		}
+		if !mayBlock(op) {
+			// Served on this goroutine: handing a quick op to a new
+			// goroutine while this one blocks reading /dev/fuse costs a
+			// scheduler round trip, which on a busy machine is most of
+			// the op's latency.
+			c.Reply(ctx, s.handle(ctx, op))
+			continue
+		}
 		inFlight.Go(func() { c.Reply(ctx, s.handle(ctx, op)) })
 	}
+}
+
+// mayBlock reports whether op may take long enough (reading much file
+// data, allocating or syncing) that other requests of the mount should not
+// wait for it. Everything else, writes included, touches the page cache
+// or memory only.
+func mayBlock(op any) bool {
+	switch op := op.(type) {
+	case *fuseops.ReadFileOp:
+		return op.Size > 64<<10
+	case *fuseops.FallocateOp, *fuseops.SyncFileOp, *fuseops.SyncFSOp:
+		return true
+	}
+	return false
 }
 
 func (s *server) handle(ctx context.Context, op any) error {
