@@ -298,6 +298,9 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	if err != nil {
 		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
 	}
+	if staged.Dir != "" {
+		execRoot = staged.Dir
+	}
 	cleanups = append(cleanups, func() {
 		if err := staged.Cleanup(); err != nil {
 			e.log.Warn("clean up input root", "dir", execRoot, "err", err)

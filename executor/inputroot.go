@@ -35,6 +35,11 @@ type StageOptions struct {
 
 // StagedRoot is an input root made visible by an OptionsInputRoot.
 type StagedRoot struct {
+	// Dir, if set, is where the root was staged instead of the directory
+	// asked for (an input root with mounts made ahead of time); the
+	// executor uses it as the execroot. It must be reachable by the
+	// sandbox and writable by nobody else.
+	Dir string
 	// Cleanup undoes the staging (unmounts); required. The executor removes
 	// the directory afterwards.
 	Cleanup func() error

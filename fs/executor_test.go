@@ -214,9 +214,19 @@ func TestExecutorMutatesInputs(t *testing.T) {
 	assertNothingLeft(t, e)
 }
 
-// assertNothingLeft checks that no mount or staged file outlives actions.
+// assertNothingLeft checks that no staged file outlives actions, and no
+// mount outlives the input root (spare mounts live until it closes).
 func assertNothingLeft(t *testing.T, e *env) {
 	t.Helper()
+	for _, d := range []string{"fs/stage", "cas/stage"} {
+		ents, _ := os.ReadDir(filepath.Join(e.dir, d))
+		if len(ents) != 0 {
+			t.Errorf("%s not empty after the actions: %v", d, ents)
+		}
+	}
+	if err := e.root.Close(); err != nil {
+		t.Errorf("close input root: %v", err)
+	}
 	data, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, l := range strings.Split(string(data), "\n") {
 		if strings.Contains(l, e.dir) {

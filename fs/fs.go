@@ -121,6 +121,7 @@ type actionFS struct {
 	nBacking   uint64
 	refused    []Refusal
 	nRefused   int
+	root       *node
 	// probe is the hidden file disablePoll uses, visible while probing.
 	probe   *node
 	probing bool
@@ -147,10 +148,20 @@ func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Direc
 	rootNode := &node{kind: kindDir, input: true, dirDigest: root, mode: os.ModeDir | afs.inputDirPerm()}
 	afs.setInputAttrs(rootNode)
 	afs.register(rootNode)
+	afs.root = rootNode
 	afs.probe = &node{kind: kindFile, input: true, digest: cas.EmptyDigest, nlink: 1, mode: 0o444, parent: rootNode, name: pollProbeName}
 	setTimes(afs.probe, inputTime)
 	afs.register(afs.probe)
 	return afs
+}
+
+// setRoot gives a spare mount (mounted over the empty tree, nothing in it
+// looked up but the poll probe) its input root.
+func (afs *actionFS) setRoot(root cas.Digest, known map[cas.Digest]*repb.Directory) {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	afs.known = known
+	afs.root.dirDigest, afs.root.dir, afs.root.inputs = root, nil, nil
 }
 
 // disablePoll makes the kernel stop sending FUSE_POLL for files of the

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/executor"
 	actiondfs "github.com/actiond/actiond/fs"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sys/unix"
@@ -622,7 +623,7 @@ func TestOverlay(t *testing.T) {
 // TestStaleMounts leaves mounts behind (as a crash would) and checks that
 // a new InputRoot on the same state dir removes them.
 func TestStaleMounts(t *testing.T) {
-	e := newEnv(t)
+	e := newEnv(t, actiondfs.WithSpareMounts(0))
 	tree := e.tree(sampleTree)
 	strict := e.mount(tree, false)
 	overlay := e.mount(tree, true)
@@ -639,7 +640,7 @@ func TestStaleMounts(t *testing.T) {
 	if n := len(mounted()); n != 3 {
 		t.Fatalf("%d mounts under the test dir, want 3:\n%s", n, strings.Join(mounted(), "\n"))
 	}
-	r2, err := actiondfs.NewInputRoot(e.store, filepath.Join(e.dir, "fs"))
+	r2, err := actiondfs.NewInputRoot(e.store, filepath.Join(e.dir, "fs"), actiondfs.WithSpareMounts(0))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -650,4 +651,105 @@ func TestStaleMounts(t *testing.T) {
 	// The old mounts' own cleanup now finds them gone.
 	strict.Unmount()
 	overlay.Unmount()
+}
+
+// TestSpareMounts: strict input roots come from mounts made ahead of time
+// under the state dir; each shows its own tree with the usual rules, is
+// removed by its cleanup, and the spares are made again; Close removes the
+// spares.
+func TestSpareMounts(t *testing.T) {
+	e := newEnv(t, actiondfs.WithSpareMounts(2))
+	mntDir := filepath.Join(e.dir, "fs", "mnt")
+	mountsUnder := func(dir string) int {
+		data, _ := os.ReadFile("/proc/self/mountinfo")
+		n := 0
+		for _, l := range strings.Split(string(data), "\n") {
+			if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+				n++
+			}
+		}
+		return n
+	}
+	waitSpares := func(want int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for mountsUnder(mntDir) != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d mounts under %s, want %d spares", mountsUnder(mntDir), mntDir, want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitSpares(2)
+
+	ctx := context.Background()
+	treeA := e.tree(sampleTree)
+	treeB := e.tree(map[string]string{"a.txt": "other tree\n", "b/c.txt": "c\n"})
+	asked := [3]string{}
+	var staged [3]*executor.StagedRoot
+	for i, tree := range []*executor.InputTree{treeA, treeB, treeA} {
+		asked[i] = filepath.Join(e.dir, "action"+strconv.Itoa(i))
+		s, err := e.root.StageWithOptions(ctx, tree, asked[i], executor.StageOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		staged[i] = s
+	}
+	dirOf := func(i int) string {
+		if staged[i].Dir != "" {
+			return staged[i].Dir
+		}
+		return asked[i]
+	}
+	for i := 0; i < 2; i++ {
+		if !strings.HasPrefix(staged[i].Dir, mntDir+"/") {
+			t.Errorf("root %d staged at %q, want a spare mount under %s", i, staged[i].Dir, mntDir)
+		}
+		if _, err := os.Stat(asked[i]); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("root %d: the directory asked for was made although a spare was used: %v", i, err)
+		}
+	}
+	if got := readFile(t, filepath.Join(dirOf(0), "a.txt")); got != "alpha\n" {
+		t.Errorf("spare 0 a.txt = %q", got)
+	}
+	if got := readFile(t, filepath.Join(dirOf(1), "a.txt")); got != "other tree\n" {
+		t.Errorf("spare 1 a.txt = %q", got)
+	}
+	if got := readFile(t, filepath.Join(dirOf(2), "src/lib/util.h")); got != "#define X 1\n" {
+		t.Errorf("root 2 src/lib/util.h = %q", got)
+	}
+	if _, err := os.Stat(filepath.Join(dirOf(1), "src")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("spare 1 shows src/ of another tree: %v", err)
+	}
+	// The strict rules hold on a spare.
+	if err := os.WriteFile(filepath.Join(dirOf(0), "a.txt"), []byte("x"), 0o644); !errors.Is(err, syscall.EROFS) {
+		t.Errorf("writing an input of a spare: %v, want EROFS", err)
+	}
+	writeFile(t, filepath.Join(dirOf(0), "src", "new.txt"), "new\n")
+	if p := staged[0].OutputPath("src/new.txt"); p == "" || readFile(t, p) != "new\n" {
+		t.Errorf("OutputPath of a staged file = %q", p)
+	}
+	if r := staged[0].Report(); len(r) == 0 || !strings.Contains(strings.Join(r, "\n"), "a.txt") {
+		t.Errorf("report %q", r)
+	}
+	for i := range staged {
+		if err := staged[i].Cleanup(); err != nil {
+			t.Fatal(err)
+		}
+		if staged[i].Dir != "" {
+			if _, err := os.Stat(staged[i].Dir); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("spare mount point %s left after cleanup: %v", staged[i].Dir, err)
+			}
+		}
+	}
+	waitSpares(2)
+	if err := e.root.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := mountsUnder(e.dir); n != 0 {
+		t.Errorf("%d mounts left after Close", n)
+	}
+	if ents, _ := os.ReadDir(mntDir); len(ents) != 0 {
+		t.Errorf("mount points left after Close: %v", ents)
+	}
 }

@@ -40,7 +40,7 @@ type env struct {
 	dir   string
 }
 
-func newEnv(t testing.TB) *env {
+func newEnv(t testing.TB, opts ...actiondfs.Option) *env {
 	t.Helper()
 	requireFUSE(t)
 	dir := t.TempDir()
@@ -52,7 +52,7 @@ func newEnv(t testing.TB) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := actiondfs.NewInputRoot(store, filepath.Join(dir, "fs"))
+	r, err := actiondfs.NewInputRoot(store, filepath.Join(dir, "fs"), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,6 +53,13 @@ type InputRoot struct {
 	mu         sync.Mutex
 	mounts     map[*Mount]struct{}
 	overlayErr error // why mutates_inputs falls back to copies, once known
+	// spares are strict mounts of the empty tree made ahead of time (see
+	// WithSpareMounts); refilling tells whether a goroutine makes more.
+	spares    []*Mount
+	maxSpares int
+	refilling bool
+	refiller  sync.WaitGroup
+	closed    bool
 }
 
 // Option configures an InputRoot.
@@ -63,7 +70,18 @@ type config struct {
 	dirCacheBytes int64
 	openBlobs     int
 	owner         [2]uint32
+	spares        int
 }
+
+// DefaultSpareMounts is how many strict mounts are kept ready by default.
+const DefaultSpareMounts = 2
+
+// WithSpareMounts keeps n strict mounts made ahead of time, so that an
+// action's input root is ready without waiting for mount(2) and the FUSE
+// handshake (default DefaultSpareMounts; 0 mounts on demand). Spare mounts
+// live under the state directory: Stage then reports that directory as the
+// execroot (executor.StagedRoot.Dir) instead of mounting at the one asked.
+func WithSpareMounts(n int) Option { return func(c *config) { c.spares = max(n, 0) } }
 
 // WithSandboxUser names the user actions run as (default 65534:65534).
 // In mutates_inputs overlays it owns the inputs, so that the command may
@@ -88,7 +106,7 @@ func WithOpenBlobs(n int) Option { return func(c *config) { c.openBlobs = n } }
 // under stateDir. It fails when FUSE does not work here (see Available).
 // Mounts left by a crashed process with the same stateDir are removed.
 func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*InputRoot, error) {
-	c := config{log: slog.Default(), dirCacheBytes: DefaultDirCacheBytes, openBlobs: DefaultOpenBlobs, owner: [2]uint32{65534, 65534}}
+	c := config{log: slog.Default(), dirCacheBytes: DefaultDirCacheBytes, openBlobs: DefaultOpenBlobs, owner: [2]uint32{65534, 65534}, spares: DefaultSpareMounts}
 	for _, o := range opts {
 		o(&c)
 	}
@@ -109,6 +127,7 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 		fuseTag:    "actiondfs@" + abs,
 		overlayTag: "actiondfs-overlay@" + abs,
 		mounts:     make(map[*Mount]struct{}),
+		maxSpares:  c.spares,
 	}
 	if err := os.MkdirAll(abs, 0o755); err != nil {
 		return nil, fmt.Errorf("create actiondfs state dir: %w", err)
@@ -132,8 +151,65 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 		r.log.Warn("actiondfs state dir is not on the CAS's file system; outputs will be copied into the CAS instead of renamed",
 			"state_dir", abs, "cas_tmp", td.TempDir())
 	}
+	r.mu.Lock()
+	r.refillLocked()
+	r.mu.Unlock()
 	return r, nil
 }
+
+// refillLocked starts a goroutine making spare mounts unless one runs or
+// there are enough. Called with r.mu held.
+func (r *InputRoot) refillLocked() {
+	if r.refilling || r.closed || len(r.spares) >= r.maxSpares {
+		return
+	}
+	r.refilling = true
+	r.refiller.Add(1)
+	go func() {
+		defer r.refiller.Done()
+		for {
+			r.mu.Lock()
+			if r.closed || len(r.spares) >= r.maxSpares {
+				r.refilling = false
+				r.mu.Unlock()
+				return
+			}
+			r.mu.Unlock()
+			id := r.nextID()
+			m, err := r.mount(context.Background(), cas.EmptyDigest, filepath.Join(r.stateDir, "mnt", id), id, MountOptions{})
+			r.mu.Lock()
+			if err != nil {
+				r.log.Warn("actiondfs: cannot make spare mounts; mounting on demand", "err", err)
+				r.maxSpares = 0
+			} else if r.closed {
+				r.mu.Unlock()
+				m.Unmount()
+				r.mu.Lock()
+			} else {
+				m.spare = true
+				r.spares = append(r.spares, m)
+			}
+			r.mu.Unlock()
+		}
+	}()
+}
+
+// takeSpare returns a spare mount showing root, or nil.
+func (r *InputRoot) takeSpare(root cas.Digest, known map[cas.Digest]*repb.Directory) *Mount {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.spares) == 0 {
+		r.refillLocked()
+		return nil
+	}
+	m := r.spares[len(r.spares)-1]
+	r.spares = r.spares[:len(r.spares)-1]
+	r.refillLocked()
+	m.fs.setRoot(root, known)
+	return m
+}
+
+func (r *InputRoot) nextID() string { return "a" + strconv.FormatUint(r.seq.Add(1), 10) }
 
 func sameFS(a, b string) bool {
 	var sa, sb unix.Stat_t
@@ -164,6 +240,11 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 			return r.stageCopy(ctx, tree, dir)
 		}
 	}
+	if !opts.MutatesInputs {
+		if m := r.takeSpare(tree.Root, tree.Dirs); m != nil {
+			return &executor.StagedRoot{Dir: m.dir, Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}, nil
+		}
+	}
 	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs, Writable: opts.MutatesInputs})
 	var oe *overlayError
 	if errors.As(err, &oe) {
@@ -178,7 +259,11 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 	if err != nil {
 		return nil, err
 	}
-	return &executor.StagedRoot{Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}, nil
+	staged := &executor.StagedRoot{Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}
+	if m.dir != dir {
+		staged.Dir = m.dir
+	}
+	return staged, nil
 }
 
 func (r *InputRoot) stageCopy(ctx context.Context, tree *executor.InputTree, dir string) (*executor.StagedRoot, error) {
@@ -205,6 +290,7 @@ type Mount struct {
 	dir     string // what the caller sees
 	fuseDir string // where the FUSE file system is mounted
 	overlay bool
+	spare   bool   // made ahead of time, at a mount point of its own
 	stage   string // per-mount state under stateDir/stage
 	upper   string // overlay upper directory
 	fs      *actionFS
@@ -225,7 +311,10 @@ func (e *overlayError) Unwrap() error { return e.err }
 // Mount shows the input root with digest root at dir, which must not exist
 // yet. Unmount it when done.
 func (r *InputRoot) Mount(ctx context.Context, root cas.Digest, dir string, opts MountOptions) (*Mount, error) {
-	id := "a" + strconv.FormatUint(r.seq.Add(1), 10)
+	return r.mount(ctx, root, dir, r.nextID(), opts)
+}
+
+func (r *InputRoot) mount(ctx context.Context, root cas.Digest, dir, id string, opts MountOptions) (*Mount, error) {
 	m := &Mount{r: r, dir: dir, fuseDir: dir, overlay: opts.Writable, stage: filepath.Join(r.stateDir, "stage", id)}
 	if m.overlay {
 		m.fuseDir = filepath.Join(r.stateDir, "mnt", id)
@@ -336,7 +425,7 @@ func (m *Mount) Unmount() error {
 		} else {
 			m.join()
 		}
-		if m.overlay {
+		if m.overlay || m.spare {
 			os.Remove(m.fuseDir)
 		}
 		if err := os.RemoveAll(m.stage); err != nil {
@@ -497,6 +586,11 @@ func regularBeneath(root, rel string) string {
 
 // Close unmounts whatever is still mounted and closes cached blob files.
 func (r *InputRoot) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.spares = nil
+	r.mu.Unlock()
+	r.refiller.Wait() // a spare being made is unmounted by its maker
 	r.mu.Lock()
 	var ms []*Mount
 	for m := range r.mounts {
