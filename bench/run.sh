@@ -11,12 +11,16 @@
 #      1k/10k/100k files;
 #   3. bench/bazelbench: 200 trivial genrules per action (--jobs=1 and
 #      default) and the stress workspace //:agg cold/warm, remote vs
-#      linux-sandbox (and local for reference).
+#      linux-sandbox (and local for reference);
+#   4. actiondfs: input root setup for 1k/10k/100k files and sequential
+#      read of 256 MiB (go test -bench ./fs/), and the compile-heavy build
+#      (241 C compiles) with --input-root=fuse vs hardlink (bazelbench).
 #
 # Environment: BENCH_OUT (results directory; default a new /tmp dir),
 # BENCH_N (trivial-action runs, default 300), BENCH_RUNS (Bazel runs per
 # measurement, default 3), ACTIOND_BIN (use this actiond instead of building
-# ./cmd/actiond), GO (default go), BENCH_ONLY (execlatency, staging or bazel).
+# ./cmd/actiond), GO (default go), BENCH_ONLY (execlatency, staging, bazel
+# or actiondfs).
 set -eu
 cd "$(dirname "$0")/.."
 GO=${GO:-go}
@@ -56,7 +60,13 @@ if [ -z "$ONLY" ] || [ "$ONLY" = staging ]; then
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = bazel ]; then
     echo "== Bazel builds"
-    "$OUT/bazelbench" --actiond "$OUT/actiond" --runs "$RUNS" --json "$OUT/bazel.json" | tee "$OUT/bazel.txt"
+    "$OUT/bazelbench" --actiond "$OUT/actiond" --runs "$RUNS" --only genrules,stress --json "$OUT/bazel.json" | tee "$OUT/bazel.txt"
+fi
+if [ -z "$ONLY" ] || [ "$ONLY" = actiondfs ]; then
+    echo "== actiondfs: input root setup and sequential read"
+    $GO test -run '^$' -bench '^Benchmark(StageInputs|SequentialRead)$' -benchtime 5x -timeout 30m ./fs/ | tee "$OUT/fs.txt"
+    echo "== actiondfs: compile-heavy build, fuse vs hardlink"
+    "$OUT/bazelbench" --actiond "$OUT/actiond" --runs "$RUNS" --only compile --json "$OUT/compile.json" | tee "$OUT/compile.txt"
 fi
 
 echo

@@ -219,13 +219,21 @@ func sameFS(a, b string) bool {
 // Name implements executor.InputRoot.
 func (r *InputRoot) Name() string { return "fuse" }
 
-// Stage implements executor.InputRoot: a strict mount of tree at dir.
+// Stage implements executor.InputRoot: a strict mount of tree at dir (a
+// new mount: spares are mounted elsewhere, and Stage has no way to say so).
 func (r *InputRoot) Stage(ctx context.Context, tree *executor.InputTree, dir string) (func() error, error) {
-	s, err := r.StageWithOptions(ctx, tree, dir, executor.StageOptions{})
+	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs})
 	if err != nil {
 		return nil, err
 	}
-	return s.Cleanup, nil
+	return m.Unmount, nil
+}
+
+// SpareMounts is how many spare mounts are ready now.
+func (r *InputRoot) SpareMounts() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.spares)
 }
 
 // StageWithOptions implements executor.OptionsInputRoot: a strict mount,

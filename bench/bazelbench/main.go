@@ -49,7 +49,7 @@ func main() {
 	serverArgs := flag.String("server-args", "", "extra `actiond serve` flags (space-separated)")
 	wsSrc := flag.String("workspace", "", "the test workspace (default: testdata/bazel of this module)")
 	runs := flag.Int("runs", 3, "runs per measurement (median reported)")
-	only := flag.String("only", "", "run only this part: genrules, stress or compile")
+	only := flag.String("only", "", "run only these parts (comma-separated): genrules, stress, compile")
 	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
 	keep := flag.Bool("keep", false, "keep the temporary directory (workspace, output base, server roots)")
 	flag.Parse()
@@ -132,17 +132,27 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 	if _, err := b.bazel("build", "--nobuild", "//:agg"); err != nil {
 		return err
 	}
-	if only == "" || only == "genrules" {
+	parts := map[string]bool{}
+	if only != "" {
+		for _, p := range strings.Split(only, ",") {
+			if p != "genrules" && p != "stress" && p != "compile" {
+				return fmt.Errorf("--only %q: want genrules, stress or compile (comma-separated)", only)
+			}
+			parts[p] = true
+		}
+	}
+	want := func(part string) bool { return only == "" || parts[part] }
+	if want("genrules") {
 		if res.Genrules, err = b.genrules(); err != nil {
 			return err
 		}
 	}
-	if only == "" || only == "stress" {
+	if want("stress") {
 		if res.Stress, err = b.stress(); err != nil {
 			return err
 		}
 	}
-	if only == "" || only == "compile" {
+	if want("compile") {
 		if res.Compile, err = b.compile(); err != nil {
 			return err
 		}

@@ -1,6 +1,7 @@
 // Command summary prints the Markdown summary table of a bench/run.sh
 // results directory: execlatency.json, staging.txt (go test -bench output of
-// BenchmarkStageInputs) and bazel.json, each optional.
+// BenchmarkStageInputs), bazel.json, and for actiondfs fs.txt (go test
+// -bench output of ./fs) and compile.json, each optional.
 //
 // Usage: go run ./bench/summary DIR
 package main
@@ -43,6 +44,7 @@ type bazelResult struct {
 	InputRoot string        `json:"input_root"`
 	Genrules  []measurement `json:"genrules"`
 	Stress    []measurement `json:"stress"`
+	Compile   []measurement `json:"compile"`
 }
 
 func main() {
@@ -133,6 +135,57 @@ func main() {
 			fmt.Sprintf("≤ 1.2× sandbox: %s", verdict(cold.MedianMs <= 1.2*sb.MedianMs)))
 		fmt.Printf("| //:agg warm rebuild after clean (all remote cache hits) | %.2f s | | | |\n", warm.MedianMs/1000)
 		fmt.Printf("| //:agg --spawn_strategy=local (unsandboxed reference) | | %.2f s (local) | | |\n", local.MedianMs/1000)
+	}
+	actiondfs(dir)
+}
+
+// actiondfs prints the input root table (issue 4): setup per tree size,
+// sequential read, and the compile-heavy build, fuse against hardlinks.
+func actiondfs(dir string) {
+	var cr bazelResult
+	haveCompile := readJSON(filepath.Join(dir, "compile.json"), &cr) && len(cr.Compile) == 3
+	f, err := os.Open(filepath.Join(dir, "fs.txt"))
+	if err != nil && !haveCompile {
+		return
+	}
+	fmt.Println()
+	fmt.Println("| actiondfs | fuse | hardlink | fuse / hardlink | goal |")
+	fmt.Println("|---|---:|---:|---:|---|")
+	if err == nil {
+		setup := map[string]float64{} // "fuse/1k" -> ms
+		var reads []string
+		stage := regexp.MustCompile(`^BenchmarkStageInputs/([\w-]+)/(\w+)-\d+\s+\d+\s+([0-9.]+) ns/op`)
+		read := regexp.MustCompile(`^BenchmarkSequentialRead/([\w-]+)-\d+\s+\d+\s+[0-9.]+ ns/op\s+([0-9.]+) MB/s`)
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if m := stage.FindStringSubmatch(sc.Text()); m != nil {
+				ns, _ := strconv.ParseFloat(m[3], 64)
+				setup[m[1]+"/"+m[2]] = ns / 1e6
+			} else if m := read.FindStringSubmatch(sc.Text()); m != nil {
+				reads = append(reads, fmt.Sprintf("%s %s MB/s", m[1], m[2]))
+			}
+		}
+		f.Close()
+		for _, n := range []string{"1k", "10k", "100k"} {
+			fu, hl := setup["fuse/"+n], setup["hardlink/"+n]
+			if fu == 0 || hl == 0 {
+				continue
+			}
+			goal := ""
+			if n == "100k" {
+				goal = fmt.Sprintf("fuse < 5 ms at 100k: %s", verdict(fu < 5))
+			}
+			fmt.Printf("| input root setup, %s files (fresh mount; spare mount %.3f ms) | %.2f ms | %.1f ms | %.3f | %s |\n", n, setup["fuse-spare/"+n], fu, hl, fu/hl, goal)
+		}
+		if len(reads) > 0 {
+			fmt.Printf("| sequential read of a 256 MiB input | %s | | | |\n", strings.Join(reads, "; "))
+		}
+	}
+	if haveCompile {
+		sb, fu, hl := cr.Compile[0], cr.Compile[1], cr.Compile[2]
+		fmt.Printf("| %s (median of %d, load %s) | %.2f s | %.2f s | %.3f | ≤ 1.15×: %s |\n", strings.TrimSuffix(fu.Name[:strings.Index(fu.Name, ")")+1], ","), len(fu.Runs), cr.Load,
+			fu.MedianMs/1000, hl.MedianMs/1000, fu.MedianMs/hl.MedianMs, verdict(fu.MedianMs <= 1.15*hl.MedianMs))
+		fmt.Printf("| the same with Bazel's linux-sandbox (reference) | %.2f s | | | |\n", sb.MedianMs/1000)
 	}
 }
 
