@@ -144,10 +144,7 @@ func (b *bench) compile() ([]Measurement, error) {
 			if _, err := b.bazel("clean"); err != nil {
 				return nil, err
 			}
-			if _, err := b.bazel(append(append([]string{"build", "--nobuild"}, c.flags...), "//compile:prog")...); err != nil {
-				return nil, err
-			}
-			took, p, err := b.timedBuild(c.want, append(append([]string{}, c.flags...), "//compile:prog")...)
+			took, p, err := b.analyseThenTime(c.want, append(append([]string{}, c.flags...), "//compile:prog"))
 			if err != nil {
 				return nil, err
 			}

@@ -190,6 +190,15 @@ func (b *bench) timedBuild(want string, args ...string) (time.Duration, map[stri
 	return took, p, nil
 }
 
+// analyseThenTime runs `bazel build --nobuild args...` (the analysis,
+// untimed) and then times `bazel build args...` with timedBuild.
+func (b *bench) analyseThenTime(want string, args []string) (time.Duration, map[string]int, error) {
+	if _, err := b.bazel(append([]string{"build", "--nobuild"}, args...)...); err != nil {
+		return 0, nil, err
+	}
+	return b.timedBuild(want, args...)
+}
+
 func (b *bench) startServer(extra ...string) (*benchutil.Server, error) {
 	b.nServers++
 	args := append(append([]string{}, b.serverArgs...), extra...)
@@ -237,10 +246,7 @@ func (b *bench) genrules() ([]Measurement, error) {
 		for i, c := range configs {
 			salt++
 			define := "--define=SALT=" + strconv.FormatInt(salt, 36)
-			if _, err := b.bazel(append(append([]string{"build", "--nobuild"}, c.flags...), define, "//trivial")...); err != nil {
-				return nil, err
-			}
-			took, p, err := b.timedBuild(c.want, append(append([]string{}, c.flags...), define, "//trivial")...)
+			took, p, err := b.analyseThenTime(c.want, append(append([]string{}, c.flags...), define, "//trivial"))
 			if err != nil {
 				return nil, err
 			}
@@ -279,10 +285,7 @@ func (b *bench) stress() ([]Measurement, error) {
 		if _, err := b.bazel("clean"); err != nil {
 			return 0, nil, err
 		}
-		if _, err := b.bazel(append(append([]string{"build", "--nobuild"}, flags...), "//:agg")...); err != nil {
-			return 0, nil, err
-		}
-		return b.timedBuild(want, append(flags, "//:agg")...)
+		return b.analyseThenTime(want, append(flags, "//:agg"))
 	}
 	for run := 0; run < b.runs; run++ {
 		took, p, err := build("local", "--spawn_strategy=local", "--nosandbox_debug")
