@@ -155,7 +155,13 @@ const (
 
 // Request is one action to run.
 type Request struct {
-	ActionDigest    cas.Digest
+	ActionDigest cas.Digest
+	// Action, if set, is run instead of the Action stored under
+	// ActionDigest: a scheduler may hand a worker the client's Action with
+	// fields it changed (Buildbarn's applies its default and maximum
+	// timeouts) under the client's digest, which the result is reported
+	// and cached under.
+	Action          *repb.Action
 	SkipCacheLookup bool
 	// Queued is when the request arrived (for ExecutedActionMetadata).
 	Queued time.Time
@@ -204,12 +210,17 @@ func (e *Executor) Execute(ctx context.Context, req Request) *repb.ExecuteRespon
 
 func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedActionMetadata, progress func(Stage)) (*repb.ExecuteResponse, error) {
 	progress(StageCacheCheck)
-	action := &repb.Action{}
+	action := req.Action
 	command := &repb.Command{}
 	var missing []cas.Digest
-	if err := e.loadProto(ctx, req.ActionDigest, action, "Action"); err != nil {
-		if !errors.Is(err, cas.ErrNotFound) {
-			return nil, err
+	var loadErr error
+	if action == nil {
+		action = &repb.Action{}
+		loadErr = e.loadProto(ctx, req.ActionDigest, action, "Action")
+	}
+	if loadErr != nil {
+		if !errors.Is(loadErr, cas.ErrNotFound) {
+			return nil, loadErr
 		}
 		missing = append(missing, req.ActionDigest)
 	} else {

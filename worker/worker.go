@@ -257,6 +257,9 @@ func (r *runner) execute(drain context.Context, desired *rwpb.DesiredState_Execu
 			}
 			resp := r.w.opts.Executor.Execute(ctx, executor.Request{
 				ActionDigest: d,
+				// The scheduler's copy wins: it may carry the timeout
+				// the scheduler settled on.
+				Action: desired.GetAction(),
 				// Buildbarn workers always execute: the client and the
 				// frontend have looked at the ActionCache already.
 				SkipCacheLookup: true,

@@ -21,7 +21,9 @@ import (
 	"github.com/actiond/actiond/worker"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -442,5 +444,26 @@ func TestDrain(t *testing.T) {
 	}
 	if len(e.sched.left) != 2 {
 		t.Errorf("%d runners said goodbye, want 2", len(e.sched.left))
+	}
+}
+
+// TestSchedulerActionWins: Buildbarn's scheduler sends the Action with the
+// timeout it settled on under the client's digest; the worker runs that
+// Action, not the stored one.
+func TestSchedulerActionWins(t *testing.T) {
+	e := newEnv(t, 1)
+	cmd := &repb.Command{Arguments: []string{"/bin/sh", "-c", "sleep 30"}}
+	stored := &repb.Action{CommandDigest: e.putProto(cmd).Proto(), InputRootDigest: e.putProto(&repb.Directory{}).Proto()}
+	d := e.putProto(stored)
+	capped := proto.Clone(stored).(*repb.Action)
+	capped.Timeout = durationpb.New(500 * time.Millisecond)
+	start := time.Now()
+	e.sched.queue <- &rwpb.DesiredState_Executing{ActionDigest: d.Proto(), Action: capped, DigestFunction: repb.DigestFunction_SHA256}
+	resp := e.sched.waitDone(t, d)
+	if codes.Code(resp.GetStatus().GetCode()) != codes.DeadlineExceeded {
+		t.Fatalf("status %v, want DEADLINE_EXCEEDED from the scheduler's 500ms timeout (the stored Action has none)", resp.GetStatus())
+	}
+	if took := time.Since(start); took > 20*time.Second {
+		t.Errorf("the action ran %s: the scheduler's timeout was not applied", took)
 	}
 }
