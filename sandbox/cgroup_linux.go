@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -165,7 +166,6 @@ func (m *cgroupManager) enableV2(controllers []string) error {
 // runCgroup is the set of cgroups of one run.
 type runCgroup struct {
 	v2       string            // v2 cgroup; "" if none
-	v2fd     int               // open v2 cgroup directory for CLONE_INTO_CGROUP, or -1
 	v1       map[string]string // controller → v1 cgroup
 	memory   int               // cgroup version limiting memory (0: none)
 	enforced []string
@@ -174,7 +174,7 @@ type runCgroup struct {
 // create makes the cgroups for one run and applies lim. A limit for which no
 // controller is available is logged and left out of enforced.
 func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, err error) {
-	cg := &runCgroup{v2fd: -1, v1: map[string]string{}}
+	cg := &runCgroup{v1: map[string]string{}}
 	defer func() {
 		if err != nil {
 			cg.remove()
@@ -186,9 +186,6 @@ func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, 
 			return nil, fmt.Errorf("cgroup: %w", err)
 		}
 		cg.v2 = dir
-		if cg.v2fd, err = unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
-			return nil, fmt.Errorf("cgroup: open %s: %w", dir, err)
-		}
 	}
 	cpuQuota := max(lim.CPUMillis*100, 1000) // µs per 100 ms period
 	limits := []struct {
@@ -260,9 +257,13 @@ func writeLimits(dir string, files []limitFile) error {
 	return nil
 }
 
-// add moves pid into the v1 cgroups (v2 placement happens at clone time).
+// add moves pid (a helper waiting for its spec) into the run's cgroups.
 func (cg *runCgroup) add(pid int) error {
-	for _, dir := range cg.v1 {
+	dirs := slices.Collect(maps.Values(cg.v1))
+	if cg.v2 != "" {
+		dirs = append(dirs, cg.v2)
+	}
+	for _, dir := range dirs {
 		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
 			return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
 		}
@@ -310,10 +311,6 @@ func (cg *runCgroup) oomKilled() bool {
 // remove kills whatever is left and removes the run's cgroups.
 func (cg *runCgroup) remove() error {
 	cg.kill()
-	if cg.v2fd >= 0 {
-		unix.Close(cg.v2fd)
-		cg.v2fd = -1
-	}
 	var errs []error
 	dirs := []string{cg.v2}
 	for _, dir := range cg.v1 {

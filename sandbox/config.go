@@ -46,4 +46,12 @@ type Config struct {
 	StateDir string
 	// Logger receives diagnostics; nil means slog.Default().
 	Logger *slog.Logger
+	// PrestartedHelpers is how many sandbox helpers are kept started ahead
+	// of actions (cloned into fresh namespaces, past exec and runtime
+	// start, waiting for their action): zero means
+	// DefaultPrestartedHelpers, negative none.
+	PrestartedHelpers int
 }
+
+// DefaultPrestartedHelpers is the default Config.PrestartedHelpers.
+const DefaultPrestartedHelpers = 2

@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -37,6 +38,13 @@ type Sandbox struct {
 	etcDir   string // generated hosts, passwd and group
 	cgroups  *cgroupManager
 	seq      atomic.Uint64
+
+	// openTree: the execroot goes to helpers as an open_tree(2) descriptor
+	// (Linux 5.2), which prestarted helpers need.
+	openTree bool
+	spares   chan *helper // prestarted helpers
+	spareMu  sync.Mutex   // serialises filling spares against Close
+	closed   bool
 }
 
 var _ executor.Sandbox = (*Sandbox)(nil)
@@ -99,6 +107,21 @@ func New(cfg Config) (*Sandbox, error) {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	s.cgroups = newCgroupManager(s.log)
+	if fd, err := unix.OpenTree(unix.AT_FDCWD, state, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC); err == nil {
+		unix.Close(fd)
+		s.openTree = true
+	}
+	n := cfg.PrestartedHelpers
+	if n == 0 {
+		n = DefaultPrestartedHelpers
+	}
+	if !s.openTree {
+		n = 0
+	}
+	s.spares = make(chan *helper, max(n, 0))
+	for range cap(s.spares) {
+		go s.addSpare()
+	}
 	s.log.Debug("sandbox ready", "runtimes", s.names, "uid", s.uid, "gid", s.gid,
 		"state", state, "cgroups", s.cgroups.String())
 	return s, nil
@@ -164,6 +187,18 @@ func (s *Sandbox) Runtimes() []string { return slices.Clone(s.names) }
 // Close unmounts the runtimes that LoadRuntimes mounted and removes the
 // state directory. Runs must have finished.
 func (s *Sandbox) Close() error {
+	s.spareMu.Lock()
+	s.closed = true
+	s.spareMu.Unlock()
+	for {
+		select {
+		case h := <-s.spares:
+			h.kill()
+			continue
+		default:
+		}
+		break
+	}
 	var errs []error
 	for _, name := range s.names {
 		if rt := s.runtimes[name]; rt.Image != "" {
@@ -240,71 +275,62 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 }
 
 func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxinit.Spec, cg *runCgroup, stdout, stderr *os.File) (*executor.RunResult, error) {
-	specR, specW, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
+	// Trees of the execroot's and the runtime's mounts, for the helper to
+	// move into its root: a prestarted helper's namespace cannot see mounts
+	// made after it was cloned (actiondfs mounts the execroot per action;
+	// LoadRuntimes may mount a rebuilt image).
+	treeFD, runtimeFD := -1, -1
+	if s.openTree {
+		fd, err := unix.OpenTree(unix.AT_FDCWD, spec.ExecRoot, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox: execroot %s: open_tree: %w", spec.ExecRoot, err)
+		}
+		treeFD = fd
+		defer unix.Close(treeFD)
 	}
-	defer specR.Close()
-	defer specW.Close()
-	statusR, statusW, err := os.Pipe()
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
+	if s.openTree && !hs.Runtime.Host {
+		fd, err := unix.OpenTree(unix.AT_FDCWD, hs.Runtime.Root, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC|unix.AT_RECURSIVE)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox: runtime %q: open_tree %s: %w", hs.Runtime.Name, hs.Runtime.Root, err)
+		}
+		runtimeFD = fd
+		defer unix.Close(runtimeFD)
 	}
-	defer statusR.Close()
-	defer statusW.Close()
-	devNull, err := os.Open(os.DevNull)
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
+	h := s.takeHelper()
+	if h == nil {
+		var err error
+		if h, err = s.startHelper(false); err != nil {
+			return nil, err
+		}
 	}
-	defer devNull.Close()
-
-	cmd := &exec.Cmd{
-		Path:       "/proc/self/exe",
-		Args:       []string{sandboxinit.Argv0},
-		Env:        []string{"GOMAXPROCS=1"},
-		Stdin:      devNull,
-		Stdout:     stdout,
-		Stderr:     stderr,
-		ExtraFiles: []*os.File{specR, statusW}, // sandboxinit.SpecFD and StatusFD
-		SysProcAttr: &syscall.SysProcAttr{
-			Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
-				unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP,
-			// The helper dies with us. Pdeathsig follows the thread that
-			// forked, so this goroutine keeps its thread until Wait returns.
-			Pdeathsig: syscall.SIGKILL,
-		},
-	}
-	if cg.v2fd >= 0 {
-		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = cg.v2fd
-	}
-
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("sandbox: start helper: %w", err)
-	}
-	specR.Close()
-	statusW.Close()
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	defer h.close()
 	kill := func() {
-		_ = cmd.Process.Kill()
+		_ = h.cmd.Process.Kill()
 		cg.kill()
 	}
 
-	// The helper waits for its spec before doing anything, so it is in
-	// every cgroup before the command can start.
-	if err := cg.add(cmd.Process.Pid); err != nil {
+	// The helper waits for its spec before doing anything for the action,
+	// so it is in every cgroup before the command can start.
+	if err := cg.add(h.cmd.Process.Pid); err != nil {
 		kill()
-		<-done
+		<-h.done
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
-	if err := json.NewEncoder(specW).Encode(hs); err != nil {
+	fds := []int{int(stdout.Fd()), int(stderr.Fd())}
+	hs.Files = []string{sandboxinit.FileStdout, sandboxinit.FileStderr}
+	if treeFD >= 0 {
+		fds = append(fds, treeFD)
+		hs.Files = append(hs.Files, sandboxinit.FileExecRoot)
+	}
+	if runtimeFD >= 0 {
+		fds = append(fds, runtimeFD)
+		hs.Files = append(hs.Files, sandboxinit.FileRuntime)
+	}
+	if err := h.send(hs, fds); err != nil {
 		s.log.Debug("sandbox: writing spec to helper", "err", err) // the helper died; its status says why
 	}
-	specW.Close()
+	start := time.Now()
+	done := h.done
 
 	var timeout <-chan time.Time
 	if spec.Timeout > 0 {
@@ -327,7 +353,7 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 	}
 	wall := time.Since(start)
 
-	st, statusErr := readStatus(statusR)
+	st, statusErr := readStatus(h.status)
 	res := &executor.RunResult{Enforced: cg.enforced, Wall: wall}
 	if st != nil && st.WallNS > 0 {
 		res.Wall = time.Duration(st.WallNS)
@@ -362,6 +388,139 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 	s.log.Debug("sandbox: ran", "argv0", spec.Args[0], "runtime", spec.Runtime, "exit", res.ExitCode,
 		"wall", res.Wall, "oom", res.OOMKilled, "enforced", res.Enforced)
 	return res, nil
+}
+
+// helper is a started sandbox helper waiting for its spec: PID 1 of its
+// own namespaces, past exec and the Go runtime's start.
+type helper struct {
+	cmd    *exec.Cmd
+	spec   *os.File   // our end of the spec socket
+	status *os.File   // read end of the status pipe
+	done   chan error // the helper's Wait result
+}
+
+// startHelper starts a helper. A prestarted one prepares its namespaces
+// while it waits (see sandboxinit.PrestartEnv) and must get the execroot
+// as a descriptor.
+func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	specOurs, specTheirs := os.NewFile(uintptr(pair[0]), "spec"), os.NewFile(uintptr(pair[1]), "spec")
+	defer specTheirs.Close()
+	statusR, statusW, err := os.Pipe()
+	if err != nil {
+		specOurs.Close()
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer statusW.Close()
+	devNull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		specOurs.Close()
+		statusR.Close()
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	defer devNull.Close()
+	env := []string{"GOMAXPROCS=1"}
+	if prestarted {
+		env = append(env, sandboxinit.PrestartEnv+"=1")
+	}
+	h := &helper{
+		cmd: &exec.Cmd{
+			Path: "/proc/self/exe",
+			Args: []string{sandboxinit.Argv0},
+			Env:  env,
+			// The command's stdout and stderr come with the spec.
+			Stdin: devNull, Stdout: devNull, Stderr: devNull,
+			ExtraFiles: []*os.File{specTheirs, statusW}, // sandboxinit.SpecFD and StatusFD
+			SysProcAttr: &syscall.SysProcAttr{
+				Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
+					unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP,
+				// The helper dies with us. Pdeathsig follows the thread
+				// that forked, so that thread is kept until Wait returns.
+				Pdeathsig: syscall.SIGKILL,
+			},
+		},
+		spec:   specOurs,
+		status: statusR,
+		done:   make(chan error, 1),
+	}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := h.cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		h.done <- h.cmd.Wait()
+	}()
+	if err := <-started; err != nil {
+		specOurs.Close()
+		statusR.Close()
+		return nil, fmt.Errorf("sandbox: start helper: %w", err)
+	}
+	if prestarted {
+		// Starting up in the background must not slow the actions
+		// running now; takeHelper gives it the normal priority back.
+		_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, prestartNice)
+	}
+	return h, nil
+}
+
+// prestartNice is the nice value of prestarted helpers until they are used.
+const prestartNice = 10
+
+// send gives the helper its spec and descriptors (see sandboxinit.SpecFD).
+func (h *helper) send(spec *sandboxinit.Spec, fds []int) error {
+	defer h.spec.Close()
+	if err := unix.Sendmsg(int(h.spec.Fd()), []byte{'S'}, unix.UnixRights(fds...), nil, 0); err != nil {
+		return err
+	}
+	return json.NewEncoder(h.spec).Encode(spec)
+}
+
+// close releases our ends of the helper's pipes; the helper must be done.
+func (h *helper) close() {
+	h.spec.Close()
+	h.status.Close()
+}
+
+// kill ends an unused helper and waits for it.
+func (h *helper) kill() {
+	_ = h.cmd.Process.Kill()
+	<-h.done
+	h.close()
+}
+
+// takeHelper returns a prestarted helper, or nil when none is ready, and
+// has another started in its place.
+func (s *Sandbox) takeHelper() *helper {
+	select {
+	case h := <-s.spares:
+		_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, 0)
+		go s.addSpare()
+		return h
+	default:
+		return nil
+	}
+}
+
+// addSpare starts a helper for the pool, unless the pool is full or closed.
+func (s *Sandbox) addSpare() {
+	s.spareMu.Lock()
+	defer s.spareMu.Unlock()
+	if s.closed || len(s.spares) == cap(s.spares) {
+		return
+	}
+	h, err := s.startHelper(true)
+	if err != nil {
+		s.log.Warn("sandbox: cannot prestart helpers; starting one per action", "err", err)
+		return
+	}
+	s.spares <- h
 }
 
 // readStatus reads the helper's final status; the helper has exited, so this

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -20,9 +21,19 @@ const Argv0 = "actiond-sandbox-init"
 
 // File descriptors the parent passes to the helper.
 const (
-	SpecFD   = 3 // Spec as JSON; readable once the parent has placed the helper in its cgroups
+	// SpecFD is a stream socket. Once the parent has placed the helper in
+	// its cgroups it sends one byte carrying SCM_RIGHTS file descriptors
+	// (Spec.Files says which), then the Spec as JSON, then EOF.
+	SpecFD   = 3
 	StatusFD = 4 // Status as JSON, written just before the helper exits
 )
+
+// PrestartEnv, set to 1 in the helper's environment, says the helper was
+// started before its action was known: it then prepares what does not
+// depend on the action (see prepare) and gets the execroot as a file
+// descriptor, since mounts made later in the parent's namespace are not
+// visible in its own.
+const PrestartEnv = "ACTIOND_SANDBOX_PRESTARTED"
 
 func init() {
 	if len(os.Args) == 0 || os.Args[0] != Argv0 {
@@ -55,7 +66,23 @@ type Spec struct {
 	Args             []string // argv
 	Env              []string // the complete environment
 	UID, GID         int      // the command's ids
+	// Files says what the descriptors sent with the spec are, in order:
+	// FileExecRoot and FileRuntime (detached mount trees of the execroot
+	// and of a directory runtime's root, from open_tree(2), used instead of
+	// the paths, which a prestarted helper sees as they were when it was
+	// cloned), FileStdout and
+	// FileStderr (the command's output files; without them the helper's
+	// own stdout and stderr are used).
+	Files []string
 }
+
+// Names of the descriptors in Spec.Files.
+const (
+	FileExecRoot = "execroot"
+	FileRuntime  = "runtime" // a detached mount tree of Runtime.Root
+	FileStdout   = "stdout"
+	FileStderr   = "stderr"
+)
 
 // Status is what the helper reports back.
 type Status struct {
@@ -93,20 +120,48 @@ func helperMain() int {
 
 func runHelper() *Status {
 	fail := func(err error) *Status { return &Status{Error: err.Error()} }
-	var spec Spec
-	specFile := os.NewFile(SpecFD, "spec")
-	if err := json.NewDecoder(specFile).Decode(&spec); err != nil {
+	prestarted := os.Getenv(PrestartEnv) == "1"
+	if prestarted {
+		if err := prepare(); err != nil {
+			return fail(err)
+		}
+	}
+	spec, files, err := readSpec()
+	if err != nil {
 		return fail(fmt.Errorf("reading spec: %w", err))
 	}
-	specFile.Close()
-
-	if err := unix.Sethostname([]byte("localhost")); err != nil {
-		return fail(fmt.Errorf("sethostname: %w", err))
+	for name, fd := range files {
+		switch name {
+		case FileStdout, FileStderr:
+			target := 1
+			if name == FileStderr {
+				target = 2
+			}
+			if err := unix.Dup3(fd, target, 0); err != nil {
+				return fail(fmt.Errorf("%s: %w", name, err))
+			}
+			unix.Close(fd)
+		}
 	}
-	if err := loopbackUp(); err != nil {
-		return fail(err)
+	// The parent moved us into the action's cgroups after our cgroup
+	// namespace was made: root a namespace there, so the command sees its
+	// cgroups as "/" and learns nothing of the host's hierarchy.
+	if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
+		return fail(fmt.Errorf("cgroup namespace: %w", err))
 	}
-	if err := buildRoot(&spec); err != nil {
+	if !prestarted {
+		if err := setUpNamespaces(); err != nil {
+			return fail(err)
+		}
+	}
+	trees := treeFDs{execRoot: -1, runtime: -1}
+	if fd, ok := files[FileExecRoot]; ok {
+		trees.execRoot = fd
+	}
+	if fd, ok := files[FileRuntime]; ok {
+		trees.runtime = fd
+	}
+	if err := buildRoot(spec, trees); err != nil {
 		return fail(err)
 	}
 	wd := join(spec.ExecRootMount, spec.WorkingDirectory)
@@ -147,6 +202,121 @@ func runHelper() *Status {
 		st.ExitCode = ws.ExitStatus()
 	}
 	return st
+}
+
+// setUpNamespaces does what the namespaces need before anything else:
+// a hostname and the loopback interface.
+func setUpNamespaces() error {
+	if err := unix.Sethostname([]byte("localhost")); err != nil {
+		return fmt.Errorf("sethostname: %w", err)
+	}
+	return loopbackUp()
+}
+
+// prepare is what a prestarted helper does while it waits for its action:
+// the namespaces' set-up, and dropping its copies of actiondfs mounts.
+// Those were copied from the parent when the helper was cloned; the parent
+// unmounting them later would not reach this namespace, and each copy
+// would keep its FUSE connection (and the server behind it) alive until
+// the helper ends. The execroot comes as a file descriptor instead.
+func prepare() error {
+	if err := setUpNamespaces(); err != nil {
+		return err
+	}
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making / private: %w", err)
+	}
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var points []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		sep := slices.Index(f, "-")
+		if sep < 0 || sep+2 >= len(f) || len(f) < 5 {
+			continue
+		}
+		if f[sep+1] == "fuse.actiondfs" || strings.HasPrefix(f[sep+2], "actiondfs") {
+			points = append(points, unescapeMountPoint(f[4]))
+		}
+	}
+	// Deepest first: an overlay may sit below another mount's point.
+	slices.SortFunc(points, func(a, b string) int { return len(b) - len(a) })
+	for _, p := range points {
+		if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("dropping the copy of %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// unescapeMountPoint undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountPoint(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// readSpec reads the parent's first byte with the descriptors it carries,
+// then the Spec.
+func readSpec() (*Spec, map[string]int, error) {
+	buf := make([]byte, 1)
+	oob := make([]byte, unix.CmsgSpace(8*4))
+	var n, oobn int
+	var err error
+	for {
+		n, oobn, _, _, err = unix.Recvmsg(SpecFD, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		return nil, nil, err
+	}
+	if n != 1 {
+		return nil, nil, errors.New("the parent closed the spec socket")
+	}
+	var fds []int
+	if oobn > 0 {
+		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, m := range msgs {
+			got, err := unix.ParseUnixRights(&m)
+			if err != nil {
+				return nil, nil, err
+			}
+			fds = append(fds, got...)
+		}
+	}
+	specFile := os.NewFile(SpecFD, "spec")
+	defer specFile.Close()
+	var spec Spec
+	if err := json.NewDecoder(specFile).Decode(&spec); err != nil {
+		return nil, nil, err
+	}
+	if len(fds) != len(spec.Files) {
+		return nil, nil, fmt.Errorf("got %d file descriptors for files %v", len(fds), spec.Files)
+	}
+	files := make(map[string]int, len(fds))
+	for i, name := range spec.Files {
+		files[name] = fds[i]
+	}
+	return &spec, files, nil
 }
 
 // reapUntil reaps every child (as PID 1, orphans are ours) until pid exits.

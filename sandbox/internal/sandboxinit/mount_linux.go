@@ -32,7 +32,10 @@ const (
 
 // buildRoot builds the action's root file system at spec.RootDir and pivots
 // into it. It runs in the helper, in the new mount namespace.
-func buildRoot(spec *Spec) error {
+//
+// trees holds detached mount trees (see Spec.Files) to use instead of the
+// paths spec.ExecRoot and spec.Runtime.Root, or -1.
+func buildRoot(spec *Spec, trees treeFDs) error {
 	// Nothing below may propagate back to the host.
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
@@ -41,10 +44,33 @@ func buildRoot(spec *Spec) error {
 	if err := mountTmpfs(root, "mode=0755,size=1m", unix.MS_NOSUID|unix.MS_NODEV); err != nil {
 		return err
 	}
+	// A runtime tree is moved to a scratch point in the new root while
+	// its entries are bound, then removed.
+	runtimeStage := ""
+	if trees.runtime >= 0 {
+		runtimeStage = join(root, ".actiond-runtime")
+		if err := os.Mkdir(runtimeStage, 0o700); err != nil {
+			return err
+		}
+		if err := unix.MoveMount(trees.runtime, "", unix.AT_FDCWD, runtimeStage, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+			return fmt.Errorf("runtime %q: move its tree: %w", spec.Runtime.Name, err)
+		}
+		unix.Close(trees.runtime)
+		spec.Runtime.Root = runtimeStage
+	}
 	steps := []func() error{
 		func() error { return mountRuntime(root, spec) },
 		func() error { return mountEtc(root, spec) },
-		func() error { return mountExecRoot(root, spec) },
+		func() error {
+			if runtimeStage == "" {
+				return nil
+			}
+			if err := unix.Unmount(runtimeStage, unix.MNT_DETACH); err != nil {
+				return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
+			}
+			return os.Remove(runtimeStage)
+		},
+		func() error { return mountExecRoot(root, spec, trees.execRoot) },
 		func() error { return mountDev(root) },
 		func() error {
 			return mountTmpfs(join(root, "tmp"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV)
@@ -62,6 +88,9 @@ func buildRoot(spec *Spec) error {
 	}
 	return nil
 }
+
+// treeFDs are detached mount trees from the parent, or -1.
+type treeFDs struct{ execRoot, runtime int }
 
 // mountRuntime exposes the runtime's system directories in root.
 func mountRuntime(root string, spec *Spec) error {
@@ -162,7 +191,7 @@ func hasRegularFiles(dir string, names []string) bool {
 
 // mountExecRoot binds the execroot read-only (writable with WritableInputs)
 // and the writable directories over it.
-func mountExecRoot(root string, spec *Spec) error {
+func mountExecRoot(root string, spec *Spec, execRootFD int) error {
 	dst := join(root, spec.ExecRootMount)
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return err
@@ -171,14 +200,24 @@ func mountExecRoot(root string, spec *Spec) error {
 	if spec.WritableInputs {
 		attr = attrWritable
 	}
-	if err := bind(spec.ExecRoot, dst, attr); err != nil {
+	src := spec.ExecRoot
+	if execRootFD >= 0 {
+		if err := unix.MoveMount(execRootFD, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+			return fmt.Errorf("move the execroot to %s: %w", dst, err)
+		}
+		unix.Close(execRootFD)
+		if err := setAttr(dst, true, attr); err != nil {
+			return err
+		}
+		src = dst // writable directories come from the moved tree
+	} else if err := bind(src, dst, attr); err != nil {
 		return err
 	}
 	if spec.WritableInputs {
 		return nil
 	}
 	for _, d := range spec.WritableDirs {
-		if err := bind(join(spec.ExecRoot, d), join(dst, d), attrWritable); err != nil {
+		if err := bind(join(src, d), join(dst, d), attrWritable); err != nil {
 			return err
 		}
 	}
