@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -165,28 +164,41 @@ func (m *cgroupManager) enableV2(controllers []string) error {
 
 // runCgroup is the set of cgroups of one run.
 type runCgroup struct {
+	name     string            // of the run's cgroups under each hierarchy
 	v2       string            // v2 cgroup; "" if none
+	v2fd     int               // open v2 cgroup, for CLONE_INTO_CGROUP; -1 if none
 	v1       map[string]string // controller → v1 cgroup
 	memory   int               // cgroup version limiting memory (0: none)
 	enforced []string
 }
 
-// create makes the cgroups for one run and applies lim. A limit for which no
-// controller is available is logged and left out of enforced.
-func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, err error) {
-	cg := &runCgroup{v1: map[string]string{}}
-	defer func() {
-		if err != nil {
-			cg.remove()
-		}
-	}()
+// newRun makes the cgroup v2 directory of one run (if v2 is in use), for
+// its helper to be cloned into: moving a process between cgroups later
+// waits for an RCU grace period, milliseconds on a busy machine.
+func (m *cgroupManager) newRun(name string) (*runCgroup, error) {
+	cg := &runCgroup{name: name, v2fd: -1, v1: map[string]string{}}
 	if m.v2 != "" {
 		dir := filepath.Join(m.v2, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("cgroup: %w", err)
 		}
 		cg.v2 = dir
+		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			cg.remove()
+			return nil, fmt.Errorf("cgroup: open %s: %w", dir, err)
+		}
+		cg.v2fd = fd
 	}
+	return cg, nil
+}
+
+// limit applies lim to the run whose helper is pid: limit files in its v2
+// cgroup, or v1 cgroups made for the limited controllers (which the helper
+// is then moved into). A limit for which no controller is available is
+// logged and left out of enforced.
+func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits, pid int) error {
+	name := cg.name
 	cpuQuota := max(lim.CPUMillis*100, 1000) // µs per 100 ms period
 	limits := []struct {
 		ctrl   string
@@ -212,7 +224,7 @@ func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, 
 		switch {
 		case m.v2Ctrl[l.ctrl]:
 			if err := writeLimits(cg.v2, l.v2); err != nil {
-				return nil, err
+				return err
 			}
 			cg.enforced = append(cg.enforced, l.desc+" via cgroup v2")
 			if l.ctrl == "memory" {
@@ -221,11 +233,14 @@ func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, 
 		case m.v1[l.ctrl] != "":
 			dir := filepath.Join(m.v1[l.ctrl], name)
 			if err := os.Mkdir(dir, 0o755); err != nil {
-				return nil, fmt.Errorf("cgroup: %w", err)
+				return fmt.Errorf("cgroup: %w", err)
 			}
 			cg.v1[l.ctrl] = dir
 			if err := writeLimits(dir, l.v1); err != nil {
-				return nil, err
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+				return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
 			}
 			cg.enforced = append(cg.enforced, l.desc+" via cgroup v1")
 			if l.ctrl == "memory" {
@@ -237,7 +252,7 @@ func (m *cgroupManager) create(name string, lim executor.Limits) (_ *runCgroup, 
 			}
 		}
 	}
-	return cg, nil
+	return nil
 }
 
 // limitFile is a cgroup control file to write; optional ones may be missing
@@ -252,20 +267,6 @@ func writeLimits(dir string, files []limitFile) error {
 		err := os.WriteFile(filepath.Join(dir, f.name), []byte(f.value), 0)
 		if err != nil && !(f.optional && errors.Is(err, fs.ErrNotExist)) {
 			return fmt.Errorf("cgroup: setting %s: %w", f.name, err)
-		}
-	}
-	return nil
-}
-
-// add moves pid (a helper waiting for its spec) into the run's cgroups.
-func (cg *runCgroup) add(pid int) error {
-	dirs := slices.Collect(maps.Values(cg.v1))
-	if cg.v2 != "" {
-		dirs = append(dirs, cg.v2)
-	}
-	for _, dir := range dirs {
-		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
-			return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
 		}
 	}
 	return nil
@@ -311,6 +312,10 @@ func (cg *runCgroup) oomKilled() bool {
 // remove kills whatever is left and removes the run's cgroups.
 func (cg *runCgroup) remove() error {
 	cg.kill()
+	if cg.v2fd >= 0 {
+		unix.Close(cg.v2fd)
+		cg.v2fd = -1
+	}
 	var errs []error
 	dirs := []string{cg.v2}
 	for _, dir := range cg.v1 {

@@ -21,6 +21,17 @@
 //   - starts the command, reaps orphans, and exits when the command does,
 //     which makes the kernel kill everything left in the PID namespace.
 //
+// Starting a helper (cloning six namespaces, exec, the Go runtime's start,
+// the loopback interface) costs about 3 ms, so a few helpers are started
+// ahead of their actions (Config.PrestartedHelpers) at a low priority and
+// wait for their spec. A prestarted helper's mount namespace is a copy of
+// the host's from when it was cloned, so it cannot see mounts made later;
+// the parent therefore sends the execroot and a directory runtime as
+// detached mount trees (open_tree(2)), which the helper moves into its root,
+// and the helper drops its copies of actiondfs mounts while it waits (a
+// copy would keep that mount's FUSE connection alive). The command's stdout
+// and stderr come as descriptors with the spec.
+//
 // The parent places the helper in per-run cgroups (cgroup v2 controllers where
 // they are delegated, cgroup v1 otherwise) for memory, CPU and task limits,
 // enforces the timeout, detects OOM kills and, as a second line behind the

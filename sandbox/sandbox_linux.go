@@ -261,20 +261,10 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	defer stdout.Close()
 	defer stderr.Close()
 
-	name := "actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10)
-	cg, err := s.cgroups.create(name, spec.Limits)
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
-	}
-	defer func() {
-		if err := cg.remove(); err != nil {
-			s.log.Warn("sandbox: removing cgroup", "cgroup", name, "err", err)
-		}
-	}()
-	return s.run(ctx, spec, hs, cg, stdout, stderr)
+	return s.run(ctx, spec, hs, stdout, stderr)
 }
 
-func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxinit.Spec, cg *runCgroup, stdout, stderr *os.File) (*executor.RunResult, error) {
+func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxinit.Spec, stdout, stderr *os.File) (*executor.RunResult, error) {
 	// Trees of the execroot's and the runtime's mounts, for the helper to
 	// move into its root: a prestarted helper's namespace cannot see mounts
 	// made after it was cloned (actiondfs mounts the execroot per action;
@@ -303,15 +293,21 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 			return nil, err
 		}
 	}
-	defer h.close()
+	cg := h.cg
+	defer func() {
+		h.close()
+		if err := cg.remove(); err != nil {
+			s.log.Warn("sandbox: removing cgroup", "cgroup", cg.name, "err", err)
+		}
+	}()
 	kill := func() {
 		_ = h.cmd.Process.Kill()
 		cg.kill()
 	}
 
 	// The helper waits for its spec before doing anything for the action,
-	// so it is in every cgroup before the command can start.
-	if err := cg.add(h.cmd.Process.Pid); err != nil {
+	// so it is under every limit before the command can start.
+	if err := s.cgroups.limit(cg, spec.Limits, h.cmd.Process.Pid); err != nil {
 		kill()
 		<-h.done
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -393,6 +389,7 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 // helper is a started sandbox helper waiting for its spec: PID 1 of its
 // own namespaces, past exec and the Go runtime's start.
 type helper struct {
+	cg     *runCgroup // the run's cgroups; the helper was cloned into its v2 one
 	cmd    *exec.Cmd
 	spec   *os.File   // our end of the spec socket
 	status *os.File   // read end of the status pipe
@@ -403,6 +400,19 @@ type helper struct {
 // while it waits (see sandboxinit.PrestartEnv) and must get the execroot
 // as a descriptor.
 func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
+	cg, err := s.cgroups.newRun("actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10))
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	h, err := s.startHelperIn(cg, prestarted)
+	if err != nil {
+		cg.remove()
+		return nil, err
+	}
+	return h, nil
+}
+
+func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error) {
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -427,6 +437,7 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 		env = append(env, sandboxinit.PrestartEnv+"=1")
 	}
 	h := &helper{
+		cg: cg,
 		cmd: &exec.Cmd{
 			Path: "/proc/self/exe",
 			Args: []string{sandboxinit.Argv0},
@@ -445,6 +456,10 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 		spec:   specOurs,
 		status: statusR,
 		done:   make(chan error, 1),
+	}
+	if cg.v2fd >= 0 {
+		h.cmd.SysProcAttr.UseCgroupFD = true
+		h.cmd.SysProcAttr.CgroupFD = cg.v2fd
 	}
 	started := make(chan error, 1)
 	go func() {
@@ -488,11 +503,12 @@ func (h *helper) close() {
 	h.status.Close()
 }
 
-// kill ends an unused helper and waits for it.
+// kill ends an unused helper, waits for it and removes its cgroups.
 func (h *helper) kill() {
 	_ = h.cmd.Process.Kill()
 	<-h.done
 	h.close()
+	h.cg.remove()
 }
 
 // takeHelper returns a prestarted helper, or nil when none is ready, and
