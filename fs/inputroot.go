@@ -177,6 +177,9 @@ func (r *InputRoot) refillLocked() {
 			r.mu.Unlock()
 			id := r.nextID()
 			m, err := r.mount(context.Background(), cas.EmptyDigest, filepath.Join(r.stateDir, "mnt", id), id, MountOptions{})
+			if m != nil {
+				m.spare = true // its mount point is its own: Unmount removes it
+			}
 			r.mu.Lock()
 			if err != nil {
 				r.log.Warn("actiondfs: cannot make spare mounts; mounting on demand", "err", err)
@@ -186,7 +189,6 @@ func (r *InputRoot) refillLocked() {
 				m.Unmount()
 				r.mu.Lock()
 			} else {
-				m.spare = true
 				r.spares = append(r.spares, m)
 			}
 			r.mu.Unlock()
