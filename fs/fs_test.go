@@ -673,9 +673,9 @@ func TestSpareMounts(t *testing.T) {
 	waitSpares := func(want int) {
 		t.Helper()
 		deadline := time.Now().Add(10 * time.Second)
-		for mountsUnder(mntDir) != want {
+		for e.root.SpareMounts() != want || mountsUnder(mntDir) != want {
 			if time.Now().After(deadline) {
-				t.Fatalf("%d mounts under %s, want %d spares", mountsUnder(mntDir), mntDir, want)
+				t.Fatalf("%d spares ready, %d mounts under %s; want %d spares", e.root.SpareMounts(), mountsUnder(mntDir), mntDir, want)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
