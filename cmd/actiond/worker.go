@@ -145,6 +145,7 @@ func runWorker(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer exe.Wait() // stages are removed after responses; before the input root closes
 	w, err := worker.New(worker.Options{
 		Scheduler:          rwpb.NewOperationQueueClient(schedConn),
 		Executor:           exe,

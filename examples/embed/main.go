@@ -66,6 +66,7 @@ func run(ctx context.Context, script string) error {
 	if err != nil {
 		return err
 	}
+	defer ex.Wait() // finished actions' stages are removed in the background
 
 	// What a REAPI client would upload: Command, input root, Action.
 	put := func(m proto.Message) (cas.Digest, error) {

@@ -73,6 +73,7 @@ func run(schedAddr, casAddr, root string) error {
 	if err != nil {
 		return err
 	}
+	defer ex.Wait() // finished actions' stages are removed in the background
 	w, err := worker.New(worker.Options{
 		Scheduler: rwpb.NewOperationQueueClient(schedConn),
 		Executor:  ex,
