@@ -17,6 +17,7 @@ import (
 
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/mountinfo"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/jacobsa/fuse"
 	"golang.org/x/sys/unix"
@@ -620,15 +621,15 @@ func (r *InputRoot) Close() error {
 // below the state dir. Deepest first, lazily (a dead FUSE server cannot
 // answer anything).
 func (r *InputRoot) removeStale() error {
-	ents, err := readMountinfo()
+	ents, err := mountinfo.Read()
 	if err != nil {
-		return err
+		return fmt.Errorf("actiondfs: %w", err)
 	}
 	var stale []string
 	for _, e := range ents {
-		below := strings.HasPrefix(e.point, r.stateDir+"/") && (e.fstype == "fuse.actiondfs" || e.fstype == "overlay")
-		if below || e.source == r.fuseTag || e.source == r.overlayTag {
-			stale = append(stale, e.point)
+		below := strings.HasPrefix(e.Point, r.stateDir+"/") && (e.FSType == "fuse.actiondfs" || e.FSType == "overlay")
+		if below || e.Source == r.fuseTag || e.Source == r.overlayTag {
+			stale = append(stale, e.Point)
 		}
 	}
 	// Longer paths first: children before the mounts they sit on.
@@ -647,51 +648,6 @@ func (r *InputRoot) removeStale() error {
 		r.log.Info("actiondfs: removed a stale mount from an earlier run", "dir", p)
 	}
 	return nil
-}
-
-type mountEntry struct{ point, fstype, source string }
-
-// readMountinfo parses /proc/self/mountinfo.
-func readMountinfo() ([]mountEntry, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("actiondfs: %w", err)
-	}
-	var out []mountEntry
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Split(line, " ")
-		sep := -1
-		for i := 6; i < len(f); i++ {
-			if f[i] == "-" {
-				sep = i
-				break
-			}
-		}
-		if len(f) < 5 || sep < 0 || sep+2 >= len(f) {
-			continue
-		}
-		out = append(out, mountEntry{point: unescapeMount(f[4]), fstype: f[sep+1], source: unescapeMount(f[sep+2])})
-	}
-	return out, nil
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space, ...).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 var (

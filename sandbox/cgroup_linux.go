@@ -1,8 +1,6 @@
 package sandbox
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -18,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/mountinfo"
 )
 
 // limitControllers are the cgroup controllers behind executor.Limits.
@@ -363,20 +362,20 @@ func (m cgroupMount) dir(path string) string {
 // cgroupMounts finds the cgroup v2 mount and the v1 mounts of the limit
 // controllers in /proc/self/mountinfo.
 func cgroupMounts() (v2 *cgroupMount, v1 map[string]cgroupMount, err error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return nil, nil, err
 	}
 	v1 = map[string]cgroupMount{}
-	for _, mi := range parseMountinfo(data) {
-		m := cgroupMount{mountpoint: mi.mountpoint, root: mi.root}
-		switch mi.fstype {
+	for _, mi := range mounts {
+		m := cgroupMount{mountpoint: mi.Point, root: mi.Root}
+		switch mi.FSType {
 		case "cgroup2":
 			if v2 == nil {
 				v2 = &m
 			}
 		case "cgroup":
-			for _, opt := range strings.Split(mi.superOptions, ",") {
+			for _, opt := range strings.Split(mi.SuperOptions, ",") {
 				if _, seen := v1[opt]; !seen && slices.Contains(limitControllers, opt) {
 					v1[opt] = m
 				}
@@ -408,52 +407,6 @@ func ownCgroups() (map[string]string, error) {
 		}
 	}
 	return own, nil
-}
-
-// mountInfo is one line of /proc/self/mountinfo.
-type mountInfo struct {
-	root, mountpoint, fstype, source, superOptions string
-}
-
-func parseMountinfo(data []byte) []mountInfo {
-	var out []mountInfo
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		sep := slices.Index(f, "-")
-		if sep < 6 || len(f) < sep+4 {
-			continue
-		}
-		out = append(out, mountInfo{
-			root:         unescapeMountinfo(f[3]),
-			mountpoint:   unescapeMountinfo(f[4]),
-			fstype:       f[sep+1],
-			source:       unescapeMountinfo(f[sep+2]),
-			superOptions: f[sep+3],
-		})
-	}
-	return out
-}
-
-// unescapeMountinfo decodes the \ooo escapes mountinfo uses for spaces,
-// tabs, newlines and backslashes.
-func unescapeMountinfo(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // keyedValue returns the value of key in a "key value" per line file, or -1.

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/internal/mountinfo"
 )
 
 // imageSuffix marks runtime images in LoadRuntimes' image directory.
@@ -95,13 +97,13 @@ func MountImage(image, dir string) error {
 
 // mountSource returns the source of the topmost mount on dir.
 func mountSource(dir string) (source string, mounted bool, err error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return "", false, err
 	}
-	for _, mi := range parseMountinfo(data) {
-		if mi.mountpoint == dir {
-			source, mounted = mi.source, true // later lines are mounted on top
+	for _, mi := range mounts {
+		if mi.Point == dir {
+			source, mounted = mi.Source, true // later lines are mounted on top
 		}
 	}
 	return source, mounted, nil

@@ -23,22 +23,8 @@ func TestFormatBytes(t *testing.T) {
 	}
 }
 
-func TestParseMountinfo(t *testing.T) {
-	const data = `35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-41 31 0:38 /sub /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
-44 27 7:2 / /mnt/with\040space ro,nosuid - squashfs /dev/loop2 ro
-`
-	got := parseMountinfo([]byte(data))
-	if len(got) != 3 {
-		t.Fatalf("parsed %d entries", len(got))
-	}
-	if got[1].fstype != "cgroup2" || got[1].root != "/sub" || got[1].mountpoint != "/sys/fs/cgroup/unified" {
-		t.Errorf("optional fields mishandled: %+v", got[1])
-	}
-	if got[2].mountpoint != "/mnt/with space" || got[2].source != "/dev/loop2" {
-		t.Errorf("escapes mishandled: %+v", got[2])
-	}
-	m := cgroupMount{mountpoint: got[1].mountpoint, root: got[1].root}
+func TestCgroupMountDir(t *testing.T) {
+	m := cgroupMount{mountpoint: "/sys/fs/cgroup/unified", root: "/sub"}
 	if dir := m.dir("/sub/actiond.service"); dir != "/sys/fs/cgroup/unified/actiond.service" {
 		t.Errorf("cgroup dir = %s", dir)
 	}

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/actiond/actiond/internal/mountinfo"
 )
 
 // Argv0 is the argv[0] under which a binary linking this package acts as
@@ -226,19 +228,14 @@ func prepare() error {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
 	}
-	data, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read()
 	if err != nil {
 		return err
 	}
 	var points []string
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		sep := slices.Index(f, "-")
-		if sep < 0 || sep+2 >= len(f) || len(f) < 5 {
-			continue
-		}
-		if f[sep+1] == "fuse.actiondfs" || strings.HasPrefix(f[sep+2], "actiondfs") {
-			points = append(points, unescapeMountPoint(f[4]))
+	for _, m := range mounts {
+		if m.FSType == "fuse.actiondfs" || strings.HasPrefix(m.Source, "actiondfs") {
+			points = append(points, m.Point)
 		}
 	}
 	// Deepest first: an overlay may sit below another mount's point.
@@ -249,25 +246,6 @@ func prepare() error {
 		}
 	}
 	return nil
-}
-
-// unescapeMountPoint undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMountPoint(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // readSpec reads the parent's first byte with the descriptors it carries,
