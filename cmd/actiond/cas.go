@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -36,6 +38,50 @@ func runCAS(args []string) error {
 	return casUsage()
 }
 
+// offlineRoot is what the commands working on a root that no server is
+// using (cas verify, cas gc, stats) share: --root, --log-level, and the
+// root's lock.
+type offlineRoot struct {
+	fs             *flag.FlagSet
+	root, logLevel *string
+}
+
+// newOfflineRoot makes the flag set of command name; purpose completes
+// "actiond root to ..." in --root's help.
+func newOfflineRoot(name, purpose, defaultLevel string) *offlineRoot {
+	fs := newFlagSet(name)
+	return &offlineRoot{
+		fs:       fs,
+		root:     fs.String("root", defaultRoot(), "actiond root to "+purpose+" (not in use by a server)"),
+		logLevel: fs.String("log-level", defaultLevel, "log level: debug, info, warn, error"),
+	}
+}
+
+// open parses args, runs check (if any) on the parsed flags, and returns
+// the logger and the unlock function of the root's lock.
+func (o *offlineRoot) open(args []string, check func() error) (*slog.Logger, func() error, error) {
+	if err := o.fs.Parse(args); err != nil {
+		return nil, nil, err
+	}
+	if o.fs.NArg() > 0 {
+		return nil, nil, fmt.Errorf("unexpected arguments %q", o.fs.Args())
+	}
+	if check != nil {
+		if err := check(); err != nil {
+			return nil, nil, err
+		}
+	}
+	log, err := newLogger(*o.logLevel)
+	if err != nil {
+		return nil, nil, err
+	}
+	unlock, err := lockExistingRoot(*o.root)
+	if err != nil {
+		return nil, nil, err
+	}
+	return log, unlock, nil
+}
+
 // lockExistingRoot takes the root's lock, refusing a root that does not
 // exist (a typo should not create one).
 func lockExistingRoot(root string) (func() error, error) {
@@ -50,20 +96,9 @@ func lockExistingRoot(root string) (func() error, error) {
 }
 
 func runCASVerify(args []string) error {
-	fs := newFlagSet("cas verify")
-	root := fs.String("root", defaultRoot(), "actiond root to verify (not in use by a server)")
-	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	log, err := newLogger(*logLevel)
-	if err != nil {
-		return err
-	}
-	unlock, err := lockExistingRoot(*root)
+	o := newOfflineRoot("cas verify", "verify", "info")
+	root := o.root
+	log, unlock, err := o.open(args, nil)
 	if err != nil {
 		return err
 	}
@@ -94,25 +129,16 @@ func runCASVerify(args []string) error {
 }
 
 func runCASGC(args []string) error {
-	fs := newFlagSet("cas gc")
-	root := fs.String("root", defaultRoot(), "actiond root to shrink (not in use by a server)")
+	o := newOfflineRoot("cas gc", "shrink", "info")
+	root := o.root
 	var maxSize int64
-	fs.Var(sizeFlag{&maxSize}, "max-size", "evict least recently used blobs until the CAS is at most this size (e.g. 10G; required)")
-	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	if maxSize <= 0 {
-		return errors.New("--max-size is required (e.g. --max-size=10G)")
-	}
-	log, err := newLogger(*logLevel)
-	if err != nil {
-		return err
-	}
-	unlock, err := lockExistingRoot(*root)
+	o.fs.Var(sizeFlag{&maxSize}, "max-size", "evict least recently used blobs until the CAS is at most this size (e.g. 10G; required)")
+	log, unlock, err := o.open(args, func() error {
+		if maxSize <= 0 {
+			return errors.New("--max-size is required (e.g. --max-size=10G)")
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}

@@ -14,20 +14,9 @@ import (
 // are counted per server run and not persisted; a running server shows
 // them on its --http status page and metrics.
 func runStats(args []string) error {
-	fs := newFlagSet("stats")
-	root := fs.String("root", defaultRoot(), "actiond root to describe (not in use by a server)")
-	logLevel := fs.String("log-level", "warn", "log level: debug, info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	log, err := newLogger(*logLevel)
-	if err != nil {
-		return err
-	}
-	unlock, err := lockExistingRoot(*root)
+	o := newOfflineRoot("stats", "describe", "warn")
+	root := o.root
+	log, unlock, err := o.open(args, nil)
 	if err != nil {
 		return err
 	}
