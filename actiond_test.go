@@ -334,9 +334,7 @@ func startActiond(t *testing.T, bin, root string) *process {
 // that every blob it reports present reads back with the right hash, that
 // every upload it acknowledged survived, and that tmp/ was cleaned up.
 func TestKill9DuringUploads(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the actiond binary")
-	}
+	testutil.SkipIfShort(t, "builds and runs the actiond binary")
 	bin := buildActiond(t)
 	root := t.TempDir()
 	p := startActiond(t, bin, root)

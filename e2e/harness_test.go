@@ -103,9 +103,7 @@ func bazelPath() string {
 // available, and skips it under -short (a Bazel test takes a minute).
 func RequireBazel(t testing.TB) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("skipping the Bazel end-to-end test in -short mode")
-	}
+	testutil.SkipIfShort(t, "a Bazel end-to-end test takes a minute")
 	_, err := exec.LookPath(bazelPath())
 	testutil.Require(t, err == nil, fmt.Sprintf("%s not on PATH (Debian: apt-get install bazel-bootstrap)", bazelPath()))
 }

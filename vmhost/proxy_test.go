@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // backend is a real TCP server standing in for the guest.
@@ -189,9 +191,7 @@ func TestProxyManyConcurrentStreams(t *testing.T) {
 }
 
 func TestProxyLargeTransfer(t *testing.T) {
-	if testing.Short() {
-		t.Skip("moves 512 MiB")
-	}
+	testutil.SkipIfShort(t, "moves 512 MiB")
 	const size = 256 << 20
 	sum := make(chan [32]byte, 1)
 	addr := backend(t, func(c *net.TCPConn) {

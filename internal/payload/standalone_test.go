@@ -40,9 +40,7 @@ import (
 //   - as root: serve with no runtime directory mounts the embedded
 //     runtimes disk and offers its runtimes, and unmounts it on SIGTERM.
 func TestStandaloneBinary(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds a ~200 MB binary: skipped in -short mode")
-	}
+	testutil.SkipIfShort(t, "builds a ~200 MB binary")
 	arch := runtime.GOARCH
 	payloadDir := vmhost.DefaultPayloadDir(arch)
 	p, err := vmhost.FindPayload(payloadDir, arch)

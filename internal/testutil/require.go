@@ -30,3 +30,16 @@ func RequireRoot(t testing.TB) {
 	t.Helper()
 	Require(t, os.Geteuid() == 0, "needs root")
 }
+
+// SkipIfShort skips a long test under -short, saying why; under CI (see
+// RequireAll) -short is refused instead, since it would skip what CI must run.
+func SkipIfShort(t testing.TB, why string) {
+	t.Helper()
+	if !testing.Short() {
+		return
+	}
+	if RequireAll() {
+		t.Fatalf("-short under CI would skip this test (%s): run the suite without -short", why)
+	}
+	t.Skipf("skipped in -short mode: %s", why)
+}

@@ -3,14 +3,14 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // TestDarwinBuild type-checks the macOS build of the command and the VM host
 // packages, so that `go test ./...` on Linux catches a broken darwin build.
 func TestDarwinBuild(t *testing.T) {
-	if testing.Short() {
-		t.Skip("loads and type-checks the darwin build (~10s)")
-	}
+	testutil.SkipIfShort(t, "loads and type-checks the darwin build (~10s)")
 	errs, checked, ignored, err := check(DefaultPatterns, "arm64", false)
 	if err != nil {
 		t.Fatal(err)
@@ -31,9 +31,7 @@ func TestDarwinBuild(t *testing.T) {
 // TestCheckReportsErrors proves the filter does not hide this module's
 // errors: the guest init is Linux-only, so its darwin build must fail.
 func TestCheckReportsErrors(t *testing.T) {
-	if testing.Short() {
-		t.Skip("loads and type-checks the darwin build")
-	}
+	testutil.SkipIfShort(t, "loads and type-checks the darwin build")
 	errs, _, _, err := check([]string{"github.com/actiond/actiond/tools/darwincheck/testdata/broken"}, "arm64", false)
 	if err != nil {
 		t.Fatal(err)

@@ -31,9 +31,7 @@ import (
 // default cache directory, or uses ACTIOND_VM_PAYLOAD_<ARCH> if set.
 func payloadForTest(t *testing.T, arch string) (string, *Manifest) {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("boots a VM under emulation (tens of seconds); skipped with -short")
-	}
+	testutil.SkipIfShort(t, "boots a VM under emulation (tens of seconds)")
 	testutil.RequireRoot(t)
 	_, err := exec.LookPath(qemuBinary[arch])
 	pkg := map[string]string{"amd64": "qemu-system-x86", "arm64": "qemu-system-arm"}[arch]

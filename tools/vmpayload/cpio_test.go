@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // readNewc parses a newc archive (for tests): path → (mode, data, rdev).
@@ -99,9 +101,8 @@ func TestWriteCpio(t *testing.T) {
 
 // TestWriteCpioGNU cross-checks the archive with GNU cpio, when installed.
 func TestWriteCpioGNU(t *testing.T) {
-	if _, err := exec.LookPath("cpio"); err != nil {
-		t.Skip("cpio not installed")
-	}
+	_, err := exec.LookPath("cpio")
+	testutil.Require(t, err == nil, "GNU cpio not installed (Debian: apt-get install cpio)")
 	var buf bytes.Buffer
 	if err := writeCpio(&buf, []entry{
 		{Path: "/init", Mode: 0o755, Data: []byte("#!/bin/sh\n")},
