@@ -250,11 +250,8 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 		if overlayErr != nil {
 			return r.stageCopy(ctx, tree, dir)
 		}
-	}
-	if !opts.MutatesInputs {
-		if m := r.takeSpare(tree.Root, tree.Dirs); m != nil {
-			return &executor.StagedRoot{Dir: m.dir, Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}, nil
-		}
+	} else if m := r.takeSpare(tree.Root, tree.Dirs); m != nil {
+		return m.staged(), nil
 	}
 	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs, Writable: opts.MutatesInputs})
 	var oe *overlayError
@@ -270,11 +267,17 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 	if err != nil {
 		return nil, err
 	}
-	staged := &executor.StagedRoot{Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}
-	if m.dir != dir {
-		staged.Dir = m.dir
+	return m.staged(), nil
+}
+
+// staged describes m to the executor; a spare is not where it was asked
+// for, so its directory is named.
+func (m *Mount) staged() *executor.StagedRoot {
+	s := &executor.StagedRoot{Cleanup: m.Unmount, SelfProtected: true, OutputPath: m.OutputPath, Report: m.Report}
+	if m.spare {
+		s.Dir = m.dir
 	}
-	return staged, nil
+	return s
 }
 
 func (r *InputRoot) stageCopy(ctx context.Context, tree *executor.InputTree, dir string) (*executor.StagedRoot, error) {
