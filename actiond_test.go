@@ -291,12 +291,7 @@ type process struct {
 // startActiond runs `actiond serve` on root and waits until it is healthy.
 func startActiond(t *testing.T, bin, root string) *process {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeAddr(t)
 	p := &process{stderr: &bytes.Buffer{}}
 	// --no-exec: this is about storage; execution would mount runtimes.
 	p.cmd = exec.Command(bin, "serve", "--listen", addr, "--root", root, "--log-level", "warn", "--no-exec")
@@ -315,15 +310,34 @@ func startActiond(t *testing.T, bin, root string) *process {
 	}
 	t.Cleanup(func() { conn.Close() })
 	p.c = newClients(conn)
+	waitHealthy(t, p.c, p.stderr)
+	return p
+}
+
+// freeAddr returns a loopback address with a port nothing listens on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// waitHealthy waits until the server behind c reports SERVING; log is the
+// server's output, shown if it never does.
+func waitHealthy(t *testing.T, c *clients, log fmt.Stringer) {
+	t.Helper()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		ctx, cancel := context.WithTimeout(bg, time.Second)
-		resp, err := p.c.health.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+		resp, err := c.health.Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
 		cancel()
 		if err == nil && resp.Status == healthpb.HealthCheckResponse_SERVING {
-			return p
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("actiond did not become healthy: %v\n%s", err, p.stderr)
+			t.Fatalf("actiond did not become healthy: %v\n%s", err, log)
 		}
 	}
 }

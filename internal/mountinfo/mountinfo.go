@@ -19,6 +19,35 @@ type Entry struct {
 	FSType       string // e.g. "fuse.actiondfs", "cgroup2"
 	Source       string // e.g. "/dev/loop2"
 	SuperOptions string // the file system's options, e.g. "rw,memory"
+	// Propagation holds the optional fields, e.g. "shared:1" or "master:3";
+	// none for a private mount.
+	Propagation []string
+}
+
+// Shared reports whether the mount is in a peer group (mounts and unmounts
+// under it propagate to its peers).
+func (e Entry) Shared() bool {
+	for _, f := range e.Propagation {
+		if strings.HasPrefix(f, "shared:") {
+			return true
+		}
+	}
+	return false
+}
+
+// RootShared reports whether / has shared propagation in the calling
+// process's mount namespace, as on every systemd host.
+func RootShared() (bool, error) {
+	entries, err := Read()
+	if err != nil {
+		return false, err
+	}
+	for i := len(entries) - 1; i >= 0; i-- { // the topmost mount on /
+		if entries[i].Point == "/" {
+			return entries[i].Shared(), nil
+		}
+	}
+	return false, nil
 }
 
 // Read parses the calling process's /proc/self/mountinfo.
@@ -49,6 +78,7 @@ func Parse(data []byte) []Entry {
 			FSType:       f[sep+1],
 			Source:       Unescape(f[sep+2]),
 			SuperOptions: f[sep+3],
+			Propagation:  slices.Clone(f[6:sep]),
 		})
 	}
 	return out

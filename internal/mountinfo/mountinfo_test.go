@@ -19,6 +19,9 @@ broken line
 	if got[1].FSType != "cgroup2" || got[1].Root != "/sub" || got[1].Point != "/sys/fs/cgroup/unified" {
 		t.Errorf("optional fields mishandled: %+v", got[1])
 	}
+	if !got[1].Shared() || got[0].Shared() || got[2].Shared() {
+		t.Errorf("propagation: entry 1 %v shared=%v, entry 0 %v shared=%v", got[1].Propagation, got[1].Shared(), got[0].Propagation, got[0].Shared())
+	}
 	if got[2].Point != "/mnt/with space" || got[2].Source != "/dev/loop2" {
 		t.Errorf("escapes mishandled: %+v", got[2])
 	}

@@ -52,10 +52,9 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 		if err := os.Mkdir(runtimeStage, 0o700); err != nil {
 			return err
 		}
-		if err := unix.MoveMount(trees.runtime, "", unix.AT_FDCWD, runtimeStage, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
-			return fmt.Errorf("runtime %q: move its tree: %w", spec.Runtime.Name, err)
+		if err := attachTree(trees.runtime, runtimeStage); err != nil {
+			return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
 		}
-		unix.Close(trees.runtime)
 		spec.Runtime.Root = runtimeStage
 	}
 	steps := []func() error{
@@ -91,6 +90,26 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 
 // treeFDs are detached mount trees from the parent, or -1.
 type treeFDs struct{ execRoot, runtime int }
+
+// attachTree moves the detached mount tree fd (from open_tree(2) in the
+// parent) to dst and makes every mount in it private, then closes fd.
+//
+// An OPEN_TREE_CLONE copy of a mount that is shared on the host (on a
+// systemd host / is rshared, so an actiondfs execroot mounted under it is
+// too) joins the host mount's peer group. Left so, the binds made onto it
+// next (writable directories) would propagate back to the host, leaking a
+// mount per action and keeping its FUSE server alive. Making / private
+// earlier does not reach it: the tree arrives afterwards.
+func attachTree(fd int, dst string) error {
+	defer unix.Close(fd)
+	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move its tree to %s: %w", dst, err)
+	}
+	if err := unix.Mount("", dst, "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making %s private: %w", dst, err)
+	}
+	return nil
+}
 
 // mountRuntime exposes the runtime's system directories in root.
 func mountRuntime(root string, spec *Spec) error {
@@ -202,10 +221,9 @@ func mountExecRoot(root string, spec *Spec, execRootFD int) error {
 	}
 	src := spec.ExecRoot
 	if execRootFD >= 0 {
-		if err := unix.MoveMount(execRootFD, "", unix.AT_FDCWD, dst, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
-			return fmt.Errorf("move the execroot to %s: %w", dst, err)
+		if err := attachTree(execRootFD, dst); err != nil {
+			return fmt.Errorf("execroot: %w", err)
 		}
-		unix.Close(execRootFD)
 		if err := setAttr(dst, true, attr); err != nil {
 			return err
 		}
