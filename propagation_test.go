@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
-	"github.com/actiond/actiond/internal/mountinfo"
 	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
@@ -69,12 +68,12 @@ func TestNoMountsLeakUnderSharedRoot(t *testing.T) {
 		run(i)
 	}
 	time.Sleep(500 * time.Millisecond) // background stage cleanup and spare refill
-	after := mountsUnder(t, root)
+	after := testutil.MountsUnder(t, root)
 	for i := warm; i < warm+more; i++ {
 		run(i)
 	}
 	time.Sleep(500 * time.Millisecond)
-	if later := mountsUnder(t, root); len(later) > len(after) {
+	if later := testutil.MountsUnder(t, root); len(later) > len(after) {
 		t.Errorf("mounts under --root grew from %d after %d actions to %d after %d: %s", len(after), warm, len(later), warm+more, strings.Join(later, ", "))
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
@@ -83,7 +82,7 @@ func TestNoMountsLeakUnderSharedRoot(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("serve after SIGTERM: %v\n%s", err, stderr.String())
 	}
-	if left := mountsUnder(t, root); len(left) != 0 {
+	if left := testutil.MountsUnder(t, root); len(left) != 0 {
 		t.Errorf("%d mounts remain under --root after a clean stop: %s", len(left), strings.Join(left, ", "))
 	}
 	if strings.Contains(stderr.String(), "did not stop after unmount") {
@@ -104,22 +103,6 @@ func fuseWorks() bool {
 	}
 	f.Close()
 	return true
-}
-
-// mountsUnder lists the mount points at or below dir.
-func mountsUnder(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := mountinfo.Read()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, e := range entries {
-		if e.Point == dir || strings.HasPrefix(e.Point, dir+"/") {
-			out = append(out, e.Point)
-		}
-	}
-	return out
 }
 
 // uploadAction stores a Command, an empty input root and an Action and

@@ -21,14 +21,7 @@ func TestPrestartedHelpersSeeLaterMounts(t *testing.T) {
 	sb := newSandbox(t)
 	time.Sleep(200 * time.Millisecond) // let the spares start
 	for i := range 4 {
-		root := filepath.Join(t.TempDir(), "execroot")
-		if err := os.Mkdir(root, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := unix.Mount("tmpfs", root, "tmpfs", 0, "mode=0755"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { unix.Unmount(root, unix.MNT_DETACH) })
+		root := mountedExecRoot(t)
 		if err := os.Mkdir(filepath.Join(root, "out"), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -53,4 +46,19 @@ func TestPrestartedHelpersSeeLaterMounts(t *testing.T) {
 			}
 		}
 	}
+}
+
+// mountedExecRoot makes an empty execroot that is a mount of its own (a
+// tmpfs, unmounted when the test ends), as actiondfs execroots are.
+func mountedExecRoot(t *testing.T) string {
+	t.Helper()
+	root := filepath.Join(t.TempDir(), "execroot")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", root, "tmpfs", 0, "mode=0755"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(root, unix.MNT_DETACH) })
+	return root
 }

@@ -59,3 +59,20 @@ func RunUnderSharedRoot(t *testing.T) bool {
 	}
 	return true
 }
+
+// MountsUnder lists the mount points at or below dir in the calling
+// process's mount namespace.
+func MountsUnder(t testing.TB, dir string) []string {
+	t.Helper()
+	entries, err := mountinfo.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		if e.Point == dir || strings.HasPrefix(e.Point, dir+"/") {
+			out = append(out, e.Point)
+		}
+	}
+	return out
+}
