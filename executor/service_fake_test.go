@@ -129,7 +129,7 @@ func TestIdleCancelNeverCancelsANewWatcher(t *testing.T) {
 		d := e.action(actionSpec{script: fmt.Sprintf("echo %d", i)})
 		ctx, cancel := context.WithCancel(context.Background())
 		e.firstOp(ctx, d)
-		cancel() // the first client goes away...
+		cancel()                                   // the first client goes away...
 		s, _ := e.firstOp(context.Background(), d) // ...as another asks for the same action
 		second = append(second, pending{s, i})
 	}
