@@ -99,10 +99,9 @@ func TestDoNotCacheActionsAreNotMerged(t *testing.T) {
 		t.Errorf("identical cacheable actions in flight were not merged: %s and %s", name3, name4)
 	}
 	close(release)
-	for i, s := range []repb.Execution_ExecuteClient{s1, s2, s3, s4} {
+	for _, s := range []repb.Execution_ExecuteClient{s1, s2, s3, s4} {
 		resp, _, err := drain(s)
 		mustOK(t, resp, err)
-		_ = i
 	}
 	if n := sb.Runs(); n != 3 {
 		t.Errorf("%d runs, want 3 (two do_not_cache, one merged)", n)
