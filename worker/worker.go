@@ -68,7 +68,7 @@ type Options struct {
 	// forever (default 10s). Outputs and the ActionCache entry are
 	// written before the report, so a result given up on is not lost.
 	DrainReportTimeout time.Duration
-	Logger      *slog.Logger
+	Logger             *slog.Logger
 }
 
 // Worker is a set of runners synchronizing with one scheduler.
