@@ -11,11 +11,12 @@ FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 60m
 export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
 
-# Debian packages the tests use, as "command:package".
-DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools \
+# Debian packages the tests use, as "command:package". makedeps_test.go
+# fails when the code or a test runs a program this list does not install.
+DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools unsquashfs:squashfs-tools \
             protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc wget:wget xz:xz-utils \
             qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm cpio:cpio \
-            unshare:util-linux setpriv:util-linux
+            unshare:util-linux setpriv:util-linux chromium:chromium
 
 .PHONY: all build test deps runtimes vm-payload vm-payloads standalone unit shared-root fuzz vet bench fmt
 

@@ -38,6 +38,18 @@ type Options struct {
 	Logger *slog.Logger
 	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
 	NoFsync bool
+	// WrapStore, if set, puts a store in front of the disk store that New
+	// opens under Root (while holding the root's lock): a farm worker's
+	// remote CAS with the disk as its read-through cache. The services and
+	// the executor use what it returns; Server.Store stays the disk store.
+	WrapStore func(local *cas.DiskStore) cas.Store
+	// Cache, if set, is the ActionCache instead of the bbolt file under Root.
+	Cache actioncache.Cache
+	// DrainTimeout bounds how long Close waits for running actions to
+	// finish when Stop has not drained them; then they are cancelled
+	// (default 30s). Close returns only after every action has ended, so
+	// nothing writes to the stores or the root once it returns.
+	DrainTimeout time.Duration
 
 	// Sandbox enables execution; nil serves a cache only.
 	Sandbox executor.Sandbox
@@ -62,13 +74,19 @@ type Options struct {
 
 // Server is a REAPI server over one root directory.
 type Server struct {
-	opts   Options
-	log    *slog.Logger
-	Store  *cas.DiskStore
-	Cache  *actioncache.BoltCache
-	cas    *cas.Service
-	ac     *actioncache.Service
-	health *health.Server
+	opts  Options
+	log   *slog.Logger
+	Store *cas.DiskStore
+	// Cache is the bbolt ActionCache; nil when Options.Cache replaced it.
+	Cache *actioncache.BoltCache
+	store cas.Store         // what the services and the executor use
+	cache actioncache.Cache // likewise
+	// drained is set by Stop once it has waited for the Execution
+	// service, so Close does not wait a second time.
+	drained bool
+	cas     *cas.Service
+	ac      *actioncache.Service
+	health  *health.Server
 	// Executor and Execution are nil when no sandbox is configured.
 	Executor  *executor.Executor
 	Execution *executor.Service
@@ -101,21 +119,30 @@ func New(opts Options) (*Server, error) {
 		unlock()
 		return nil, fmt.Errorf("open CAS: %w", err)
 	}
-	cache, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), store)
-	if err != nil {
-		unlock()
-		return nil, err
+	var used cas.Store = store
+	if opts.WrapStore != nil {
+		used = opts.WrapStore(store)
 	}
 	s := &Server{
 		opts:   opts,
 		log:    log,
 		Store:  store,
-		Cache:  cache,
-		cas:    cas.NewService(store, 0, log),
+		store:  used,
+		cache:  opts.Cache,
+		cas:    cas.NewService(used, 0, log),
 		health: health.NewServer(),
 	}
-	s.ac = actioncache.NewService(cache, store, true)
-	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil }, cache.Close)
+	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil })
+	if s.cache == nil {
+		bolt, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), used)
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		s.Cache, s.cache = bolt, bolt
+		s.closers = append(s.closers, bolt.Close)
+	}
+	s.ac = actioncache.NewService(s.cache, used, true)
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {
@@ -127,8 +154,8 @@ func New(opts Options) (*Server, error) {
 			inputRoot = r
 		}
 		ex, err := executor.New(executor.Options{
-			Store:          store,
-			Cache:          cache,
+			Store:          used,
+			Cache:          s.cache,
 			Sandbox:        opts.Sandbox,
 			InputRoot:      inputRoot,
 			StageDir:       filepath.Join(opts.Root, "cas", "stage"),
@@ -143,7 +170,7 @@ func New(opts Options) (*Server, error) {
 		}
 		s.Executor = ex
 		s.Execution = executor.NewService(ex, executor.ServiceOptions{Concurrency: opts.Concurrency})
-		s.closers = append(s.closers, func() error { s.Execution.Stop(); ex.Wait(); return nil })
+		s.closers = append(s.closers, func() error { s.stopExecution(); ex.Wait(); return nil })
 	}
 	return s, nil
 }
@@ -152,6 +179,14 @@ func New(opts Options) (*Server, error) {
 // before the executor is created: actiondfs clears stale mounts from a
 // crashed run, which must be gone before the stage directory is emptied.
 func (s *Server) builtinInputRoot(kind string) (executor.InputRoot, error) {
+	local, isLocal := s.store.(cas.LocalStore)
+	if !isLocal {
+		// Blobs are not local files: nothing to link or to serve from.
+		if kind == "fuse" || kind == "hardlink" {
+			return nil, fmt.Errorf("input root %s needs a store of local files (a cas.LocalStore); use copy", kind)
+		}
+		return executor.CopyInputRoot{Store: s.store}, nil
+	}
 	switch kind {
 	case "", "auto", "fuse":
 		if err := actiondfs.Available(); err != nil {
@@ -159,20 +194,38 @@ func (s *Server) builtinInputRoot(kind string) (executor.InputRoot, error) {
 				return nil, fmt.Errorf("input root fuse: %w", err)
 			}
 			s.log.Info("actiondfs unavailable; staging inputs with hardlinks", "reason", err)
-			return executor.LinkInputRoot{Store: s.Store}, nil
+			return executor.LinkInputRoot{Store: local}, nil
 		}
-		r, err := actiondfs.NewInputRoot(s.Store, filepath.Join(s.opts.Root, "cas", "fs"), actiondfs.WithLogger(s.log))
+		r, err := actiondfs.NewInputRoot(local, filepath.Join(s.opts.Root, "cas", "fs"), actiondfs.WithLogger(s.log))
 		if err != nil {
 			return nil, fmt.Errorf("start actiondfs: %w", err)
 		}
 		s.closers = append(s.closers, r.Close)
 		return r, nil
 	case "hardlink":
-		return executor.LinkInputRoot{Store: s.Store}, nil
+		return executor.LinkInputRoot{Store: local}, nil
 	case "copy":
-		return executor.CopyInputRoot{Store: s.Store}, nil
+		return executor.CopyInputRoot{Store: s.store}, nil
 	}
 	return nil, fmt.Errorf("input root %q: want auto, fuse, hardlink or copy", kind)
+}
+
+// stopExecution ends the Execution service before the stores close: it
+// waits up to DrainTimeout for running actions unless Stop already
+// drained, then cancels what is left and waits until it has ended.
+func (s *Server) stopExecution() {
+	if !s.drained {
+		timeout := s.opts.DrainTimeout
+		if timeout <= 0 {
+			timeout = 30 * time.Second
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		if !s.Execution.Drain(ctx) {
+			s.log.Warn("actions still running after the drain timeout; cancelling them", "timeout", timeout)
+		}
+	}
+	s.Execution.Stop()
 }
 
 // CASCounters are the CAS service's cumulative byte counts.
@@ -217,22 +270,31 @@ func (s *Server) Serve(l net.Listener) error {
 	return s.grpc.Serve(l)
 }
 
-// Stop drains: running RPCs finish (until ctx ends, then they are cut off).
+// Stop drains: running RPCs finish (until ctx ends, then they are cut
+// off), and so do executions nobody watches any more; new executions are
+// refused.
 func (s *Server) Stop(ctx context.Context) {
 	s.health.Shutdown()
-	if s.grpc == nil {
-		return
+	if s.grpc != nil {
+		done := make(chan struct{})
+		go func() { s.grpc.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			s.grpc.Stop()
+		}
 	}
-	done := make(chan struct{})
-	go func() { s.grpc.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		s.grpc.Stop()
+	if s.Execution != nil {
+		if !s.Execution.Drain(ctx) {
+			s.log.Warn("drain timeout: cancelling the actions still running")
+		}
+		s.drained = true
 	}
 }
 
-// Close releases the state; call after Stop.
+// Close releases the state; call after Stop. Running actions are
+// cancelled (after DrainTimeout if Stop did not drain) and have ended
+// before the stores close and the root's lock is released.
 func (s *Server) Close() error {
 	var first error
 	for i := len(s.closers) - 1; i >= 0; i-- {

@@ -32,6 +32,7 @@ type Service struct {
 	log          *slog.Logger
 	uploads      *uploads
 	stats        *Counters
+	walks        treeWalks // GetTree walks a page token can resume
 }
 
 // Counters are cumulative byte counts, for metrics.
@@ -355,15 +356,31 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 	if pageSize == 0 || pageSize > 10000 {
 		pageSize = 10000
 	}
-	// Walk breadth first; directories already seen are listed once.
-	queue := []Digest{root}
-	seen := map[Digest]bool{root: true}
+	// Walk breadth first; directories already seen are listed once. A
+	// page token is a position in the walk's order; a walk kept from an
+	// earlier request resumes there without reading what came before.
+	walk := s.walks.resume(root, start)
+	if walk == nil {
+		walk = &treeWalk{root: root, order: []Digest{root}}
+	}
+	seen := make(map[Digest]bool, len(walk.order))
+	for _, d := range walk.order {
+		seen[d] = true
+	}
+	idx := 0
+	if start <= walk.read {
+		idx = start
+	}
+	paged := false
+	defer func() {
+		if paged {
+			s.walks.keep(walk)
+		}
+	}()
 	var page []*repb.Directory
 	var pageBytes int
-	idx := 0
-	for len(queue) > 0 {
-		d := queue[0]
-		queue = queue[1:]
+	for ; idx < len(walk.order); idx++ {
+		d := walk.order[idx]
 		if d.Size > maxDirectorySize {
 			return status.Errorf(codes.InvalidArgument, "directory %s is larger than %d bytes; it cannot be a Directory message this server serves", d, maxDirectorySize)
 		}
@@ -373,6 +390,7 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 				if d == root {
 					return status.Errorf(codes.NotFound, "root directory %s is not in the CAS", d)
 				}
+				walk.read = max(walk.read, idx+1)
 				continue
 			}
 			return ToStatus(err)
@@ -388,11 +406,13 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 			}
 			if !seen[sd] {
 				seen[sd] = true
-				queue = append(queue, sd)
+				walk.order = append(walk.order, sd)
 			}
 		}
+		walk.read = max(walk.read, idx+1)
 		if idx >= start {
 			if len(page) > 0 && (len(page) >= pageSize || pageBytes+len(data) > maxTreePageBytes) {
+				paged = true
 				if err := stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: treePageToken + strconv.Itoa(idx)}); err != nil {
 					return err
 				}
@@ -401,7 +421,6 @@ func (s *Service) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressab
 			page = append(page, dir)
 			pageBytes += len(data) + 8
 		}
-		idx++
 	}
 	return stream.Send(&repb.GetTreeResponse{Directories: page})
 }

@@ -63,7 +63,10 @@ func RequireRuntimes(t testing.TB) string {
 // fuse, hardlink and copy (hardlink and copy are required).
 func InputRootStrategies(t testing.TB) (def string, strategies []string) {
 	t.Helper()
-	out, _ := exec.Command(actiondBinary(t), "serve", "-h").CombinedOutput() // -h exits non-zero
+	out, err := exec.Command(actiondBinary(t), "serve", "-h").CombinedOutput()
+	if err != nil {
+		t.Fatalf("actiond serve -h: %v (asking for the usage must exit 0)\n%s", err, out)
+	}
 	help := string(out)
 	i := strings.Index(help, "-input-root")
 	if i < 0 {

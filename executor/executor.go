@@ -291,6 +291,19 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 		// Until the input root is gone.
 		cleanups = append(cleanups, pinner.Pin(tree.Files))
 	}
+	if _, lazy := e.opts.InputRoot.(OptionsInputRoot); lazy {
+		// A lazy root (actiondfs) reads blobs when the command opens
+		// them: a blob evicted between LoadInputTree's check and the pin
+		// would be an I/O error in the command, not MISSING for the
+		// client to upload again. Eager roots find out while staging.
+		m, err := e.opts.Store.FindMissing(ctx, tree.Files)
+		if err != nil {
+			return nil, fmt.Errorf("check pinned input blobs: %w", err)
+		}
+		if len(m) > 0 {
+			return nil, &MissingBlobsError{Digests: m}
+		}
+	}
 	if _, err := tree.lookupDir(wd); err != nil {
 		return nil, err
 	}
@@ -433,6 +446,17 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	e.log.Debug("action done", "action", req.ActionDigest.String(), "exit", run.ExitCode,
 		"runtime", plat.Runtime, "inputs", tree.FileCount, "wall", run.Wall)
 	return resp, nil
+}
+
+// doNotCache reports whether the Action stored under d says do_not_cache.
+// An Action that cannot be read says nothing: its execution fails the
+// same way for every client.
+func (e *Executor) doNotCache(ctx context.Context, d cas.Digest) bool {
+	a := &repb.Action{}
+	if err := e.loadProto(ctx, d, a, "Action"); err != nil {
+		return false
+	}
+	return a.DoNotCache
 }
 
 func (e *Executor) serverLog(req Request, plat Platform, inputRoot string, tree *InputTree, run *RunResult) string {

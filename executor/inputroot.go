@@ -2,12 +2,15 @@ package executor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
+	"syscall"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -82,13 +85,61 @@ func (LinkInputRoot) Name() string { return "hardlink" }
 // Stage implements InputRoot.
 func (r LinkInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (func() error, error) {
 	err := materialise(ctx, tree, dir, func(d cas.Digest, exec bool, dst string) error {
+		if d.IsEmpty() {
+			// Created, not linked: linking would make every empty input
+			// of every concurrent action a name of one inode, and ext4
+			// refuses a 65,001st link. An empty file costs no copy.
+			return createInput(dst, exec, nil)
+		}
 		src, err := r.Store.BlobPath(d, exec)
 		if err != nil {
-			return err
+			return missingAsPrecondition(d, err)
 		}
-		return os.Link(src, dst)
+		err = os.Link(src, dst)
+		if errors.Is(err, syscall.EMLINK) {
+			// A blob more inputs name at once than the file system
+			// allows links (a common header in many actions): this
+			// input gets a copy.
+			f, oerr := os.Open(src)
+			if oerr != nil {
+				return missingAsPrecondition(d, oerr)
+			}
+			defer f.Close()
+			return createInput(dst, exec, f)
+		}
+		return err
 	})
 	return func() error { return nil }, err
+}
+
+// createInput creates the read-only input file dst with the bytes of src
+// (none when src is nil).
+func createInput(dst string, exec bool, src io.Reader) error {
+	mode := os.FileMode(0o444)
+	if exec {
+		mode = 0o555
+	}
+	f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return err
+	}
+	if src != nil {
+		if _, err := io.Copy(f, src); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	return f.Close()
+}
+
+// missingAsPrecondition reports a blob that went missing while staging
+// (evicted, or gone from a remote CAS) as MISSING, which makes the client
+// upload it again, rather than as NOT_FOUND or INTERNAL.
+func missingAsPrecondition(d cas.Digest, err error) error {
+	if errors.Is(err, cas.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
+		return &MissingBlobsError{Digests: []cas.Digest{d}}
+	}
+	return err
 }
 
 // CopyInputRoot copies every input file out of the CAS; for stores that are
@@ -101,25 +152,15 @@ func (CopyInputRoot) Name() string { return "copy" }
 // Stage implements InputRoot.
 func (r CopyInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (func() error, error) {
 	err := materialise(ctx, tree, dir, func(d cas.Digest, exec bool, dst string) error {
-		mode := os.FileMode(0o444)
-		if exec {
-			mode = 0o555
-		}
-		f, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
-		if err != nil {
-			return err
+		if d.IsEmpty() {
+			return createInput(dst, exec, nil)
 		}
 		src, err := r.Store.Get(ctx, d, 0)
 		if err != nil {
-			f.Close()
-			return err
+			return missingAsPrecondition(d, err)
 		}
 		defer src.Close()
-		if _, err := io.Copy(f, src); err != nil {
-			f.Close()
-			return err
-		}
-		return f.Close()
+		return createInput(dst, exec, src)
 	})
 	return func() error { return nil }, err
 }

@@ -45,6 +45,11 @@ type Service struct {
 	inflight map[cas.Digest]*operation
 	queued   int
 	running  int
+	draining bool // Drain or Stop was called: no new operations
+
+	// runs counts the goroutines executing operations, so that shutdown
+	// can wait for them before the stores they write to are closed.
+	runs sync.WaitGroup
 }
 
 // NewService returns the Execution service.
@@ -162,11 +167,14 @@ func (s *Service) Execute(req *repb.ExecuteRequest, stream repb.Execution_Execut
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "action_digest: %v", err)
 	}
-	op, err := s.start(d, req.SkipCacheLookup)
+	// REAPI: the in-flight executions of a do_not_cache Action "may not
+	// be merged"; skip_cache_lookup asks for a fresh execution too.
+	merge := !req.SkipCacheLookup && !s.ex.doNotCache(stream.Context(), d)
+	op, err := s.start(d, req.SkipCacheLookup, merge)
 	if err != nil {
 		return err
 	}
-	return s.watch(op, stream)
+	return s.watch(op, stream, true)
 }
 
 // WaitExecution implements the REAPI method.
@@ -177,7 +185,7 @@ func (s *Service) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Exec
 	if op == nil {
 		return status.Errorf(codes.NotFound, "operation %q is not known (finished operations are kept for %s)", req.Name, s.opts.Retain)
 	}
-	return s.watch(op, stream)
+	return s.watch(op, stream, false)
 }
 
 type opStream interface {
@@ -185,12 +193,21 @@ type opStream interface {
 	Context() context.Context
 }
 
-// start returns the operation running d, joining an identical one in flight.
-func (s *Service) start(d cas.Digest, skipCache bool) (*operation, error) {
+// start returns the operation running d, joining an identical one in
+// flight when merge is set. The caller is counted as a watcher of the
+// operation already, so an idle timer cannot cancel it between start and
+// watch.
+func (s *Service) start(d cas.Digest, skipCache, merge bool) (*operation, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !skipCache {
+	if s.draining {
+		return nil, status.Error(codes.Unavailable, "the server is shutting down; retry on another server or after it restarts")
+	}
+	if merge {
 		if op := s.inflight[d]; op != nil {
+			op.mu.Lock()
+			op.addWatcherLocked()
+			op.mu.Unlock()
 			return op, nil
 		}
 	}
@@ -198,15 +215,27 @@ func (s *Service) start(d cas.Digest, skipCache bool) (*operation, error) {
 		return nil, status.Errorf(codes.ResourceExhausted, "%d actions are already queued (limit %d); retry later", s.queued, s.opts.MaxQueue)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	op := &operation{name: newOperationName(), action: d, cancel: cancel, stage: repb.ExecutionStage_QUEUED, changed: make(chan struct{}), queuedAt: time.Now()}
+	op := &operation{name: newOperationName(), action: d, cancel: cancel, stage: repb.ExecutionStage_QUEUED, changed: make(chan struct{}), queuedAt: time.Now(), watchers: 1}
 	s.ops[op.name] = op
-	if !skipCache {
+	if merge {
 		s.inflight[d] = op
 	}
 	s.queued++
 	queuedAt := time.Now()
-	go s.run(ctx, op, skipCache, queuedAt)
+	s.runs.Add(1)
+	go func() {
+		defer s.runs.Done()
+		s.run(ctx, op, skipCache, queuedAt)
+	}()
 	return op, nil
+}
+
+func (op *operation) addWatcherLocked() {
+	op.watchers++
+	if op.idleT != nil {
+		op.idleT.Stop()
+		op.idleT = nil
+	}
 }
 
 func (s *Service) run(ctx context.Context, op *operation, skipCache bool, queuedAt time.Time) {
@@ -253,27 +282,19 @@ func (s *Service) run(ctx context.Context, op *operation, skipCache bool, queued
 }
 
 // watch streams op's updates until it is done or the client goes away. An
-// operation nobody watches for CancelGrace is cancelled.
-func (s *Service) watch(op *operation, stream opStream) error {
-	op.mu.Lock()
-	op.watchers++
-	if op.idleT != nil {
-		op.idleT.Stop()
-		op.idleT = nil
+// operation nobody watches for CancelGrace is cancelled. counted says the
+// caller is already counted as a watcher (start did it).
+func (s *Service) watch(op *operation, stream opStream, counted bool) error {
+	if !counted {
+		op.mu.Lock()
+		op.addWatcherLocked()
+		op.mu.Unlock()
 	}
-	op.mu.Unlock()
 	defer func() {
 		op.mu.Lock()
 		op.watchers--
 		if op.watchers == 0 && op.resp == nil {
-			op.idleT = time.AfterFunc(s.opts.CancelGrace, func() {
-				op.mu.Lock()
-				idle := op.watchers == 0
-				op.mu.Unlock()
-				if idle {
-					op.cancel()
-				}
-			})
+			op.idleT = time.AfterFunc(s.opts.CancelGrace, func() { s.cancelIfIdle(op) })
 		}
 		op.mu.Unlock()
 	}()
@@ -298,11 +319,51 @@ func (s *Service) watch(op *operation, stream opStream) error {
 	}
 }
 
-// Stop cancels every operation (used on shutdown after the drain timeout).
-func (s *Service) Stop() {
+// cancelIfIdle cancels op if still nobody watches it. It takes it out of
+// inflight in the same step, under both locks, so an Execute arriving
+// meanwhile either joins it before (and keeps it alive) or starts a new
+// operation: it never joins an operation that is being cancelled.
+func (s *Service) cancelIfIdle(op *operation) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	op.mu.Lock()
+	idle := op.watchers == 0 && op.resp == nil
+	op.mu.Unlock()
+	if !idle {
+		return
+	}
+	if s.inflight[op.action] == op {
+		delete(s.inflight, op.action)
+	}
+	op.cancel()
+}
+
+// Drain refuses new executions (UNAVAILABLE) and waits until the running
+// and queued ones have finished or ctx ends; it reports whether they all
+// finished.
+func (s *Service) Drain(ctx context.Context) bool {
+	s.mu.Lock()
+	s.draining = true
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.runs.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// Stop refuses new executions, cancels every operation and returns once
+// their goroutines have ended (the sandbox kills a cancelled command), so
+// nothing writes to the stores after Stop.
+func (s *Service) Stop() {
+	s.mu.Lock()
+	s.draining = true
 	for _, op := range s.ops {
 		op.cancel()
 	}
+	s.mu.Unlock()
+	s.runs.Wait()
 }

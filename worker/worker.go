@@ -62,7 +62,13 @@ type Options struct {
 	// MaxIdleWait caps how long an idle runner waits before synchronizing
 	// again when the scheduler returned no work (default 1 minute).
 	MaxIdleWait time.Duration
-	Logger      *slog.Logger
+	// DrainReportTimeout bounds, once Run's context is done, how long a
+	// runner keeps retrying a report the scheduler does not take: with
+	// the scheduler gone, a drained worker stops instead of retrying
+	// forever (default 10s). Outputs and the ActionCache entry are
+	// written before the report, so a result given up on is not lost.
+	DrainReportTimeout time.Duration
+	Logger             *slog.Logger
 }
 
 // Worker is a set of runners synchronizing with one scheduler.
@@ -87,6 +93,9 @@ func New(opts Options) (*Worker, error) {
 	}
 	if opts.MaxIdleWait <= 0 {
 		opts.MaxIdleWait = time.Minute
+	}
+	if opts.DrainReportTimeout <= 0 {
+		opts.DrainReportTimeout = 10 * time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -203,7 +212,7 @@ func (r *runner) run(drain context.Context) {
 
 // leave tells the scheduler, best effort, that this idle runner is going.
 func (r *runner) leave() {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), min(5*time.Second, r.w.opts.DrainReportTimeout))
 	defer cancel()
 	if _, err := r.w.opts.Scheduler.Synchronize(ctx, r.request(idleState, true)); err != nil {
 		r.log.Info("could not tell the scheduler this runner is leaving", "err", err)
@@ -280,6 +289,7 @@ func (r *runner) execute(drain context.Context, desired *rwpb.DesiredState_Execu
 	pending := []*rwpb.CurrentState{executingState(pd, executor.StageCacheCheck)}
 	current := pending[0]
 	var next time.Time
+	var failingSince time.Time // draining: when reports began to go unanswered
 	var result *repb.ExecuteResponse
 	for {
 		if len(pending) == 0 {
@@ -310,11 +320,36 @@ func (r *runner) execute(drain context.Context, desired *rwpb.DesiredState_Execu
 		state := pending[0]
 		completed := state.GetExecuting().GetCompleted() != nil
 		// Retry until the scheduler hears us; a drain does not stop the
-		// reporting of an action already running.
-		resp, err := r.sync(context.Background(), r.request(state, drain.Err() != nil && completed))
+		// reporting of an action already running. But once draining, a
+		// scheduler that does not answer for DrainReportTimeout is taken
+		// as gone: the report is given up, so the worker can stop.
+		rctx, rcancel := context.Background(), context.CancelFunc(func() {})
+		draining := drain.Err() != nil
+		if draining {
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			rctx, rcancel = context.WithDeadline(context.Background(), failingSince.Add(r.w.opts.DrainReportTimeout))
+		}
+		resp, err := r.sync(rctx, r.request(state, draining && completed))
+		expired := rctx.Err() != nil
+		rcancel()
 		if err != nil {
+			if !draining || !expired {
+				continue
+			}
+			if completed {
+				log.Warn("draining, and the scheduler has not answered for the drain report timeout: giving up reporting the result (outputs and the ActionCache entry are stored)",
+					"timeout", r.w.opts.DrainReportTimeout, "err", err)
+				return nil
+			}
+			// Skip this intermediate state; the result is reported
+			// (or given up on) when the action ends.
+			pending = pending[1:]
+			next = time.Time{}
 			continue
 		}
+		failingSince = time.Time{}
 		pending = pending[1:]
 		current = state
 		next = time.Time{}

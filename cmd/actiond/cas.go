@@ -30,6 +30,9 @@ func runCAS(args []string) error {
 		return casUsage()
 	}
 	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		fmt.Fprintln(os.Stderr, casUsage())
+		return flag.ErrHelp
 	case "verify":
 		return runCASVerify(args[1:])
 	case "gc":

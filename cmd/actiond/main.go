@@ -8,6 +8,8 @@
 package main
 
 import (
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 
@@ -30,13 +32,18 @@ Run "actiond <command> -h" for a command's flags.
 `)
 }
 
-func main() {
-	if len(os.Args) < 2 {
+func main() { os.Exit(run(os.Args[1:])) }
+
+// run dispatches one command and returns the process's exit status: 0 on
+// success and after -h (the usage was asked for, not an error), 2 for an
+// unknown command, 1 when the command failed.
+func run(argv []string) int {
+	if len(argv) < 1 {
 		usage()
-		os.Exit(2)
+		return 2
 	}
 	var err error
-	switch cmd, args := os.Args[1], os.Args[2:]; cmd {
+	switch cmd, args := argv[0], argv[1:]; cmd {
 	case "serve":
 		err = runServe(args)
 	case "serve-vm":
@@ -56,10 +63,15 @@ func main() {
 	default:
 		fmt.Fprintf(os.Stderr, "actiond: unknown command %q\n", cmd)
 		usage()
-		os.Exit(2)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		// The FlagSet has printed the command's usage.
+		return 0
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "actiond %s: %v\n", os.Args[1], err)
-		os.Exit(1)
+		fmt.Fprintf(os.Stderr, "actiond %s: %v\n", argv[0], err)
+		return 1
 	}
+	return 0
 }

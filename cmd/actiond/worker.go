@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -14,8 +13,6 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
-	"github.com/actiond/actiond/executor"
-	actiondfs "github.com/actiond/actiond/fs"
 	rwpb "github.com/actiond/actiond/proto/buildbarn/remoteworker"
 	"github.com/actiond/actiond/remote"
 	"github.com/actiond/actiond/worker"
@@ -86,7 +83,11 @@ func runWorker(args []string) error {
 		return err
 	}
 
-	opts := actiond.Options{Root: *root, Logger: log}
+	// The local CAS cache, the stage and the sandbox state live under
+	// --root, which defaults to serve's: New takes the root's lock (a
+	// serve or another worker on it is refused) before anything there is
+	// touched, and stages like serve.
+	opts := actiond.Options{Root: *root, Logger: log, MaxSize: maxSize, DrainTimeout: *drain}
 	closeExec, err := ex.apply(&opts, log)
 	if err != nil {
 		return err
@@ -94,11 +95,6 @@ func runWorker(args []string) error {
 	defer closeExec()
 	if opts.Sandbox == nil {
 		return errors.New("a worker must execute: run as root and without --no-exec")
-	}
-
-	local, err := cas.NewDiskStore(filepath.Join(*root, "cas"), cas.WithMaxSize(maxSize), cas.WithLogger(log))
-	if err != nil {
-		return fmt.Errorf("open local CAS cache: %w", err)
 	}
 	casConn, err := grpc.NewClient(*casAddr, worker.DialOptions()...)
 	if err != nil {
@@ -110,45 +106,28 @@ func runWorker(args []string) error {
 		return fmt.Errorf("scheduler %s: %w", *schedAddr, err)
 	}
 	defer schedConn.Close()
-	store := remote.NewStore(casConn, local, remote.Options{InstanceName: *instance, Logger: log})
-
+	var store *remote.Store
+	opts.WrapStore = func(local *cas.DiskStore) cas.Store {
+		store = remote.NewStore(casConn, local, remote.Options{InstanceName: *instance, Logger: log})
+		return store
+	}
+	opts.Cache = remote.NewActionCache(casConn, *instance)
 	// Workers default to hardlinks from the local cache: "auto" does not
 	// pick FUSE here; --input-root=fuse opts in.
-	var inputRoot executor.InputRoot
-	switch opts.InputRootKind {
-	case "", "auto", "hardlink":
-		inputRoot = executor.LinkInputRoot{Store: store}
-	case "copy":
-		inputRoot = executor.CopyInputRoot{Store: store}
-	case "fuse":
-		r, err := actiondfs.NewInputRoot(store, filepath.Join(*root, "cas", "fs"), actiondfs.WithLogger(log))
-		if err != nil {
-			return fmt.Errorf("start actiondfs: %w", err)
-		}
-		defer r.Close()
-		inputRoot = r
-	default:
-		return fmt.Errorf("--input-root %q: want auto, fuse, hardlink or copy", opts.InputRootKind)
+	if opts.InputRootKind == "" || opts.InputRootKind == "auto" {
+		opts.InputRootKind = "hardlink"
 	}
-	hostname, _ := os.Hostname()
-	exe, err := executor.New(executor.Options{
-		Store:          store,
-		Cache:          remote.NewActionCache(casConn, *instance),
-		Sandbox:        opts.Sandbox,
-		InputRoot:      inputRoot,
-		StageDir:       filepath.Join(*root, "cas", "stage"),
-		DefaultRuntime: opts.DefaultRuntime,
-		MaxTimeout:     opts.MaxActionTimeout,
-		Worker:         hostname,
-		Logger:         log,
-	})
+	srv, err := actiond.New(opts)
 	if err != nil {
 		return err
 	}
-	defer exe.Wait() // stages are removed after responses; before the input root closes
+	// Close waits for the executor's stage cleanup, then closes the input
+	// root and the stores, and releases the lock last.
+	defer srv.Close()
+	hostname, _ := os.Hostname()
 	w, err := worker.New(worker.Options{
 		Scheduler:          rwpb.NewOperationQueueClient(schedConn),
-		Executor:           exe,
+		Executor:           srv.Executor,
 		Store:              store,
 		WorkerID:           map[string]string{"hostname": hostname},
 		InstanceNamePrefix: *instance,
@@ -163,7 +142,7 @@ func runWorker(args []string) error {
 	log.Info("actiond worker starting",
 		"scheduler", *schedAddr, "cas", *casAddr, "instance_name", *instance,
 		"platform", plat.String(), "runners", opts.Concurrency,
-		"runtimes", opts.Sandbox.Runtimes(), "input_root", exe.InputRootName(),
+		"runtimes", opts.Sandbox.Runtimes(), "input_root", srv.InputRootName(),
 		"root", *root, "version", actiond.Version)
 
 	ctx, cancel := context.WithCancel(context.Background())

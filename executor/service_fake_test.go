@@ -1,0 +1,223 @@
+package executor_test
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+
+	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/executor/executortest"
+	actiondfs "github.com/actiond/actiond/fs"
+	"github.com/actiond/actiond/internal/testutil"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// newFakeEnv is newEnv with executortest's Sandbox: the Execution service
+// over a real executor, disk CAS and bbolt AC, with no command run, so it
+// needs no root. wrap, if set, puts a store in front of the disk store;
+// opts adjusts the executor's options.
+func newFakeEnv(t *testing.T, sopts executor.ServiceOptions, sb *executortest.Sandbox, wrap func(*cas.DiskStore) cas.Store, opts func(*executor.Options)) *env {
+	t.Helper()
+	root := t.TempDir()
+	disk, err := cas.NewDiskStore(filepath.Join(root, "cas"), cas.WithFsync(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var store cas.Store = disk
+	if wrap != nil {
+		store = wrap(disk)
+	}
+	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cache.Close() })
+	stage := filepath.Join(root, "cas", "stage")
+	o := executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage}
+	if opts != nil {
+		opts(&o)
+	}
+	ex, err := executor.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := executor.NewService(ex, sopts)
+	t.Cleanup(func() { svc.Stop(); ex.Wait() })
+	conn := executortest.Dial(t, func(r grpc.ServiceRegistrar) { repb.RegisterExecutionServer(r, svc) })
+	return &env{t: t, store: disk, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
+}
+
+// firstOp starts an Execute of d and returns its stream and the name of
+// its operation.
+func (e *env) firstOp(ctx context.Context, d cas.Digest) (repb.Execution_ExecuteClient, string) {
+	e.t.Helper()
+	stream, err := e.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: d.Proto()})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	op, err := stream.Recv()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return stream, op.Name
+}
+
+// TestDoNotCacheActionsAreNotMerged: REAPI says the in-flight executions
+// of a do_not_cache Action "may not be merged" (its result may differ run
+// to run); identical cacheable ones still are.
+func TestDoNotCacheActionsAreNotMerged(t *testing.T) {
+	release := make(chan struct{})
+	sb := &executortest.Sandbox{Func: executortest.Block(release)}
+	e := newFakeEnv(t, executor.ServiceOptions{Concurrency: 4}, sb, nil, nil)
+	ctx := context.Background()
+
+	nc := e.action(actionSpec{script: "date", doNotCache: true})
+	started := sb.NextRun()
+	s1, name1 := e.firstOp(ctx, nc)
+	<-started
+	started = sb.NextRun()
+	s2, name2 := e.firstOp(ctx, nc)
+	if name1 == name2 {
+		t.Fatalf("two executions of a do_not_cache action were merged into %s", name1)
+	}
+	<-started // the second one runs too
+
+	c := e.action(actionSpec{script: "true"})
+	started = sb.NextRun()
+	s3, name3 := e.firstOp(ctx, c)
+	<-started
+	s4, name4 := e.firstOp(ctx, c)
+	if name3 != name4 {
+		t.Errorf("identical cacheable actions in flight were not merged: %s and %s", name3, name4)
+	}
+	close(release)
+	for _, s := range []repb.Execution_ExecuteClient{s1, s2, s3, s4} {
+		resp, _, err := drain(s)
+		mustOK(t, resp, err)
+	}
+	if n := sb.Runs(); n != 3 {
+		t.Errorf("%d runs, want 3 (two do_not_cache, one merged)", n)
+	}
+}
+
+// TestIdleCancelNeverCancelsANewWatcher: when an operation's last client
+// leaves, a timer cancels it after CancelGrace. An Execute of the same
+// action arriving as the timer fires must either keep the operation alive
+// or get a new one; it used to join the operation being cancelled and get
+// CANCELLED for an action it never gave up on.
+func TestIdleCancelNeverCancelsANewWatcher(t *testing.T) {
+	release := make(chan struct{})
+	sb := &executortest.Sandbox{Func: executortest.Block(release)}
+	// The shortest grace, so the timer races the second client.
+	e := newFakeEnv(t, executor.ServiceOptions{Concurrency: 64, CancelGrace: 1}, sb, nil, nil)
+	const rounds = 200
+	type pending struct {
+		stream repb.Execution_ExecuteClient
+		round  int
+	}
+	var second []pending
+	for i := range rounds {
+		d := e.action(actionSpec{script: fmt.Sprintf("echo %d", i)})
+		ctx, cancel := context.WithCancel(context.Background())
+		e.firstOp(ctx, d)
+		cancel()                                   // the first client goes away...
+		s, _ := e.firstOp(context.Background(), d) // ...as another asks for the same action
+		second = append(second, pending{s, i})
+	}
+	close(release)
+	cancelled := 0
+	for _, p := range second {
+		resp, _, err := drain(p.stream)
+		if err != nil {
+			t.Fatalf("round %d: %v", p.round, err)
+		}
+		if st := status.FromProto(resp.Status); st.Code() == codes.Canceled {
+			cancelled++
+		} else if st.Code() != codes.OK {
+			t.Errorf("round %d: %v", p.round, st)
+		}
+	}
+	if cancelled > 0 {
+		t.Fatalf("%d of %d clients that never went away got CANCELLED: they joined an operation an idle timer was cancelling", cancelled, rounds)
+	}
+}
+
+// lyingStore is a disk store whose first FindMissing answers "nothing
+// missing": as if a blob were evicted right after the client's (or the
+// executor's) check and before the executor pinned the inputs.
+type lyingStore struct {
+	*cas.DiskStore
+	lied atomic.Bool
+}
+
+func (s *lyingStore) FindMissing(ctx context.Context, ds []cas.Digest) ([]cas.Digest, error) {
+	if s.lied.CompareAndSwap(false, true) {
+		return nil, nil
+	}
+	return s.DiskStore.FindMissing(ctx, ds)
+}
+
+// TestInputEvictedBeforePinIsMissing: a blob gone between the check and
+// the pin must be reported as FAILED_PRECONDITION with a MISSING violation
+// (what makes Bazel upload it again), not NOT_FOUND or INTERNAL.
+func TestInputEvictedBeforePinIsMissing(t *testing.T) {
+	for _, kind := range []string{"hardlink", "copy", "fuse"} {
+		t.Run(kind, func(t *testing.T) {
+			if kind == "fuse" {
+				testutil.RequireRoot(t)
+				err := actiondfs.Available()
+				testutil.Require(t, err == nil, fmt.Sprintf("actiondfs: %v", err))
+			}
+			var ls *lyingStore
+			wrap := func(d *cas.DiskStore) cas.Store { ls = &lyingStore{DiskStore: d}; return ls }
+			opts := func(o *executor.Options) {
+				switch kind {
+				case "copy":
+					o.InputRoot = executor.CopyInputRoot{Store: o.Store}
+				case "fuse":
+					r, err := actiondfs.NewInputRoot(ls, filepath.Join(t.TempDir(), "fs"))
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { r.Close() })
+					o.InputRoot = r
+				}
+			}
+			e := newFakeEnv(t, executor.ServiceOptions{}, &executortest.Sandbox{}, wrap, opts)
+			present := e.put([]byte("still here\n"))
+			gone := cas.DigestOf([]byte("evicted after the check\n"))
+			d := e.action(actionSpec{script: "cat a b", inputs: &repb.Directory{Files: []*repb.FileNode{
+				{Name: "a", Digest: present.Proto()}, {Name: "b", Digest: gone.Proto()},
+			}}})
+			resp, _, err := e.execute(context.Background(), d, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			st := status.FromProto(resp.Status)
+			if st.Code() != codes.FailedPrecondition {
+				t.Fatalf("status %v, want FAILED_PRECONDITION", st)
+			}
+			var subjects []string
+			for _, det := range st.Details() {
+				if pf, ok := det.(*errdetails.PreconditionFailure); ok {
+					for _, v := range pf.Violations {
+						if v.Type == "MISSING" {
+							subjects = append(subjects, v.Subject)
+						}
+					}
+				}
+			}
+			if len(subjects) != 1 || subjects[0] != "blobs/"+gone.String() {
+				t.Fatalf("MISSING violations %v, want exactly blobs/%s", subjects, gone)
+			}
+		})
+	}
+}
