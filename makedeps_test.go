@@ -47,6 +47,8 @@ var indirect = map[string][]string{
 	"sandbox/security_test.go":              {"exe"}, // the probe binary the tests build
 	"fs/fs_test.go":                         {"exe"}, // files of the test's own mount, and the test binary
 	"actiond_test.go":                       {"exe"}, // the actiond binary the test builds
+	"propagation_test.go":                   {"exe"}, // the actiond binary the test builds
+	"internal/testutil/sharedroot_linux.go": {"unshare"},
 	"e2e/observe_test.go":                   {"exe"},
 	"e2e/remote_exec_test.go":               {"exe"},
 	"internal/payload/standalone_test.go":   {"go", "exe"},
