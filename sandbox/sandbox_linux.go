@@ -39,7 +39,7 @@ type Sandbox struct {
 
 	etcMu   sync.Mutex
 	etcDirs map[executor.User]string // generated hosts, passwd and group, per user
-	seq      atomic.Uint64
+	seq     atomic.Uint64
 
 	// openTree: the execroot goes to helpers as an open_tree(2) descriptor
 	// (Linux 5.2), which prestarted helpers need.
