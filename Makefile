@@ -14,7 +14,7 @@ export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
 # Debian packages the tests use, as "command:package".
 DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools \
             protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc wget:wget xz:xz-utils \
-            qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm cpio:cpio
+            qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm cpio:cpio setpriv:util-linux
 
 .PHONY: all build test deps runtimes vm-payload vm-payloads standalone unit fuzz vet bench fmt
 

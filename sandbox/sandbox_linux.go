@@ -67,6 +67,12 @@ func New(cfg Config) (*Sandbox, error) {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	s.users = users
+	if users.fixed == nil {
+		if found := overlaps(users.ids, os.ReadFile); len(found) > 0 {
+			s.log.Warn("sandbox: host users, groups or subordinate id ranges have ids that actions run as; choose another range (--action-uids)",
+				"range", users.ids.String(), "found", found)
+		}
+	}
 	if len(cfg.Runtimes) == 0 {
 		return nil, errors.New("sandbox: no runtimes configured")
 	}

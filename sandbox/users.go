@@ -3,6 +3,8 @@ package sandbox
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/actiond/actiond/executor"
@@ -83,4 +85,51 @@ func (p *userPool) release(i int) {
 	p.used[i] = false
 	close(p.freed)
 	p.freed = make(chan struct{})
+}
+
+// hostIDFiles name the host's ids: users and groups (name:x:ID:...) and
+// subordinate ranges (name:FIRST:COUNT).
+var hostIDFiles = []struct {
+	path  string
+	field int  // the id's field (0-based)
+	sub   bool // FIRST:COUNT
+}{
+	{"/etc/passwd", 2, false}, {"/etc/group", 2, false},
+	{"/etc/subuid", 1, true}, {"/etc/subgid", 1, true},
+}
+
+// overlaps lists host users, groups and subordinate id ranges with ids in
+// r, as "file: name"; an action with such an id could reach that user's
+// files and processes.
+func overlaps(r IDRange, read func(string) ([]byte, error)) []string {
+	var found []string
+	last := r.First + r.Count - 1
+	for _, f := range hostIDFiles {
+		data, err := read(f.path)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			fields := strings.Split(line, ":")
+			if len(fields) <= f.field+1 || strings.HasPrefix(line, "#") {
+				continue
+			}
+			lo, err := strconv.Atoi(fields[f.field])
+			if err != nil {
+				continue
+			}
+			hi := lo
+			if f.sub {
+				n, err := strconv.Atoi(fields[f.field+1])
+				if err != nil || n < 1 {
+					continue
+				}
+				hi = lo + n - 1
+			}
+			if lo <= last && hi >= r.First {
+				found = append(found, f.path+": "+fields[0])
+			}
+		}
+	}
+	return found
 }
