@@ -98,11 +98,11 @@ func (e *execEnv) blob(d *repb.Digest) string {
 // shAction stores an action running script with a root directory holding
 // files (name → content) and the given output directories.
 func (e *execEnv) shAction(script string, files map[string]string, outDirs ...string) *repb.Digest {
-	return e.shActionFiles(script, files, nil, outDirs...)
+	return e.shActionFiles(script, files, nil, nil, outDirs...)
 }
 
-// shActionFiles is shAction with output files too.
-func (e *execEnv) shActionFiles(script string, files map[string]string, outFiles []string, outDirs ...string) *repb.Digest {
+// shActionFiles is shAction with output files and platform properties.
+func (e *execEnv) shActionFiles(script string, files map[string]string, outFiles []string, props map[string]string, outDirs ...string) *repb.Digest {
 	e.t.Helper()
 	dir := &repb.Directory{}
 	for _, name := range sortedNames(files) {
@@ -113,6 +113,12 @@ func (e *execEnv) shActionFiles(script string, files map[string]string, outFiles
 		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}},
 		OutputFiles:          outFiles,
 		OutputDirectories:    outDirs,
+	}
+	if len(props) > 0 {
+		cmd.Platform = &repb.Platform{}
+		for _, k := range sortedNames(props) {
+			cmd.Platform.Properties = append(cmd.Platform.Properties, &repb.Platform_Property{Name: k, Value: props[k]})
+		}
 	}
 	return e.putProto(&repb.Action{
 		CommandDigest:   e.putProto(cmd),
@@ -184,8 +190,12 @@ func (e *execEnv) start(action *repb.Digest) <-chan execResult {
 func (e *execEnv) waitFor(name string, res <-chan execResult) string {
 	e.t.Helper()
 	for {
-		if found := e.find("-type", "f", "-name", name, "-printf", "%h\n"); found != "" {
-			return strings.SplitN(found, "\n", 2)[0]
+		// Not an overlay's upper directory: what the action sees is the
+		// overlay mounted over it.
+		for _, dir := range strings.Fields(e.find("-type", "f", "-name", name, "-printf", "%h\n")) {
+			if !strings.HasPrefix(dir, filepath.Join(e.root, "cas", "fs", "stage")+"/") {
+				return dir
+			}
 		}
 		select {
 		case r := <-res:
@@ -296,8 +306,18 @@ exit 0
 // and to poison spare mounts with negative lookups of a name the next
 // action has as an input. None of it may succeed or matter.
 func TestOtherUserCannotReachActions(t *testing.T) {
-	for _, kind := range []string{"fuse", "hardlink"} {
-		t.Run(kind, func(t *testing.T) {
+	for _, tc := range []struct {
+		kind    string
+		mutates bool // the running action has mutates_inputs (an overlay, or a copy)
+	}{{"fuse", false}, {"fuse", true}, {"hardlink", false}, {"hardlink", true}} {
+		kind := tc.kind
+		name := kind
+		var props map[string]string
+		if tc.mutates {
+			name += "/mutates_inputs"
+			props = map[string]string{"mutates_inputs": "1"}
+		}
+		t.Run(name, func(t *testing.T) {
 			testutil.RequireRoot(t)
 			if kind == "fuse" {
 				_, err := os.Stat("/dev/fuse")
@@ -310,11 +330,11 @@ func TestOtherUserCannotReachActions(t *testing.T) {
 			// file) and the execroot (the parent of tree/) writable for
 			// the action.
 			first := e.start(e.shActionFiles(`mkdir tree && cat data.txt > tree/copy && : > out/started &&
-while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs, []string{"out/result"}, "tree"))
+while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs, []string{"out/result"}, props, "tree"))
 			outDir := e.waitFor("started", first)
 			if kind == "fuse" {
-				// Both spares made again, so that the next action gets one
-				// that was probed.
+				// Both spares ready (made again after a strict action took
+				// one), so that the next action gets one that was probed.
 				for spareMounts(t, e.root) < 3 {
 					time.Sleep(10 * time.Millisecond)
 				}
