@@ -458,3 +458,26 @@ done`, nil, "out"))
 		}
 	}
 }
+
+// TestPrivateRoot: a new root is made for its owner alone, and an existing
+// one loses group and other permissions.
+func TestPrivateRoot(t *testing.T) {
+	base := t.TempDir()
+	fresh := filepath.Join(base, "a", "root")
+	old := filepath.Join(base, "old")
+	if err := os.Mkdir(old, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(old, 0o775); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{fresh, old} {
+		if err := actiond.PrivateRoot(dir, quiet()); err != nil {
+			t.Fatal(err)
+		}
+		fi, err := os.Stat(dir)
+		if err != nil || fi.Mode().Perm() != 0o700 {
+			t.Errorf("%s: %v %v; want mode 0700", dir, fi.Mode(), err)
+		}
+	}
+}
