@@ -107,8 +107,8 @@ func New(opts Options) (*Server, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	if err := os.MkdirAll(opts.Root, 0o755); err != nil {
-		return nil, fmt.Errorf("create root %s: %w", opts.Root, err)
+	if err := PrivateRoot(opts.Root, log); err != nil {
+		return nil, err
 	}
 	unlock, err := LockRoot(opts.Root)
 	if err != nil {
@@ -173,6 +173,30 @@ func New(opts Options) (*Server, error) {
 		s.closers = append(s.closers, func() error { s.stopExecution(); ex.Wait(); return nil })
 	}
 	return s, nil
+}
+
+// PrivateRoot creates dir (a --root) for this process's user alone, or
+// takes group and other permissions off an existing one. Nothing under it
+// is for other local users: blobs, action results, the stages and mounts of
+// running actions (which the sandbox shows to an action through its own
+// mount namespace, not through these paths).
+func PrivateRoot(dir string, log *slog.Logger) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create root %s: %w", dir, err)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("root %s: %w", dir, err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		if err := os.Chmod(dir, perm&0o700); err != nil {
+			return fmt.Errorf("root %s: make it private: %w", dir, err)
+		}
+		if log != nil {
+			log.Info("made the root directory private to its owner", "root", dir, "was", perm.String())
+		}
+	}
+	return nil
 }
 
 // builtinInputRoot returns the input root strategy named kind. It runs

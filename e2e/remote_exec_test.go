@@ -310,7 +310,7 @@ var escapeAttempts = map[string]string{
 	"write_system":   `touch: cannot touch '/usr/bin/pwned': (Read-only file system|Permission denied)`,
 	"connect_server": `/dev/tcp/127\.0\.0\.1/[0-9]+: (Connection refused|Network is unreachable|Cannot assign requested address)`,
 	"proc_root":      `cat: /proc/1/root/etc/shadow: (Permission denied|No such file or directory)`,
-	"become_root":    `uid is 65534, not root`,
+	"become_root":    `uid is [1-9][0-9]*, not root`,
 	// Refused by the server when collecting outputs (INVALID_ARGUMENT).
 	"output_symlink_abs": `output symlink "[^"]*/output_symlink_abs\.txt".*(absolute|outside)`,
 	"output_symlink_rel": `output symlink "[^"]*/output_symlink_rel\.txt".*outside`,

@@ -73,8 +73,14 @@ func New(opts Options) (*Executor, error) {
 	if opts.StageDir == "" {
 		return nil, errors.New("executor: StageDir is required")
 	}
-	if err := os.MkdirAll(opts.StageDir, 0o755); err != nil {
+	// Stages hold actions' trees and outputs, which other local users
+	// must not reach: the sandbox shows a command its execroot through a
+	// mount, not through this path.
+	if err := os.MkdirAll(opts.StageDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create stage dir: %w", err)
+	}
+	if err := os.Chmod(opts.StageDir, 0o700); err != nil {
+		return nil, fmt.Errorf("stage dir: %w", err)
 	}
 	// Leftovers of a crashed run.
 	if ents, err := os.ReadDir(opts.StageDir); err == nil {
@@ -307,6 +313,17 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	if _, err := tree.lookupDir(wd); err != nil {
 		return nil, err
 	}
+	// The user the command runs as, reserved until its outputs are
+	// collected: staging may depend on it.
+	var user *User
+	if us, ok := e.opts.Sandbox.(UserSandbox); ok {
+		u, release, err := us.AcquireUser(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox user: %w", err)
+		}
+		defer release()
+		user = &u
+	}
 	stage, err := os.MkdirTemp(e.opts.StageDir, "a-")
 	if err != nil {
 		return nil, fmt.Errorf("create stage directory: %w", err)
@@ -318,7 +335,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	})
 	execRoot := filepath.Join(stage, "root")
 	inputRoot := e.opts.InputRoot
-	staged, err := stageInputs(ctx, inputRoot, e.opts.Store, tree, execRoot, plat.MutatesInputs)
+	staged, err := stageInputs(ctx, inputRoot, e.opts.Store, tree, execRoot, StageOptions{MutatesInputs: plat.MutatesInputs, User: user})
 	if err != nil {
 		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
 	}
@@ -367,6 +384,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 		Timeout:          timeout,
 		StdoutPath:       filepath.Join(stage, "stdout"),
 		StderrPath:       filepath.Join(stage, "stderr"),
+		User:             user,
 	}
 	md.ExecutionStartTimestamp = timestamppb.Now()
 	run, err := e.opts.Sandbox.Run(ctx, spec)
@@ -510,11 +528,11 @@ func envList(vars []*repb.Command_EnvironmentVariable) []string {
 
 // stageInputs stages tree at execRoot through ir, with the options when ir
 // takes them; otherwise mutates_inputs gets a private copy of the inputs.
-func stageInputs(ctx context.Context, ir InputRoot, store cas.Store, tree *InputTree, execRoot string, mutatesInputs bool) (*StagedRoot, error) {
+func stageInputs(ctx context.Context, ir InputRoot, store cas.Store, tree *InputTree, execRoot string, opts StageOptions) (*StagedRoot, error) {
 	if oir, ok := ir.(OptionsInputRoot); ok {
-		return oir.StageWithOptions(ctx, tree, execRoot, StageOptions{MutatesInputs: mutatesInputs})
+		return oir.StageWithOptions(ctx, tree, execRoot, opts)
 	}
-	if mutatesInputs {
+	if opts.MutatesInputs {
 		ir = CopyInputRoot{Store: store}
 	}
 	cleanup, err := ir.Stage(ctx, tree, execRoot)

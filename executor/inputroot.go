@@ -34,6 +34,9 @@ type StageOptions struct {
 	// MutatesInputs is the mutates_inputs platform property: the command
 	// may modify, replace and remove its input files.
 	MutatesInputs bool
+	// User, if known, is who the command will run as (see UserSandbox);
+	// a root that checks callers itself lets only this user and root in.
+	User *User
 }
 
 // StagedRoot is an input root made visible by an OptionsInputRoot.

@@ -60,9 +60,10 @@ func parseOutputs(cmd *repb.Command) ([]output, error) {
 
 // prepareOutputDirs creates the directories leading up to every output and
 // returns them (relative to the execroot) as the directories the command
-// may write. They are root-owned, mode 1777: the sandbox user can create
-// files there but, thanks to the sticky bit, cannot remove or rename the
-// input files that may share the directory.
+// may write. They are root-owned, mode 1777 (a Sandbox narrows that to the
+// action's own group; the stage around them is private): the sandbox user
+// can create files there but, thanks to the sticky bit, cannot remove or
+// rename the input files that may share the directory.
 func prepareOutputDirs(execRoot, wd string, outs []output, tree *InputTree) ([]string, error) {
 	seen := map[string]bool{}
 	var dirs []string

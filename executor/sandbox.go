@@ -19,6 +19,22 @@ type Sandbox interface {
 	Runtimes() []string
 }
 
+// User is a uid and gid an action runs as.
+type User struct{ UID, GID int }
+
+// UserSandbox is a Sandbox that runs each action as a user of its own, so
+// that concurrent actions share no per-user kernel limits (inotify
+// instances, RLIMIT_NPROC, pipe buffers) and cannot reach each other's
+// files. The executor reserves the user before it stages the inputs, which
+// may need to know it (StageOptions.User), passes it in RunSpec.User and
+// releases it once the action's outputs are collected.
+type UserSandbox interface {
+	Sandbox
+	// AcquireUser reserves a user for one action, waiting while all are
+	// in use; release gives it back.
+	AcquireUser(ctx context.Context) (u User, release func(), err error)
+}
+
 // RunSpec describes one command execution.
 type RunSpec struct {
 	// ExecRoot is the host directory holding the materialised input root.
@@ -37,6 +53,9 @@ type RunSpec struct {
 	Args []string
 	// Env is the complete environment, "KEY=value"; nothing else is added.
 	Env []string
+	// User, if set, is who the command runs as (from
+	// UserSandbox.AcquireUser); nil lets the sandbox choose.
+	User *User
 	// Runtime names the root file system to run in ("host", "glibc2.36", ...).
 	Runtime string
 	// Limits come from platform properties; zero values mean unlimited.

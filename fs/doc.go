@@ -22,7 +22,8 @@
 //     stage directory on the CAS's file system, from which outputs move
 //     into the CAS by rename (Mount.OutputPath). Input directories keep
 //     their entries but their own mode, owner and times may change (the
-//     executor and the sandbox make output directories mode 1777).
+//     executor and the sandbox make output directories writable for the
+//     action).
 //   - mutates_inputs: the tree is mounted read-only, every input owned by
 //     the sandbox user and writable, as the lower layer of a stock overlayfs
 //     whose upper and work directories are per action, so tools that
@@ -32,6 +33,14 @@
 // requests that change inputs must reach it to be reported. FUSE_ACCESS is
 // not implemented, so access(2) reports inputs as writable; opening them
 // for writing still fails.
+//
+// Mounts are allow_other, so that the action's user can use them, but each
+// serves only root and that user (MountOptions.User, StageOptions.User):
+// anyone else gets EACCES, so other local users can neither read a tree
+// nor leave entries in the kernel's caches. A spare serves only root until
+// it gets its tree, and lets the kernel cache nothing until then: a name
+// looked up in the empty tree must not stay "missing" once the tree has
+// it. The state directory is private as well.
 //
 // InputRoot implements executor.InputRoot and executor.OptionsInputRoot
 // with one FUSE mount per action: separate mounts keep actions' inodes,

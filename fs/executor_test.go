@@ -6,6 +6,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -16,7 +17,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 )
 
-// newExecutor returns a real executor (host runtime sandbox, uid 65534)
+// newExecutor returns a real executor (host runtime sandbox, default ids)
 // staging inputs with e's actiondfs root.
 func (e *env) newExecutor() *executor.Executor {
 	e.t.Helper()
@@ -96,7 +97,7 @@ var actionInputs = map[string]string{
 	"src/lib/current.h@": "header.h",
 }
 
-// TestExecutorFUSE runs real actions through the sandbox (as uid 65534) on
+// TestExecutorFUSE runs real actions through the sandbox (as a uid of its own) on
 // actiondfs: reading inputs, writing outputs into input directories and
 // new ones, and nothing left behind.
 func TestExecutorFUSE(t *testing.T) {
@@ -115,8 +116,9 @@ func TestExecutorFUSE(t *testing.T) {
 	if res.ExitCode != 0 {
 		t.Fatalf("exit %d\nstdout: %s\nstderr: %s", res.ExitCode, e.blob(res.StdoutDigest), e.blob(res.StderrDigest))
 	}
-	if got := e.blob(res.StdoutDigest); got != "65534\n" {
-		t.Errorf("stdout %q: the command should run as 65534", got)
+	// The only action running gets the first id of the sandbox's range.
+	if got, want := e.blob(res.StdoutDigest), strconv.Itoa(sandbox.DefaultFirstID)+"\n"; got != want {
+		t.Errorf("stdout %q: the command should run as %s", got, want)
 	}
 	files := outputFiles(e, res)
 	if files["src/gen/upper.txt"] != "INPUT A\n" || files["out.txt"] != "#pragma once\ninput b\n" || files["tools/upper.sh"] != actionInputs["tools/upper.sh*"] {

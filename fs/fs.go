@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -109,7 +110,14 @@ type actionFS struct {
 	// owner owns every input of a lower layer (the sandbox user), so the
 	// command may change anything in the overlay, as with a private copy.
 	owner [2]uint32
-	// expire is when cached entries and attributes expire.
+	// user is the one uid besides root whose requests are served (the
+	// action's), or -1 for none: the mount is allow_other so that the
+	// action can use it, and must not serve other local users.
+	user atomic.Int64
+	// expire is when cached entries and attributes expire: zero (nothing
+	// cached) while the mount is a spare without its input root, so that
+	// nothing looked up then (a name missing from the empty tree) outlives
+	// setRoot.
 	expire time.Time
 
 	mu         sync.Mutex
@@ -131,9 +139,12 @@ type actionFS struct {
 // while disablePoll runs.
 const pollProbeName = ".actiondfs-poll-probe"
 
-func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Directory, stage string, lower bool) *actionFS {
+// newActionFS returns the file system of a mount of root, served to root
+// and owner's uid (the owner of a lower layer's inputs); a spare serves
+// only root until setRoot.
+func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Directory, stage string, lower bool, owner [2]uint32, spare bool) *actionFS {
 	afs := &actionFS{
-		owner:   r.owner,
+		owner:   owner,
 		log:     r.log,
 		dirs:    r.dirs,
 		blobs:   r.blobs,
@@ -145,6 +156,11 @@ func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Direc
 		nextID:  fuseops.RootInodeID,
 		handles: make(map[fuseops.HandleID]*handle),
 	}
+	afs.user.Store(int64(owner[0]))
+	if spare {
+		afs.user.Store(-1)
+		afs.expire = time.Time{}
+	}
 	rootNode := &node{kind: kindDir, input: true, dirDigest: root, mode: os.ModeDir | afs.inputDirPerm()}
 	afs.setInputAttrs(rootNode)
 	afs.register(rootNode)
@@ -155,13 +171,21 @@ func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Direc
 	return afs
 }
 
-// setRoot gives a spare mount (mounted over the empty tree, nothing in it
-// looked up but the poll probe) its input root.
-func (afs *actionFS) setRoot(root cas.Digest, known map[cas.Digest]*repb.Directory) {
+// setRoot gives a spare mount (mounted over the empty tree, served to
+// root only, nothing cached by the kernel) its input root and the uid of
+// the action that will use it.
+func (afs *actionFS) setRoot(root cas.Digest, known map[cas.Digest]*repb.Directory, uid uint32) {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
 	afs.known = known
 	afs.root.dirDigest, afs.root.dir, afs.root.inputs = root, nil, nil
+	afs.expire = time.Now().Add(cacheFor)
+	afs.user.Store(int64(uid))
+}
+
+// serves reports whether requests of uid are served.
+func (afs *actionFS) serves(uid uint32) bool {
+	return uid == 0 || int64(uid) == afs.user.Load()
 }
 
 // disablePoll makes the kernel stop sending FUSE_POLL for files of the

@@ -84,10 +84,11 @@ const DefaultSpareMounts = 2
 // execroot (executor.StagedRoot.Dir) instead of mounting at the one asked.
 func WithSpareMounts(n int) Option { return func(c *config) { c.spares = max(n, 0) } }
 
-// WithSandboxUser names the user actions run as (default 65534:65534).
-// In mutates_inputs overlays it owns the inputs, so that the command may
-// rewrite, replace and remove them (the sandbox makes writable directories
-// sticky).
+// WithSandboxUser names the user actions run as when the executor does
+// not say (MountOptions.User, StageOptions.User; default 65534:65534).
+// Mounts serve only root and that user. In mutates_inputs overlays it
+// owns the inputs, so that the command may rewrite, replace and remove
+// them (the sandbox makes writable directories sticky).
 func WithSandboxUser(uid, gid uint32) Option {
 	return func(c *config) { c.owner = [2]uint32{uid, gid} }
 }
@@ -130,8 +131,14 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 		mounts:     make(map[*Mount]struct{}),
 		maxSpares:  c.spares,
 	}
-	if err := os.MkdirAll(abs, 0o755); err != nil {
+	// Private: spare mounts, staged outputs and overlay layers are no
+	// business of other local users, and the sandbox shows an action its
+	// mount through its own mount namespace, not through these paths.
+	if err := os.MkdirAll(abs, 0o700); err != nil {
 		return nil, fmt.Errorf("create actiondfs state dir: %w", err)
+	}
+	if err := os.Chmod(abs, 0o700); err != nil {
+		return nil, fmt.Errorf("actiondfs state dir: %w", err)
 	}
 	if err := r.removeStale(); err != nil {
 		return nil, err
@@ -141,7 +148,7 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 		if err := os.RemoveAll(p); err != nil {
 			return nil, fmt.Errorf("remove leftovers in %s: %w", p, err)
 		}
-		if err := os.Mkdir(p, 0o755); err != nil {
+		if err := os.Mkdir(p, 0o700); err != nil {
 			return nil, fmt.Errorf("create %s: %w", p, err)
 		}
 	}
@@ -177,7 +184,7 @@ func (r *InputRoot) refillLocked() {
 			}
 			r.mu.Unlock()
 			id := r.nextID()
-			m, err := r.mount(context.Background(), cas.EmptyDigest, filepath.Join(r.stateDir, "mnt", id), id, MountOptions{})
+			m, err := r.mount(context.Background(), cas.EmptyDigest, filepath.Join(r.stateDir, "mnt", id), id, MountOptions{spare: true})
 			if m != nil {
 				m.spare = true // its mount point is its own: Unmount removes it
 			}
@@ -197,8 +204,8 @@ func (r *InputRoot) refillLocked() {
 	}()
 }
 
-// takeSpare returns a spare mount showing root, or nil.
-func (r *InputRoot) takeSpare(root cas.Digest, known map[cas.Digest]*repb.Directory) *Mount {
+// takeSpare returns a spare mount showing root to uid, or nil.
+func (r *InputRoot) takeSpare(root cas.Digest, known map[cas.Digest]*repb.Directory, uid uint32) *Mount {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.spares) == 0 {
@@ -208,7 +215,7 @@ func (r *InputRoot) takeSpare(root cas.Digest, known map[cas.Digest]*repb.Direct
 	m := r.spares[len(r.spares)-1]
 	r.spares = r.spares[:len(r.spares)-1]
 	r.refillLocked()
-	m.fs.setRoot(root, known)
+	m.fs.setRoot(root, known, uid)
 	return m
 }
 
@@ -250,10 +257,10 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 		if overlayErr != nil {
 			return r.stageCopy(ctx, tree, dir)
 		}
-	} else if m := r.takeSpare(tree.Root, tree.Dirs); m != nil {
+	} else if m := r.takeSpare(tree.Root, tree.Dirs, r.userOf(opts.User)[0]); m != nil {
 		return m.staged(), nil
 	}
-	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs, Writable: opts.MutatesInputs})
+	m, err := r.Mount(ctx, tree.Root, dir, MountOptions{Dirs: tree.Dirs, Writable: opts.MutatesInputs, User: opts.User})
 	var oe *overlayError
 	if errors.As(err, &oe) {
 		r.mu.Lock()
@@ -296,6 +303,20 @@ type MountOptions struct {
 	// Writable selects the mutates_inputs mode: an overlayfs with a
 	// private upper directory over a read-only mount of the tree.
 	Writable bool
+	// User is who the command runs as: the mount serves only root and
+	// this user, who in Writable mode owns the inputs. Nil means the
+	// user of WithSandboxUser.
+	User *executor.User
+
+	spare bool // a spare: the empty tree, served to root only until setRoot
+}
+
+// userOf returns the uid and gid of u, or of the default sandbox user.
+func (r *InputRoot) userOf(u *executor.User) [2]uint32 {
+	if u == nil {
+		return r.owner
+	}
+	return [2]uint32{uint32(u.UID), uint32(u.GID)}
 }
 
 // Mount is one mounted input root.
@@ -304,9 +325,10 @@ type Mount struct {
 	dir     string // what the caller sees
 	fuseDir string // where the FUSE file system is mounted
 	overlay bool
-	spare   bool   // made ahead of time, at a mount point of its own
-	stage   string // per-mount state under stateDir/stage
-	upper   string // overlay upper directory
+	spare   bool      // made ahead of time, at a mount point of its own
+	stage   string    // per-mount state under stateDir/stage
+	owner   [2]uint32 // the action's user (uid, gid)
+	upper   string    // overlay upper directory
 	fs      *actionFS
 	mfs     *fuse.MountedFileSystem
 
@@ -329,7 +351,7 @@ func (r *InputRoot) Mount(ctx context.Context, root cas.Digest, dir string, opts
 }
 
 func (r *InputRoot) mount(ctx context.Context, root cas.Digest, dir, id string, opts MountOptions) (*Mount, error) {
-	m := &Mount{r: r, dir: dir, fuseDir: dir, overlay: opts.Writable, stage: filepath.Join(r.stateDir, "stage", id)}
+	m := &Mount{r: r, dir: dir, fuseDir: dir, overlay: opts.Writable, stage: filepath.Join(r.stateDir, "stage", id), owner: r.userOf(opts.User)}
 	if m.overlay {
 		m.fuseDir = filepath.Join(r.stateDir, "mnt", id)
 		if err := os.Mkdir(m.fuseDir, 0o755); err != nil {
@@ -338,7 +360,7 @@ func (r *InputRoot) mount(ctx context.Context, root cas.Digest, dir, id string, 
 	} else if err := os.Mkdir(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("actiondfs: create mount point: %w", err)
 	}
-	m.fs = newActionFS(r, root, opts.Dirs, filepath.Join(m.stage, "files"), m.overlay)
+	m.fs = newActionFS(r, root, opts.Dirs, filepath.Join(m.stage, "files"), m.overlay, m.owner, opts.spare)
 	mfs, err := fuse.Mount(m.fuseDir, &server{fs: m.fs, log: r.log}, r.mountConfig(m.overlay))
 	if err != nil {
 		os.Remove(m.fuseDir)
@@ -374,11 +396,12 @@ func (m *Mount) mountOverlay() error {
 			return fmt.Errorf("actiondfs: create overlay directory: %w", err)
 		}
 	}
-	// The upper directory is the overlay's root: owned like the inputs.
-	if err := os.Chown(m.upper, int(m.r.owner[0]), int(m.r.owner[1])); err != nil {
+	// The upper directory is the overlay's root: owned like the inputs,
+	// and the owner's alone.
+	if err := os.Chown(m.upper, int(m.owner[0]), int(m.owner[1])); err != nil {
 		return fmt.Errorf("actiondfs: overlay directory: %w", err)
 	}
-	if err := os.Chmod(m.upper, 0o777); err != nil {
+	if err := os.Chmod(m.upper, 0o755); err != nil {
 		return fmt.Errorf("actiondfs: overlay directory: %w", err)
 	}
 	if err := os.Mkdir(m.dir, 0o755); err != nil {
@@ -680,7 +703,7 @@ func probe() error {
 	}
 	defer os.Remove(dir)
 	r := &InputRoot{log: slog.Default(), dirs: newDirCache(nil, 0), fuseTag: "actiondfs-probe"}
-	afs := newActionFS(r, cas.EmptyDigest, nil, filepath.Join(dir, "stage"), false)
+	afs := newActionFS(r, cas.EmptyDigest, nil, filepath.Join(dir, "stage"), false, r.owner, false)
 	mfs, err := fuse.Mount(dir, &server{fs: afs, log: r.log}, r.mountConfig(false))
 	if err != nil {
 		return fmt.Errorf("actiondfs probe mount: %w", err)

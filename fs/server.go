@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"syscall"
 
 	"github.com/jacobsa/fuse"
 	"github.com/jacobsa/fuse/fuseops"
@@ -68,6 +69,16 @@ func mayBlock(op any) bool {
 
 func (s *server) handle(ctx context.Context, op any) error {
 	afs := s.fs
+	switch op.(type) {
+	case *fuseops.BatchForgetOp, *fuseops.ReleaseFileHandleOp, *fuseops.ReleaseDirHandleOp:
+		// Bookkeeping, whoever sends it.
+	default:
+		// Only root and the action's user: other local users must neither
+		// see the tree nor leave anything in the kernel's caches.
+		if uid, _, _, err := (&fuse.MountedFileSystem{}).GetFuseContext(ctx); err != nil || !afs.serves(uid) {
+			return syscall.EACCES
+		}
+	}
 	switch op := op.(type) {
 	case *fuseops.LookUpInodeOp:
 		return afs.LookUpInode(ctx, op)

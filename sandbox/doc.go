@@ -14,7 +14,9 @@
 //     a generated /etc (hosts, passwd, group), then makes the root read-only
 //     and pivots into it;
 //   - brings up the loopback interface (the only interface it has);
-//   - drops to an unprivileged uid/gid with no supplementary groups, an empty
+//   - drops to the action's own uid/gid (Config.IDs: each action running at
+//     a time has a different one, so they share no per-user limits) with no
+//     supplementary groups, an empty
 //     capability bounding set, no_new_privs, every descriptor above 2
 //     closed, and a seccomp filter refusing namespace, mount, BPF, io_uring,
 //     ptrace, keyring, module and vsock calls;

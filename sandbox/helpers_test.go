@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +21,12 @@ import (
 
 // shPath is the environment most test commands get.
 const shPath = "PATH=/usr/bin:/bin"
+
+// actionUID is the uid (and gid) of the only action running at a time:
+// the first of the default range.
+var actionUID = strconv.Itoa(sandbox.DefaultFirstID)
+
+const firstID = sandbox.DefaultFirstID
 
 var tmpRoot string // removed after all tests
 

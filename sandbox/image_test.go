@@ -3,6 +3,7 @@
 package sandbox_test
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -125,7 +126,7 @@ func TestLoadRuntimes(t *testing.T) {
 		if got := probe(rt, "exists", "/usr/bin/sh"); got != "false\n" {
 			t.Errorf("%s: the host's /usr/bin/sh is visible", rt)
 		}
-		if got := probe(rt, "id"); !strings.HasPrefix(got, "uid=65534 euid=65534 gid=65534 egid=65534") {
+		if got, want := probe(rt, "id"), fmt.Sprintf("uid=%[1]d euid=%[1]d gid=%[1]d egid=%[1]d", sandbox.DefaultFirstID); !strings.HasPrefix(got, want) {
 			t.Errorf("%s: id = %q", rt, got)
 		}
 	}

@@ -30,14 +30,16 @@ import (
 // safe for concurrent use by many Runs; Close must not overlap with Run.
 type Sandbox struct {
 	log      *slog.Logger
-	uid, gid int
+	users    *userPool
 	runtimes map[string]Runtime
 	names    []string
 	state    string // private scratch directory, removed by Close
 	rootDir  string // mount point of every action's root, each in its own mount namespace
-	etcDir   string // generated hosts, passwd and group
 	cgroups  *cgroupManager
-	seq      atomic.Uint64
+
+	etcMu   sync.Mutex
+	etcDirs map[executor.User]string // generated hosts, passwd and group, per user
+	seq     atomic.Uint64
 
 	// openTree: the execroot goes to helpers as an open_tree(2) descriptor
 	// (Linux 5.2), which prestarted helpers need.
@@ -47,28 +49,29 @@ type Sandbox struct {
 	closed   bool
 }
 
-var _ executor.Sandbox = (*Sandbox)(nil)
+var _ executor.UserSandbox = (*Sandbox)(nil)
 
 // New checks cfg, prepares the state directory and probes the host's cgroup
 // setup. It mounts nothing; see LoadRuntimes for SquashFS runtimes.
 func New(cfg Config) (*Sandbox, error) {
 	s := &Sandbox{
 		log:      cfg.Logger,
-		uid:      cfg.UID,
-		gid:      cfg.GID,
 		runtimes: make(map[string]Runtime, len(cfg.Runtimes)),
+		etcDirs:  make(map[executor.User]string),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
-	if s.uid == 0 {
-		s.uid = DefaultID
+	users, err := newUserPool(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
 	}
-	if s.gid == 0 {
-		s.gid = DefaultID
-	}
-	if s.uid < 0 || s.gid < 0 {
-		return nil, fmt.Errorf("sandbox: invalid uid/gid %d/%d", s.uid, s.gid)
+	s.users = users
+	if users.fixed == nil {
+		if found := overlaps(users.ids, os.ReadFile); len(found) > 0 {
+			s.log.Warn("sandbox: host users, groups or subordinate id ranges have ids that actions run as; choose another range (--action-uids)",
+				"range", users.ids.String(), "found", found)
+		}
 	}
 	if len(cfg.Runtimes) == 0 {
 		return nil, errors.New("sandbox: no runtimes configured")
@@ -92,7 +95,10 @@ func New(cfg Config) (*Sandbox, error) {
 	if base == "" {
 		base = os.TempDir()
 	}
-	if err := os.MkdirAll(base, 0o755); err != nil {
+	// Private (MkdirTemp makes it 0700): actions see their roots and
+	// /etc files through mounts in their own namespaces, never through
+	// these paths, and other local users have nothing to do here.
+	if err := os.MkdirAll(base, 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox: state dir: %w", err)
 	}
 	state, err := os.MkdirTemp(base, "sandbox-")
@@ -101,8 +107,7 @@ func New(cfg Config) (*Sandbox, error) {
 	}
 	s.state = state
 	s.rootDir = filepath.Join(state, "root")
-	s.etcDir = filepath.Join(state, "etc")
-	if err := s.writeState(); err != nil {
+	if err := os.Mkdir(s.rootDir, 0o755); err != nil {
 		os.RemoveAll(state)
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
@@ -122,7 +127,7 @@ func New(cfg Config) (*Sandbox, error) {
 	for range cap(s.spares) {
 		go s.addSpare()
 	}
-	s.log.Debug("sandbox ready", "runtimes", s.names, "uid", s.uid, "gid", s.gid,
+	s.log.Debug("sandbox ready", "runtimes", s.names, "users", s.users.String(),
 		"state", state, "cgroups", s.cgroups.String())
 	return s, nil
 }
@@ -147,20 +152,25 @@ func checkRuntime(rt Runtime) error {
 	return nil
 }
 
-// writeState creates the root mount point and the generated /etc files.
-func (s *Sandbox) writeState() error {
-	if err := os.Mkdir(s.rootDir, 0o755); err != nil {
-		return err
+// etcDir returns the directory of generated /etc files for actions run
+// as u, writing it on first use.
+func (s *Sandbox) etcDir(u executor.User) (string, error) {
+	s.etcMu.Lock()
+	defer s.etcMu.Unlock()
+	if d, ok := s.etcDirs[u]; ok {
+		return d, nil
 	}
-	if err := os.Mkdir(s.etcDir, 0o755); err != nil {
-		return err
+	d := filepath.Join(s.state, fmt.Sprintf("etc-%d-%d", u.UID, u.GID))
+	if err := os.Mkdir(d, 0o755); err != nil {
+		return "", fmt.Errorf("generated /etc: %w", err)
 	}
-	for name, content := range generatedEtc(s.uid, s.gid) {
-		if err := os.WriteFile(filepath.Join(s.etcDir, name), []byte(content), 0o644); err != nil {
-			return err
+	for name, content := range generatedEtc(u.UID, u.GID) {
+		if err := os.WriteFile(filepath.Join(d, name), []byte(content), 0o644); err != nil {
+			return "", fmt.Errorf("generated /etc: %w", err)
 		}
 	}
-	return nil
+	s.etcDirs[u] = d
+	return d, nil
 }
 
 // generatedEtc returns the files that replace the runtime's /etc/hosts,
@@ -168,8 +178,10 @@ func (s *Sandbox) writeState() error {
 func generatedEtc(uid, gid int) map[string]string {
 	passwd := "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 	group := "root:x:0:\nnogroup:x:65534:\n"
+	// The action's own ids get a name, so that getpwuid, whoami and
+	// tools that want a user name work.
 	if uid != DefaultID {
-		passwd += fmt.Sprintf("actiond:x:%d:%d:actiond sandbox:/tmp:/usr/sbin/nologin\n", uid, gid)
+		passwd += fmt.Sprintf("actiond:x:%d:%d:actiond action:/tmp:/usr/sbin/nologin\n", uid, gid)
 	}
 	if gid != DefaultID {
 		group += fmt.Sprintf("actiond:x:%d:\n", gid)
@@ -183,6 +195,13 @@ func generatedEtc(uid, gid int) map[string]string {
 
 // Runtimes lists the runtime names Run accepts, sorted.
 func (s *Sandbox) Runtimes() []string { return slices.Clone(s.names) }
+
+// AcquireUser implements executor.UserSandbox: the lowest id of the range
+// not in use by another action (every time the same one with fixed
+// Config.UID/GID).
+func (s *Sandbox) AcquireUser(ctx context.Context) (executor.User, func(), error) {
+	return s.users.acquire(ctx)
+}
 
 // Close unmounts the runtimes that LoadRuntimes mounted and removes the
 // state directory. Runs must have finished.
@@ -216,17 +235,19 @@ func (s *Sandbox) Close() error {
 	return nil
 }
 
-// Run executes spec in a fresh sandbox and returns once every process it
-// started is gone.
+// Run executes spec in a fresh sandbox, as spec.User (or a user Run
+// acquires for itself), and returns once every process it started is gone.
 //
-// Before starting, Run makes each of spec.WritableDirs (the directory itself,
-// not its contents) world-writable with the sticky bit, keeping its owner:
-// the action can create its outputs there but cannot remove or rename the
-// root-owned input files that may share the directory. With
-// spec.WritableInputs it gives every directory under ExecRoot to the sandbox
-// uid/gid instead. Files are never chowned or chmodded: input
-// files stay root-owned and read-only, so an action that "mutates" an input
-// can only replace it, never change a shared CAS blob in place.
+// Before starting, Run gives each of spec.WritableDirs (the directory
+// itself, not its contents) to the action's group, mode 1770, keeping its
+// owner: the action can create its outputs there but, thanks to the
+// sticky bit, cannot remove or rename the root-owned input files that may
+// share the directory, and no other user can enter it. With
+// spec.WritableInputs it gives every directory under ExecRoot to the
+// action's uid/gid instead (mode 0755). Files are never chowned or
+// chmodded: input files stay root-owned and read-only, so an action that
+// "mutates" an input can only replace it, never change a shared CAS blob
+// in place.
 func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.RunResult, error) {
 	rt, ok := s.runtimes[spec.Runtime]
 	if !ok {
@@ -235,13 +256,31 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	writable, err := s.prepareExecRoot(spec)
+	var user executor.User
+	if spec.User != nil {
+		user = *spec.User
+	} else {
+		u, release, err := s.users.acquire(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox: %w", err)
+		}
+		defer release()
+		user = u
+	}
+	if user.UID <= 0 || user.GID <= 0 {
+		return nil, fmt.Errorf("sandbox: refusing to run as uid %d, gid %d", user.UID, user.GID)
+	}
+	etcDir, err := s.etcDir(user)
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	writable, err := s.prepareExecRoot(spec, user)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	hs := &sandboxinit.Spec{
 		RootDir:          s.rootDir,
-		EtcDir:           s.etcDir,
+		EtcDir:           etcDir,
 		Runtime:          sandboxinit.Runtime{Name: rt.Name, Root: rt.Root, Host: rt.Host},
 		ExecRoot:         spec.ExecRoot,
 		ExecRootMount:    executor.ExecRootMount,
@@ -250,8 +289,8 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		WritableInputs:   spec.WritableInputs,
 		Args:             spec.Args,
 		Env:              spec.Env,
-		UID:              s.uid,
-		GID:              s.gid,
+		UID:              user.UID,
+		GID:              user.GID,
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)
@@ -560,7 +599,7 @@ func readStatus(r *os.File) (*sandboxinit.Status, error) {
 // prepareExecRoot validates the paths in spec and gives the sandbox user
 // ownership of the directories it may write. It returns the writable
 // directories, parents before children.
-func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
+func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec, user executor.User) ([]string, error) {
 	if len(spec.Args) == 0 {
 		return nil, errors.New("empty command")
 	}
@@ -592,7 +631,7 @@ func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
 			return nil, fmt.Errorf("writable dir %q is not a relative path inside the execroot", d)
 		}
 		d = filepath.Clean(d)
-		if err := openWritableDir(root, d); err != nil {
+		if err := openWritableDir(root, d, user.GID); err != nil {
 			return nil, err
 		}
 		dirs = append(dirs, d)
@@ -605,7 +644,10 @@ func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
 			if err != nil || !d.IsDir() {
 				return err
 			}
-			return os.Lchown(path, s.uid, s.gid)
+			if err := os.Lchown(path, user.UID, user.GID); err != nil {
+				return err
+			}
+			return os.Chmod(path, 0o755) // the owner's; nobody else's
 		})
 		if err != nil {
 			return nil, fmt.Errorf("making execroot writable: %w", err)
@@ -614,9 +656,10 @@ func (s *Sandbox) prepareExecRoot(spec *executor.RunSpec) ([]string, error) {
 	return dirs, nil
 }
 
-// openWritableDir makes the directory rel under root mode 01777, refusing
-// symlinks anywhere in rel so that an input tree cannot redirect it.
-func openWritableDir(root int, rel string) error {
+// openWritableDir gives the directory rel under root to group gid, mode
+// 01770, refusing symlinks anywhere in rel so that an input tree cannot
+// redirect it.
+func openWritableDir(root int, rel string, gid int) error {
 	fd, err := unix.Openat2(root, rel, &unix.OpenHow{
 		Flags:   unix.O_RDONLY | unix.O_DIRECTORY | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
@@ -625,7 +668,10 @@ func openWritableDir(root int, rel string) error {
 		return fmt.Errorf("writable dir %q: %w", rel, err)
 	}
 	defer unix.Close(fd)
-	if err := unix.Fchmod(fd, 0o1777); err != nil {
+	if err := unix.Fchown(fd, -1, gid); err != nil {
+		return fmt.Errorf("writable dir %q: chown: %w", rel, err)
+	}
+	if err := unix.Fchmod(fd, 0o1770); err != nil {
 		return fmt.Errorf("writable dir %q: chmod: %w", rel, err)
 	}
 	return nil

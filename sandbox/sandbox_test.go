@@ -102,7 +102,7 @@ func TestIdentityAndPrivileges(t *testing.T) {
 	s := shSpec(t, newExecRoot(t, false),
 		`id -u; id -g; id -G; hostname; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status`)
 	got := mustSucceed(t, sb, s)
-	want := "65534\n65534\n65534\nlocalhost\n" +
+	want := actionUID + "\n" + actionUID + "\n" + actionUID + "\nlocalhost\n" +
 		"CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n" +
 		"CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n"
 	if got != want {
@@ -118,7 +118,7 @@ func TestGeneratedEtc(t *testing.T) {
 		"127.0.0.1\tlocalhost\n::1\tlocalhost\n",
 		"nobody:x:65534:65534:",
 		"nogroup:x:65534:",
-		"\nnobody\n",
+		"\nactiond\n", // the action's own user has a name
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q:\n%s", want, got)

@@ -122,7 +122,7 @@ func TestInputsAndSystemAreReadOnly(t *testing.T) {
 	// Were /tmp and /dev/shm not private, the probe files would land on the host.
 	t.Cleanup(func() { os.Remove("/tmp/" + tag); os.Remove("/dev/shm/" + tag) })
 	script := fmt.Sprintf(`# Refuse to try anything if the privilege drop failed.
-[ "$(id -u)" = 65534 ] || { echo "NOT SANDBOXED"; exit 99; }
+[ "$(id -u)" = %[2]s ] || { echo "NOT SANDBOXED"; exit 99; }
 try() { if "$@" 2>/dev/null; then echo "ESCAPED: $*"; fi; }
 try sh -c 'echo x > in.txt'
 try sh -c 'echo x > open.txt'
@@ -138,7 +138,7 @@ try truncate -s 0 open.txt
 echo ok > out/result && echo OUT_OK
 echo ok > /tmp/%[1]s && echo TMP_OK
 echo ok > /dev/shm/%[1]s && echo SHM_OK
-echo ok > /dev/null && head -c 4 /dev/zero | wc -c && head -c 4 /dev/urandom | wc -c`, tag)
+echo ok > /dev/null && head -c 4 /dev/zero | wc -c && head -c 4 /dev/urandom | wc -c`, tag, actionUID)
 	res, stdout, _ := run(t, sb, shSpec(t, root, script))
 	if res.ExitCode != 0 {
 		t.Fatalf("exit %d", res.ExitCode)
@@ -197,7 +197,7 @@ func TestMountAndNamespaceCommandsFail(t *testing.T) {
 	sb := newSandbox(t)
 	script := `
 # Refuse to try anything if the privilege drop failed.
-[ "$(id -u)" = 65534 ] || { echo "NOT SANDBOXED"; exit 99; }
+[ "$(id -u)" = ` + actionUID + ` ] || { echo "NOT SANDBOXED"; exit 99; }
 try() { if "$@" 2>/dev/null; then echo "ESCAPED: $*"; fi; }
 try mount -t tmpfs x /tmp
 try unshare -r true
@@ -236,7 +236,7 @@ func TestSeccompFilter(t *testing.T) {
 	// calls succeed there, so it is the filter that refuses them above.
 	cmd := exec.Command(probeBinary(t), "syscalls")
 	cmd.Dir = "/"
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: firstID, Gid: firstID}}
 	out, err := cmd.Output()
 	if err != nil {
 		t.Fatalf("probe outside the sandbox: %v", err)
@@ -261,8 +261,8 @@ func TestSetuidBinariesDoNotElevate(t *testing.T) {
 cut -d' ' -f5,6 /proc/self/mountinfo`
 	got := mustSucceed(t, sb, shSpec(t, root, script))
 	lines := strings.Split(strings.TrimSpace(got), "\n")
-	if len(lines) < 2 || lines[0] != "65534" || lines[1] != "65534" {
-		t.Fatalf("setuid binary ran with ids %q; want 65534", lines)
+	if len(lines) < 2 || lines[0] != actionUID || lines[1] != actionUID {
+		t.Fatalf("setuid binary ran with ids %q; want %s", lines, actionUID)
 	}
 	// Every mount in the sandbox is nosuid.
 	for _, l := range lines[2:] {

@@ -22,6 +22,7 @@ type execFlags struct {
 	concurrency    int
 	inputRoot      string
 	maxTimeout     time.Duration
+	actionIDs      string
 }
 
 func defaultRuntimeDir() string {
@@ -38,6 +39,7 @@ func (f *execFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.concurrency, "concurrency", runtime.NumCPU(), "actions run at once")
 	fs.StringVar(&f.inputRoot, "input-root", "auto", "how input trees are materialised: auto (fuse when /dev/fuse works, else hardlink), fuse (actiondfs), hardlink or copy")
 	fs.DurationVar(&f.maxTimeout, "max-action-timeout", 0, "cap on an action's timeout, also applied to actions without one (0: none)")
+	fs.StringVar(&f.actionIDs, "action-uids", sandbox.DefaultIDs.String(), "uids (and gids of the same numbers) actions run as, FIRST-LAST: each running action gets its own, so concurrent actions share no per-user limits; no user of the host may have one, and it needs at least --concurrency ids")
 }
 
 // apply sets up the sandbox and fills the execution options. Without root
@@ -49,6 +51,16 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 	if os.Geteuid() != 0 {
 		log.Warn("execution disabled: the Linux sandbox needs root (namespaces, chroot, mounts); serving as a cache only")
 		return func() {}, nil
+	}
+	ids, err := sandbox.ParseIDRange(f.actionIDs)
+	if err != nil {
+		return nil, fmt.Errorf("--action-uids: %w", err)
+	}
+	if ids.Count < f.concurrency {
+		return nil, fmt.Errorf("--action-uids %s has %d ids, fewer than --concurrency %d: each running action needs its own", ids, ids.Count, f.concurrency)
+	}
+	if err := actiond.PrivateRoot(opts.Root, log); err != nil {
+		return nil, err
 	}
 	runtimes := []sandbox.Runtime{sandbox.HostRuntime()}
 	unmountEmbedded := func() {}
@@ -67,7 +79,7 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 	} else {
 		log.Info("no runtime images; only the host runtime is available", "runtime_dir", f.runtimeDir, "hint", "build them with `make runtimes`")
 	}
-	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log})
+	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, IDs: ids, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log})
 	if err != nil {
 		unmountEmbedded()
 		return nil, err
