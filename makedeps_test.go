@@ -20,7 +20,7 @@ import (
 // packages (dpkg, apt, coreutils, util-linux's mount), and binaries the
 // code or the tests build or re-execute themselves.
 var preinstalled = map[string]bool{
-	"go": true, "sh": true, "true": true, "umount": true,
+	"go": true, "sh": true, "true": true, "umount": true, "find": true, "touch": true,
 	"dpkg": true, "dpkg-deb": true, "apt-get": true, "apt-cache": true,
 	"exe": true, // /proc/self/exe
 }
@@ -49,6 +49,7 @@ var indirect = map[string][]string{
 	"actiond_test.go":                       {"exe"}, // the actiond binary the test builds
 	"propagation_test.go":                   {"exe"}, // the actiond binary the test builds
 	"internal/testutil/sharedroot_linux.go": {"unshare"},
+	"localusers_linux_test.go":              {"setpriv"},
 	"e2e/observe_test.go":                   {"exe"},
 	"e2e/remote_exec_test.go":               {"exe"},
 	"internal/payload/standalone_test.go":   {"go", "exe"},
