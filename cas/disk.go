@@ -708,6 +708,11 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if !fi.Mode().IsRegular() {
 		return Digest{}, fmt.Errorf("%s is not a regular file (%s)", path, fi.Mode().Type())
 	}
+	// Before reading a byte: a sparse file can claim any size for free
+	// (truncate -s), and hashing it costs its full logical size.
+	if s.maxSize > 0 && fi.Size() > s.maxSize {
+		return Digest{}, fmt.Errorf("%s is %d bytes, larger than the store's size limit of %d bytes (--max-size): %w", path, fi.Size(), s.maxSize, ErrNoSpace)
+	}
 	if linkCount(fi) > 1 {
 		return s.putCopy(ctx, f, path)
 	}
@@ -723,7 +728,7 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if err := f.Chmod(0o444); err != nil {
 		return Digest{}, fmt.Errorf("chmod %s: %w", path, err)
 	}
-	d, err := hashFile(f)
+	d, err := hashFile(ctx, f)
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
@@ -758,7 +763,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return Digest{}, err
 	}
-	d, err := hashFile(f)
+	d, err := hashFile(ctx, f)
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
@@ -768,7 +773,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 		}
 		// Put verifies the copy against d, so a file that changes now is
 		// refused rather than stored wrongly.
-		if err := s.Put(ctx, d, struct{ io.Reader }{f}); err != nil {
+		if err := s.Put(ctx, d, ctxReader{ctx, f}); err != nil {
 			return Digest{}, fmt.Errorf("copy %s into the CAS: %w", path, err)
 		}
 	}
@@ -776,8 +781,9 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 	return d, nil
 }
 
-// hashFile hashes f from its current offset with a large buffer.
-func hashFile(f *os.File) (Digest, error) {
+// hashFile hashes f from its current offset with a large buffer; it stops
+// when ctx ends (a large output must not outlive its action's caller).
+func hashFile(ctx context.Context, f *os.File) (Digest, error) {
 	h := sha256.New()
 	// No 1 MiB buffer for a small file: allocating one costs ~0.3 ms (page
 	// faults), twice per action for stdout and stderr alone.
@@ -787,11 +793,24 @@ func hashFile(f *os.File) (Digest, error) {
 	}
 	buf := make([]byte, size)
 	// Hide f's WriteTo, which would use a small buffer.
-	n, err := io.CopyBuffer(h, struct{ io.Reader }{f}, buf)
+	n, err := io.CopyBuffer(h, ctxReader{ctx, f}, buf)
 	if err != nil {
 		return Digest{}, err
 	}
 	return Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
+}
+
+// ctxReader reads r until ctx ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
 }
 
 // PutBatch implements BatchPutter: every blob is verified and written to
