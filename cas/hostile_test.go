@@ -3,10 +3,15 @@ package cas
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
 )
 
 // sparseFile makes a file of size bytes that holds no data blocks.
@@ -59,5 +64,42 @@ func TestPutFileHashingHonoursContext(t *testing.T) {
 	}
 	if st := s.Stats(); st.Blobs != 0 {
 		t.Fatalf("%d blobs stored after a cancelled PutFile", st.Blobs)
+	}
+}
+
+// TestZstdBatchEntryDoesNotPreallocate: entries that declare 64 MiB but
+// decode to a few bytes must not make the server allocate 64 MiB each
+// before decoding; they fail as mismatches and good entries still land.
+func TestZstdBatchEntryDoesNotPreallocate(t *testing.T) {
+	s := newStore(t, "", WithFsync(false))
+	svc := NewService(s, 0, nil)
+	small := zstdEncoder.EncodeAll([]byte("tiny"), nil)
+	good := []byte("a good blob")
+	req := &repb.BatchUpdateBlobsRequest{}
+	const liars = 16
+	for i := range liars {
+		d := Digest{Hash: fmt.Sprintf("%064x", i+1), Size: maxBatchEntry}
+		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: d.Proto(), Data: small, Compressor: repb.Compressor_ZSTD})
+	}
+	gd := DigestOf(good)
+	req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: gd.Proto(), Data: zstdEncoder.EncodeAll(good, nil), Compressor: repb.Compressor_ZSTD})
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	resp, err := svc.BatchUpdateBlobs(ctx, req)
+	runtime.ReadMemStats(&after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, r := range resp.Responses[:liars] {
+		if codes.Code(r.Status.GetCode()) != codes.InvalidArgument {
+			t.Errorf("entry %d declaring %d bytes: status %v, want INVALID_ARGUMENT", i, maxBatchEntry, r.Status)
+		}
+	}
+	if r := resp.Responses[liars]; r.Status.GetCode() != 0 || !present(t, s, gd) {
+		t.Errorf("the good entry: %v", r.Status)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 64<<20 {
+		t.Errorf("the batch allocated %d MiB for %d entries of a few bytes each; want well under one entry's declared 64 MiB per entry", got>>20, liars)
 	}
 }

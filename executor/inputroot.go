@@ -136,6 +136,12 @@ func materialise(ctx context.Context, tree *InputTree, dir string, place func(d 
 	var jobs []fileJob
 	var walk func(d cas.Digest, path string) error
 	walk = func(d cas.Digest, path string) error {
+		// A shared Directory is created once per name: a tree the
+		// executor let through is bounded, but staging must still stop
+		// when the action is cancelled or its timeout passes.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if err := os.Mkdir(path, 0o755); err != nil {
 			return fmt.Errorf("stage input directory %s: %w", path, err)
 		}
@@ -162,6 +168,9 @@ func materialise(ctx context.Context, tree *InputTree, dir string, place func(d 
 	}
 	if len(jobs) < 64 {
 		for _, j := range jobs {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			if err := place(j.d, j.exec, j.dst); err != nil {
 				return fmt.Errorf("stage input %s: %w", j.dst, err)
 			}
