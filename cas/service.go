@@ -73,6 +73,13 @@ func (s *Service) MaxBatchSize() int64 { return s.maxBatchSize }
 // Counters returns the service's byte counters.
 func (s *Service) Counters() *Counters { return s.stats }
 
+// SetUploadLimits bounds the resumable uploads kept in progress: at most
+// count of them, for blobs of at most bytes in all (zero or less: keep the
+// current limit; the defaults are DefaultMaxUploads and
+// DefaultMaxUploadBytes). Beyond them the idle uploads touched longest ago
+// are dropped, then new uploads are refused with RESOURCE_EXHAUSTED.
+func (s *Service) SetUploadLimits(count int, bytes int64) { s.uploads.setLimits(count, bytes) }
+
 // Close releases unfinished resumable uploads.
 func (s *Service) Close() { s.uploads.closeAll() }
 
