@@ -31,6 +31,7 @@ import (
 type Sandbox struct {
 	log      *slog.Logger
 	uid, gid int
+	tmpSize  int64 // of /tmp and /dev/shm; <= 0: the kernel's default
 	runtimes map[string]Runtime
 	names    []string
 	state    string // private scratch directory, removed by Close
@@ -56,7 +57,11 @@ func New(cfg Config) (*Sandbox, error) {
 		log:      cfg.Logger,
 		uid:      cfg.UID,
 		gid:      cfg.GID,
+		tmpSize:  cfg.TmpSize,
 		runtimes: make(map[string]Runtime, len(cfg.Runtimes)),
+	}
+	if s.tmpSize == 0 {
+		s.tmpSize = DefaultTmpSize
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -252,6 +257,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		Env:              spec.Env,
 		UID:              s.uid,
 		GID:              s.gid,
+		TmpSize:          s.tmpSize,
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)
