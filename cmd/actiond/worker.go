@@ -141,6 +141,10 @@ func runWorker(args []string) error {
 		MaxTimeout:     opts.MaxActionTimeout,
 		Worker:         hostname,
 		Logger:         log,
+
+		DefaultTimeout:  opts.DefaultActionTimeout,
+		MaxInputEntries: opts.MaxInputEntries,
+		MaxInputBytes:   opts.MaxInputBytes,
 	})
 	if err != nil {
 		return err
