@@ -30,11 +30,11 @@ type hostileEnv struct {
 	cas repb.ContentAddressableStorageClient
 }
 
-func newHostileEnv(t *testing.T, tweak func(*executor.Options)) *hostileEnv {
+func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas.Option) *hostileEnv {
 	t.Helper()
 	testutil.RequireRoot(t)
 	root := t.TempDir()
-	store, err := cas.NewDiskStore(filepath.Join(root, "cas"), cas.WithFsync(false))
+	store, err := cas.NewDiskStore(filepath.Join(root, "cas"), append([]cas.Option{cas.WithFsync(false)}, storeOpts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,4 +184,18 @@ func TestDefaultActionTimeout(t *testing.T) {
 	defer cancel()
 	resp, _, err := e.execute(ctx, d, true)
 	wantStatus(t, resp, err, codes.DeadlineExceeded, "timed out after 1s")
+}
+
+// TestSparseOutputIsRefusedBySize: `truncate -s 1G` makes a 1 GiB output
+// that takes no disk; over the store's limit, it is refused by its size
+// (RESOURCE_EXHAUSTED naming --max-size) and evicts nothing.
+func TestSparseOutputIsRefusedBySize(t *testing.T) {
+	e := newHostileEnv(t, nil, cas.WithMaxSize(64<<20))
+	d := e.action(actionSpec{script: "truncate -s 1G out", outFiles: []string{"out"}, timeout: time.Minute})
+	e.othersStayServed(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		resp, _, err := e.execute(ctx, d, true)
+		wantStatus(t, resp, err, codes.ResourceExhausted, "--max-size")
+	})
 }

@@ -115,13 +115,27 @@ func (r CopyInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (
 			return err
 		}
 		defer src.Close()
-		if _, err := io.Copy(f, src); err != nil {
+		if _, err := io.Copy(f, ctxReader{ctx, src}); err != nil {
 			f.Close()
 			return err
 		}
 		return f.Close()
 	})
 	return func() error { return nil }, err
+}
+
+// ctxReader reads r until ctx ends: a large input copied for an action
+// whose timeout has passed stops there.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
 }
 
 type fileJob struct {
