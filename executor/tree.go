@@ -141,7 +141,7 @@ func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*Inpu
 func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*InputTree, error) {
 	if t := c.tree(root); t != nil {
 		// Validated before; the blobs may have been evicted since.
-		m, err := store.FindMissing(ctx, t.Files)
+		m, err := findMissing(ctx, store, t.Files)
 		if err != nil {
 			return nil, fmt.Errorf("check input blobs: %w", err)
 		}
@@ -205,7 +205,7 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 		}
 		level = next
 	}
-	m, err := store.FindMissing(ctx, t.Files)
+	m, err := findMissing(ctx, store, t.Files)
 	if err != nil {
 		return nil, fmt.Errorf("check input blobs: %w", err)
 	}
@@ -216,6 +216,29 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 	t.expand()
 	c.addTree(t)
 	return t, nil
+}
+
+// findMissingChunk is how many digests go to the store in one FindMissing
+// call: the disk store holds its index lock for a call, and other clients'
+// lookups must not wait for the whole of a large input tree.
+const findMissingChunk = 4096
+
+// findMissing is store.FindMissing in chunks.
+func findMissing(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
+	var missing []cas.Digest
+	for len(ds) > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(len(ds), findMissingChunk)
+		m, err := store.FindMissing(ctx, ds[:n])
+		if err != nil {
+			return nil, err
+		}
+		missing = append(missing, m...)
+		ds = ds[n:]
+	}
+	return missing, nil
 }
 
 // validateDirectory enforces the REAPI rules: names are single path
