@@ -240,6 +240,13 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	tmpSize := s.tmpSize
+	if n := spec.Limits.TmpBytes; n > 0 {
+		if s.tmpSize > 0 && n > s.tmpSize {
+			return nil, &executor.InvalidInputError{Msg: fmt.Sprintf("platform property tmp_size: %d bytes is over this server's limit of %d bytes (--sandbox-tmp-size)", n, s.tmpSize)}
+		}
+		tmpSize = n
+	}
 	writable, err := s.prepareExecRoot(spec)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -257,7 +264,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		Env:              spec.Env,
 		UID:              s.uid,
 		GID:              s.gid,
-		TmpSize:          s.tmpSize,
+		TmpSize:          tmpSize,
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)
