@@ -65,6 +65,18 @@ type Options struct {
 	Concurrency int
 	// MaxActionTimeout caps Action.timeout (0: no cap).
 	MaxActionTimeout time.Duration
+	// DefaultActionTimeout is the timeout of actions that set none
+	// (0: executor.DefaultActionTimeout; negative: none).
+	DefaultActionTimeout time.Duration
+	// MaxInputEntries and MaxInputBytes bound an action's input tree as
+	// staging expands it (0: executor.DefaultMaxInputEntries and
+	// DefaultMaxInputBytes; negative: none).
+	MaxInputEntries int64
+	MaxInputBytes   int64
+	// MaxUploads and MaxUploadBytes bound the resumable ByteStream uploads
+	// in progress (0: cas.DefaultMaxUploads and DefaultMaxUploadBytes).
+	MaxUploads     int
+	MaxUploadBytes int64
 	// Observer, if set, sees every action the executor runs (metrics,
 	// status page).
 	Observer executor.Observer
@@ -132,6 +144,7 @@ func New(opts Options) (*Server, error) {
 		cas:    cas.NewService(used, 0, log),
 		health: health.NewServer(),
 	}
+	s.cas.SetUploadLimits(opts.MaxUploads, opts.MaxUploadBytes)
 	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil })
 	if s.cache == nil {
 		bolt, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), used)
@@ -163,6 +176,10 @@ func New(opts Options) (*Server, error) {
 			MaxTimeout:     opts.MaxActionTimeout,
 			Logger:         log,
 			Observer:       opts.Observer,
+
+			DefaultTimeout:  opts.DefaultActionTimeout,
+			MaxInputEntries: opts.MaxInputEntries,
+			MaxInputBytes:   opts.MaxInputBytes,
 		})
 		if err != nil {
 			s.Close()

@@ -39,7 +39,20 @@ type BoltCache struct {
 	store  cas.Store
 	hits   atomic.Int64
 	misses atomic.Int64
+	limits atomic.Pointer[Limits]
 }
+
+// Limits are the limits Get checks results within (DefaultLimits unless
+// set with SetLimits).
+func (c *BoltCache) Limits() Limits {
+	if l := c.limits.Load(); l != nil {
+		return *l
+	}
+	return DefaultLimits
+}
+
+// SetLimits changes the limits Get checks results within.
+func (c *BoltCache) SetLimits(l Limits) { c.limits.Store(&l) }
 
 // Open opens or creates the database at path.
 func Open(path string, store cas.Store) (*BoltCache, error) {
@@ -84,7 +97,13 @@ func (c *BoltCache) Get(ctx context.Context, action cas.Digest) (*repb.ActionRes
 		c.misses.Add(1)
 		return nil, fmt.Errorf("action %s: stored result is corrupt (%v): %w", action, err, ErrNotFound)
 	}
-	missing, err := MissingBlobs(ctx, c.store, res)
+	missing, err := missingBlobs(ctx, c.store, res, c.Limits())
+	if errors.Is(err, ErrTooLarge) {
+		// Stored before the limits (UpdateActionResult refuses such
+		// results now): not worth checking, so not a hit.
+		c.misses.Add(1)
+		return nil, fmt.Errorf("action %s: %w: %w", action, err, ErrNotFound)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -133,44 +152,133 @@ func (c *BoltCache) Stats() Stats {
 // memory; a result referencing a larger one is treated as incomplete.
 const maxTreeSize = 64 << 20
 
+// Limits bound the work of checking that a result is complete. Each
+// distinct blob is checked once and each distinct Tree read once, so a
+// result naming one Tree many times costs no more than naming it once;
+// these bound what is left.
+type Limits struct {
+	// MaxBlobs is how many distinct blobs a result may reference (output
+	// files, trees and every file inside them, stdout, stderr).
+	MaxBlobs int
+	// MaxTreeBytes is how many bytes of distinct Tree and Directory blobs
+	// a result's output directories may take in all.
+	MaxTreeBytes int64
+}
+
+// DefaultLimits are the limits of Open and NewService: far above what a
+// build writes (a million output files), far below what would stall the
+// server for other clients.
+var DefaultLimits = Limits{MaxBlobs: 1 << 20, MaxTreeBytes: 256 << 20}
+
+// ErrTooLarge is wrapped when a result references more than Limits allow.
+var ErrTooLarge = errors.New("action result is too large")
+
+// findMissingChunk is how many digests go to the store in one FindMissing
+// call: the disk store holds its index lock for a call, and other
+// clients' lookups must not wait for a whole large result.
+const findMissingChunk = 4096
+
+// findMissing is store.FindMissing in chunks, stopping at the first chunk
+// with a missing blob.
+func findMissing(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
+	for len(ds) > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(len(ds), findMissingChunk)
+		missing, err := store.FindMissing(ctx, ds[:n])
+		if err != nil || len(missing) > 0 {
+			return missing, err
+		}
+		ds = ds[n:]
+	}
+	return nil, nil
+}
+
+// digestSet collects distinct digests up to a limit.
+type digestSet struct {
+	seen  map[cas.Digest]struct{}
+	list  []cas.Digest
+	limit int
+}
+
+func (s *digestSet) add(pd *repb.Digest) error {
+	if pd == nil {
+		return nil
+	}
+	d, err := cas.FromProto(pd)
+	if err != nil {
+		return nil // Validate refuses these; a stored one is never found
+	}
+	if _, ok := s.seen[d]; ok {
+		return nil
+	}
+	if s.limit > 0 && len(s.list) >= s.limit {
+		return fmt.Errorf("%w: it references more than %d distinct blobs (the limit)", ErrTooLarge, s.limit)
+	}
+	s.seen[d] = struct{}{}
+	s.list = append(s.list, d)
+	return nil
+}
+
 // MissingBlobs lists the blobs res references (outputs, the files inside
 // output directory trees or below root directories, stdout and stderr) that
-// the store does not hold. The list may stop at the first missing blob.
+// the store does not hold, within DefaultLimits. The list may stop at the
+// first missing blob.
 func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) ([]cas.Digest, error) {
-	var ds []cas.Digest
-	add := func(pd *repb.Digest) {
-		if pd == nil {
-			return
-		}
-		if d, err := cas.FromProto(pd); err == nil {
-			ds = append(ds, d)
-		}
-	}
+	return missingBlobs(ctx, store, res, DefaultLimits)
+}
+
+// missingBlobs is MissingBlobs within l; a result over l is an error
+// wrapping ErrTooLarge.
+func missingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult, l Limits) ([]cas.Digest, error) {
+	ds := &digestSet{seen: make(map[cas.Digest]struct{}), limit: l.MaxBlobs}
 	for _, f := range res.OutputFiles {
-		add(f.Digest)
+		if err := ds.add(f.Digest); err != nil {
+			return nil, err
+		}
 	}
-	add(res.StdoutDigest)
-	add(res.StderrDigest)
+	if err := ds.add(res.StdoutDigest); err != nil {
+		return nil, err
+	}
+	if err := ds.add(res.StderrDigest); err != nil {
+		return nil, err
+	}
 	var trees, roots []cas.Digest
+	seenTree := map[cas.Digest]bool{}
 	for _, d := range res.OutputDirectories {
-		add(d.TreeDigest)
-		add(d.RootDirectoryDigest)
+		if err := ds.add(d.TreeDigest); err != nil {
+			return nil, err
+		}
+		if err := ds.add(d.RootDirectoryDigest); err != nil {
+			return nil, err
+		}
 		if td, err := cas.FromProto(d.TreeDigest); err == nil {
-			trees = append(trees, td)
+			if !seenTree[td] {
+				seenTree[td] = true
+				trees = append(trees, td)
+			}
 		} else if rd, err := cas.FromProto(d.RootDirectoryDigest); err == nil {
 			// Only a root directory: its subdirectories are blobs too.
 			roots = append(roots, rd)
 		}
 	}
-	missing, err := store.FindMissing(ctx, ds)
+	missing, err := findMissing(ctx, store, ds.list)
 	if err != nil || len(missing) > 0 {
 		return missing, err
 	}
 	// The trees are present: check the files inside them too.
-	ds = ds[:0]
+	checked := len(ds.list)
+	var treeBytes int64
 	read := func(d cas.Digest, m proto.Message) (bool, error) {
 		if d.Size > maxTreeSize {
 			return false, nil
+		}
+		if treeBytes += d.Size; l.MaxTreeBytes > 0 && treeBytes > l.MaxTreeBytes {
+			return false, fmt.Errorf("%w: its output directories take more than %d bytes of Tree and Directory blobs (the limit)", ErrTooLarge, l.MaxTreeBytes)
+		}
+		if err := ctx.Err(); err != nil {
+			return false, err
 		}
 		data, err := cas.ReadAll(ctx, store, d)
 		if err != nil {
@@ -191,7 +299,9 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 				continue
 			}
 			for _, f := range dir.Files {
-				add(f.Digest)
+				if err := ds.add(f.Digest); err != nil {
+					return nil, err
+				}
 			}
 		}
 	}
@@ -209,7 +319,9 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 			return []cas.Digest{d}, err
 		}
 		for _, f := range dir.Files {
-			add(f.Digest)
+			if err := ds.add(f.Digest); err != nil {
+				return nil, err
+			}
 		}
 		for _, sub := range dir.Directories {
 			if sd, err := cas.FromProto(sub.Digest); err == nil {
@@ -219,5 +331,15 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 			}
 		}
 	}
-	return store.FindMissing(ctx, ds)
+	return findMissing(ctx, store, ds.list[checked:])
+}
+
+// CheckLimits reports, wrapping ErrTooLarge, whether res references more
+// than l allows. Blobs that are not stored yet are not counted.
+func CheckLimits(ctx context.Context, store cas.Store, res *repb.ActionResult, l Limits) error {
+	_, err := missingBlobs(ctx, store, res, l)
+	if errors.Is(err, ErrTooLarge) {
+		return err
+	}
+	return nil
 }

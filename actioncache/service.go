@@ -22,11 +22,18 @@ type Service struct {
 	// Writable is false for servers where only executions may populate the
 	// cache; UpdateActionResult is then refused.
 	writable bool
+	// limits refuse results at UpdateActionResult that would be costly to
+	// check at every GetActionResult (DefaultLimits unless set).
+	limits Limits
 }
+
+// SetLimits changes the limits UpdateActionResult enforces; use the same
+// as the cache's (BoltCache.SetLimits).
+func (s *Service) SetLimits(l Limits) { s.limits = l }
 
 // NewService serves cache; store is used to inline outputs.
 func NewService(cache Cache, store cas.Store, writable bool) *Service {
-	return &Service{cache: cache, store: store, writable: writable}
+	return &Service{cache: cache, store: store, writable: writable, limits: DefaultLimits}
 }
 
 func toStatus(err error) error {
@@ -102,6 +109,9 @@ func (s *Service) UpdateActionResult(ctx context.Context, req *repb.UpdateAction
 	}
 	if err := Validate(req.ActionResult); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "action_result: %v", err)
+	}
+	if err := CheckLimits(ctx, s.store, req.ActionResult, s.limits); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "action_result: %v; a result this large would have to be re-checked at every lookup", err)
 	}
 	if err := s.cache.Put(ctx, d, req.ActionResult); err != nil {
 		return nil, toStatus(err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,16 +110,39 @@ type upload struct {
 	committed atomic.Int64 // bytes received, readable without mu
 }
 
+// uploads are the resumable uploads kept between streams, within limits
+// on their number and on the sum of their blobs' sizes: each holds a temp
+// file (whose bytes count against the store's size limit) and, while a
+// stream writes it, buffers.
 type uploads struct {
 	mu        sync.Mutex
 	m         map[string]*upload
 	lastSweep time.Time
+	maxCount  int
+	maxBytes  int64
+	bytes     int64 // sum of the digests' sizes of the uploads in m
 }
 
 // uploadTTL is how long an interrupted upload waits for its client to resume.
 const uploadTTL = 10 * time.Minute
 
-func newUploads() *uploads { return &uploads{m: make(map[string]*upload)} }
+// Defaults for the limits on resumable uploads in progress (see
+// Service.SetUploadLimits). Bazel opens at most --remote_max_connections
+// (100) streams at once; the byte limit bounds the disk abandoned uploads
+// can take before they expire.
+const (
+	DefaultMaxUploads     = 1000
+	DefaultMaxUploadBytes = 16 << 30
+)
+
+func newUploads() *uploads {
+	return &uploads{m: make(map[string]*upload), maxCount: DefaultMaxUploads, maxBytes: DefaultMaxUploadBytes}
+}
+
+// errUploadLimit is returned when a new upload does not fit.
+func (u *uploads) limitErr(d Digest) error {
+	return status.Errorf(codes.ResourceExhausted, "upload of %s: the server has %d resumable uploads of %d bytes in all in progress; its limits are %d uploads (--max-uploads) and %d bytes (--max-upload-bytes); retry later", d, len(u.m), u.bytes, u.maxCount, u.maxBytes)
+}
 
 func (u *uploads) get(name string) *upload {
 	u.mu.Lock()
@@ -126,25 +150,71 @@ func (u *uploads) get(name string) *upload {
 	return u.m[name]
 }
 
-// put registers up, dropping expired uploads now and then.
-func (u *uploads) put(name string, up *upload) {
+// put registers up (whose mutex the caller holds), dropping expired
+// uploads now and then. When up does not fit the limits, the idle uploads
+// touched longest ago are dropped (their clients start again, as after an
+// expiry); if that is not enough, up is refused with RESOURCE_EXHAUSTED.
+func (u *uploads) put(name string, up *upload) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.m[name] = up
 	now := time.Now()
-	if now.Sub(u.lastSweep) < time.Minute {
-		return
+	if now.Sub(u.lastSweep) >= time.Minute {
+		u.lastSweep = now
+		u.dropIdleLocked(func(v *upload) bool { return now.Sub(v.touched) > uploadTTL }, 0, 0)
 	}
-	u.lastSweep = now
+	if len(u.m)+1 > u.maxCount || u.bytes+up.digest.Size > u.maxBytes {
+		u.dropIdleLocked(nil, 1, up.digest.Size)
+		if len(u.m)+1 > u.maxCount || u.bytes+up.digest.Size > u.maxBytes {
+			return u.limitErr(up.digest)
+		}
+	}
+	u.m[name] = up
+	u.bytes += up.digest.Size
+	return nil
+}
+
+// dropIdleLocked aborts uploads no stream is writing: those expired says
+// are expired, or (expired nil) the least recently touched until n more
+// uploads of size more bytes fit.
+func (u *uploads) dropIdleLocked(expired func(*upload) bool, n int, size int64) {
+	type idle struct {
+		name string
+		up   *upload
+	}
+	var cands []idle
 	for k, v := range u.m {
 		if !v.mu.TryLock() {
 			continue // being written
 		}
-		if now.Sub(v.touched) > uploadTTL {
-			v.w.Abort()
-			delete(u.m, k)
+		if expired != nil {
+			if expired(v) {
+				v.w.Abort()
+				u.deleteLocked(k)
+			}
+			v.mu.Unlock()
+			continue
 		}
-		v.mu.Unlock()
+		cands = append(cands, idle{k, v})
+	}
+	if expired != nil {
+		return
+	}
+	slices.SortFunc(cands, func(a, b idle) int { return a.up.touched.Compare(b.up.touched) })
+	for _, c := range cands {
+		if len(u.m)+n <= u.maxCount && u.bytes+size <= u.maxBytes {
+			c.up.mu.Unlock()
+			continue
+		}
+		c.up.w.Abort()
+		u.deleteLocked(c.name)
+		c.up.mu.Unlock()
+	}
+}
+
+func (u *uploads) deleteLocked(name string) {
+	if up, ok := u.m[name]; ok {
+		u.bytes -= up.digest.Size
+		delete(u.m, name)
 	}
 }
 
@@ -152,7 +222,19 @@ func (u *uploads) remove(name string, up *upload) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.m[name] == up {
-		delete(u.m, name)
+		u.deleteLocked(name)
+	}
+}
+
+// setLimits changes the limits for uploads started from now on.
+func (u *uploads) setLimits(count int, bytes int64) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if count > 0 {
+		u.maxCount = count
+	}
+	if bytes > 0 {
+		u.maxBytes = bytes
 	}
 }
 
@@ -164,7 +246,7 @@ func (u *uploads) closeAll() {
 			v.w.Abort()
 			v.mu.Unlock()
 		}
-		delete(u.m, k)
+		u.deleteLocked(k)
 	}
 }
 
@@ -212,6 +294,11 @@ func (b *byteStream) Write(stream bspb.ByteStream_WriteServer) error {
 		return err
 	}
 	defer up.mu.Unlock()
+	// Between streams an upload keeps only its temp file: no buffers, no
+	// goroutine, no descriptor (a no-op once committed or aborted).
+	if iw, ok := up.w.(interface{ Idle() error }); ok {
+		defer iw.Idle()
+	}
 	if fresh && req.WriteOffset != 0 {
 		up.w.Abort()
 		b.uploads.remove(name, up)
@@ -275,7 +362,11 @@ func (b *byteStream) startUpload(name string, d Digest, offset int64) (*upload, 
 	}
 	up := &upload{w: w, digest: d, touched: time.Now()}
 	up.mu.Lock()
-	b.uploads.put(name, up)
+	if err := b.uploads.put(name, up); err != nil {
+		up.mu.Unlock()
+		w.Abort()
+		return nil, false, err
+	}
 	return up, true, nil
 }
 

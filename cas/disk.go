@@ -50,6 +50,7 @@ type DiskStore struct {
 	lru       *list.List // of *entry, most recently used at the front
 	size      int64      // bytes of all indexed blobs
 	reserved  int64      // bytes of blobs being renamed into place
+	uploading int64      // bytes in the temp files of unfinished Writers
 	pending   map[string]int
 	pins      map[string]int
 	evictions int64
@@ -384,11 +385,13 @@ func (s *DiskStore) createTemp(what string) (*os.File, error) {
 type Writer struct {
 	s       *DiskStore
 	d       Digest
-	f       *os.File
+	f       *os.File // nil while idle (see Idle)
+	name    string   // of the temp file
 	h       hash.Hash
 	written int64 // bytes accepted (hashed)
 	fileOff int64 // bytes written to f; owned by whoever writes f
 	synced  int64 // bytes of f handed to write-behind
+	counted int64 // bytes of the temp file counted in s.uploading
 	done    bool
 
 	buf   []byte        // pipelined: the buffer being filled
@@ -414,7 +417,75 @@ func (s *DiskStore) NewWriter(d Digest) (*Writer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("upload of %s: %w", d, err)
 	}
-	return &Writer{s: s, d: d, f: f, h: sha256.New()}, nil
+	return &Writer{s: s, d: d, f: f, name: f.Name(), h: sha256.New()}, nil
+}
+
+// Idle releases what an upload holds between streams of a resumable
+// upload: its buffers and file writer goroutine (written out first) and its
+// file descriptor. The next Write or Commit reopens the file. An idle
+// upload costs its hash state and its bytes on disk.
+func (w *Writer) Idle() error {
+	if w.done {
+		return nil
+	}
+	err := w.drain()
+	if w.buf != nil {
+		b := w.buf[:0]
+		chunkPool.Put(&b)
+		w.buf = nil
+	}
+	if w.f != nil {
+		if cerr := w.f.Close(); err == nil {
+			err = cerr
+		}
+		w.f = nil
+	}
+	return err
+}
+
+// reopen opens the temp file of an idle upload again.
+func (w *Writer) reopen() error {
+	if w.f != nil {
+		return nil
+	}
+	f, err := os.OpenFile(w.name, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("reopen upload of %s: %w", w.d, err)
+	}
+	if _, err := f.Seek(w.fileOff, io.SeekStart); err != nil {
+		f.Close()
+		return fmt.Errorf("reopen upload of %s: %w", w.d, err)
+	}
+	w.f = f
+	return nil
+}
+
+// count adds n bytes written to the temp file to the store's total, which
+// the size limit covers: an unfinished upload takes disk space like a blob.
+func (w *Writer) count(n int64) error {
+	s := w.s
+	if s.maxSize <= 0 || n == 0 {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.uploading += n
+	w.counted += n
+	if !s.evictLocked(0) {
+		return fmt.Errorf("upload of %s: the size limit of %d bytes (--max-size) is taken by pinned blobs and uploads in progress: %w", w.d, s.maxSize, ErrNoSpace)
+	}
+	return nil
+}
+
+// uncount removes the Writer's bytes from the store's total.
+func (w *Writer) uncount() {
+	if w.counted == 0 {
+		return
+	}
+	w.s.mu.Lock()
+	w.s.uploading -= w.counted
+	w.s.mu.Unlock()
+	w.counted = 0
 }
 
 // Written is how many bytes have been accepted so far.
@@ -427,6 +498,9 @@ func (w *Writer) Write(p []byte) (int, error) {
 	}
 	if w.written+int64(len(p)) > w.d.Size {
 		return 0, fmt.Errorf("blob %s: more than %d bytes written: %w", w.d, w.d.Size, ErrDigestMismatch)
+	}
+	if err := w.reopen(); err != nil {
+		return 0, err
 	}
 	if w.d.Size < pipelineMin {
 		n, err := w.writeFile(p)
@@ -487,6 +561,9 @@ func (w *Writer) fileWriter() {
 func (w *Writer) writeFile(p []byte) (int, error) {
 	n, err := w.f.Write(p)
 	w.fileOff += int64(n)
+	if cerr := w.count(int64(n)); err == nil && cerr != nil {
+		return n, cerr
+	}
 	if err != nil {
 		return n, w.s.spaceErr(fmt.Errorf("write upload of %s: %w", w.d, err))
 	}
@@ -530,9 +607,14 @@ func (w *Writer) Commit() error {
 	if got := hex.EncodeToString(w.h.Sum(nil)); got != w.d.Hash {
 		return fmt.Errorf("blob %s: data hashes to %s: %w", w.d, got, ErrDigestMismatch)
 	}
+	if err := w.reopen(); err != nil {
+		return err
+	}
 	if err := w.drain(); err != nil {
 		return err
 	}
+	// link reserves the blob's size itself.
+	w.uncount()
 	return w.s.commitFile(w.f, w.d)
 }
 
@@ -552,8 +634,11 @@ func (w *Writer) Abort() {
 		chunkPool.Put(&b)
 		w.buf = nil
 	}
-	w.f.Close()
-	os.Remove(w.f.Name())
+	if w.f != nil {
+		w.f.Close()
+	}
+	os.Remove(w.name)
+	w.uncount()
 }
 
 // commitFile makes the verified temp file f the blob d and closes f.
@@ -635,7 +720,7 @@ func (s *DiskStore) evictLocked(need int64) bool {
 	if s.maxSize <= 0 {
 		return true
 	}
-	for el := s.lru.Back(); el != nil && s.size+s.reserved+need > s.maxSize; {
+	for el := s.lru.Back(); el != nil && s.size+s.reserved+s.uploading+need > s.maxSize; {
 		e := el.Value.(*entry)
 		prev := el.Prev()
 		if s.pins[e.hash] == 0 && s.pending[e.hash] == 0 {
@@ -648,7 +733,7 @@ func (s *DiskStore) evictLocked(need int64) bool {
 		}
 		el = prev
 	}
-	return s.size+s.reserved+need <= s.maxSize
+	return s.size+s.reserved+s.uploading+need <= s.maxSize
 }
 
 // Evict shrinks the store to at most max bytes now (max <= 0 uses the
@@ -708,6 +793,11 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if !fi.Mode().IsRegular() {
 		return Digest{}, fmt.Errorf("%s is not a regular file (%s)", path, fi.Mode().Type())
 	}
+	// Before reading a byte: a sparse file can claim any size for free
+	// (truncate -s), and hashing it costs its full logical size.
+	if s.maxSize > 0 && fi.Size() > s.maxSize {
+		return Digest{}, fmt.Errorf("%s is %d bytes, larger than the store's size limit of %d bytes (--max-size): %w", path, fi.Size(), s.maxSize, ErrNoSpace)
+	}
 	if linkCount(fi) > 1 {
 		return s.putCopy(ctx, f, path)
 	}
@@ -723,7 +813,7 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if err := f.Chmod(0o444); err != nil {
 		return Digest{}, fmt.Errorf("chmod %s: %w", path, err)
 	}
-	d, err := hashFile(f)
+	d, err := hashFile(ctx, f)
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
@@ -758,7 +848,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return Digest{}, err
 	}
-	d, err := hashFile(f)
+	d, err := hashFile(ctx, f)
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
@@ -768,7 +858,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 		}
 		// Put verifies the copy against d, so a file that changes now is
 		// refused rather than stored wrongly.
-		if err := s.Put(ctx, d, struct{ io.Reader }{f}); err != nil {
+		if err := s.Put(ctx, d, ctxReader{ctx, f}); err != nil {
 			return Digest{}, fmt.Errorf("copy %s into the CAS: %w", path, err)
 		}
 	}
@@ -776,8 +866,9 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 	return d, nil
 }
 
-// hashFile hashes f from its current offset with a large buffer.
-func hashFile(f *os.File) (Digest, error) {
+// hashFile hashes f from its current offset with a large buffer; it stops
+// when ctx ends (a large output must not outlive its action's caller).
+func hashFile(ctx context.Context, f *os.File) (Digest, error) {
 	h := sha256.New()
 	// No 1 MiB buffer for a small file: allocating one costs ~0.3 ms (page
 	// faults), twice per action for stdout and stderr alone.
@@ -787,11 +878,24 @@ func hashFile(f *os.File) (Digest, error) {
 	}
 	buf := make([]byte, size)
 	// Hide f's WriteTo, which would use a small buffer.
-	n, err := io.CopyBuffer(h, struct{ io.Reader }{f}, buf)
+	n, err := io.CopyBuffer(h, ctxReader{ctx, f}, buf)
 	if err != nil {
 		return Digest{}, err
 	}
 	return Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
+}
+
+// ctxReader reads r until ctx ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
 }
 
 // PutBatch implements BatchPutter: every blob is verified and written to

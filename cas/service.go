@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -73,13 +74,17 @@ func (s *Service) MaxBatchSize() int64 { return s.maxBatchSize }
 // Counters returns the service's byte counters.
 func (s *Service) Counters() *Counters { return s.stats }
 
+// SetUploadLimits bounds the resumable uploads kept in progress: at most
+// count of them, for blobs of at most bytes in all (zero or less: keep the
+// current limit; the defaults are DefaultMaxUploads and
+// DefaultMaxUploadBytes). Beyond them the idle uploads touched longest ago
+// are dropped, then new uploads are refused with RESOURCE_EXHAUSTED.
+func (s *Service) SetUploadLimits(count int, bytes int64) { s.uploads.setLimits(count, bytes) }
+
 // Close releases unfinished resumable uploads.
 func (s *Service) Close() { s.uploads.closeAll() }
 
-var (
-	zstdEncoder, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecodeAllCapLimit(true))
-)
+var zstdEncoder, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
 
 // CheckDigestFunction accepts the digest functions this server implements.
 func CheckDigestFunction(f repb.DigestFunction_Value) error {
@@ -215,9 +220,7 @@ func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlo
 				out.Status = protoStatus(fmt.Errorf("%w: blob %s is too large to decompress in a batch (limit %d bytes); upload it with ByteStream.Write", ErrInvalidDigest, d, int64(maxBatchEntry)))
 				continue
 			}
-			// The capacity bounds the output: data that decodes to more
-			// than the digest's size fails instead of growing the buffer.
-			data, err = zstdDecoder.DecodeAll(r.Data, make([]byte, 0, d.Size))
+			data, err = decodeBatchEntry(r.Data, d.Size)
 			if err != nil {
 				out.Status = protoStatus(fmt.Errorf("%w: decompress zstd data for %s: %v", ErrDigestMismatch, d, err))
 				continue
@@ -239,6 +242,41 @@ func (s *Service) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlo
 	flush()
 	s.stats.add(in, 0)
 	return resp, nil
+}
+
+// batchDecoders are streaming zstd decoders for batch entries, reused.
+var batchDecoders = sync.Pool{New: func() any {
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true), zstd.WithDecoderMaxMemory(maxBatchEntry))
+	if err != nil {
+		return err
+	}
+	return dec
+}}
+
+// decodeBatchEntry decodes one zstd batch entry of at most size bytes
+// (more is an error). The buffer grows with the data actually decoded: an
+// entry that declares 64 MiB and decodes to 10 bytes costs 10 bytes, not
+// a 64 MiB allocation made before decoding.
+func decodeBatchEntry(compressed []byte, size int64) ([]byte, error) {
+	v := batchDecoders.Get()
+	dec, ok := v.(*zstd.Decoder)
+	if !ok {
+		return nil, v.(error)
+	}
+	defer batchDecoders.Put(dec)
+	if err := dec.Reset(bytes.NewReader(compressed)); err != nil {
+		return nil, err
+	}
+	var buf bytes.Buffer
+	// Start small; bytes.Buffer doubles as the data arrives.
+	buf.Grow(int(min(size+1, 64<<10)))
+	_, err := buf.ReadFrom(io.LimitReader(dec, size+1))
+	// Drop the reference to the caller's data before pooling.
+	dec.Reset(bytes.NewReader(nil))
+	if err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
 // putMany stores blobs, in one batch when the store can.

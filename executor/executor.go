@@ -50,7 +50,17 @@ type Options struct {
 	// MaxTimeout caps Action.timeout; actions without one get it too.
 	// Zero: no cap.
 	MaxTimeout time.Duration
-	Logger     *slog.Logger
+	// DefaultTimeout is the timeout of actions that set none (Bazel sets
+	// one only for tests), so a hung command cannot hold a slot forever.
+	// Zero: DefaultActionTimeout; negative: none.
+	DefaultTimeout time.Duration
+	// MaxInputEntries and MaxInputBytes bound an input root as staging
+	// expands it (see InputTree.Entries); larger roots are refused with
+	// INVALID_ARGUMENT before anything is staged. Zero: the defaults
+	// (DefaultMaxInputEntries, DefaultMaxInputBytes); negative: no limit.
+	MaxInputEntries int64
+	MaxInputBytes   int64
+	Logger          *slog.Logger
 	// Observer, if set, sees each action run (metrics, status pages).
 	Observer Observer
 }
@@ -98,6 +108,15 @@ func New(opts Options) (*Executor, error) {
 	if opts.DefaultRuntime == "" {
 		opts.DefaultRuntime = "host"
 	}
+	if opts.DefaultTimeout == 0 {
+		opts.DefaultTimeout = DefaultActionTimeout
+	}
+	if opts.MaxInputEntries == 0 {
+		opts.MaxInputEntries = DefaultMaxInputEntries
+	}
+	if opts.MaxInputBytes == 0 {
+		opts.MaxInputBytes = DefaultMaxInputBytes
+	}
 	if opts.Worker == "" {
 		opts.Worker, _ = os.Hostname()
 	}
@@ -110,6 +129,11 @@ func New(opts Options) (*Executor, error) {
 	trees := NewTreeCache(DefaultTreeCacheDirBytes, DefaultTreeCacheFiles)
 	return &Executor{opts: opts, log: opts.Logger, trees: trees, cleanupSlots: make(chan struct{}, maxPendingCleanups)}, nil
 }
+
+// DefaultActionTimeout is Options.DefaultTimeout's default: long enough for
+// the slowest real compile or link, short enough that a hung action frees
+// its slot the same day.
+const DefaultActionTimeout = time.Hour
 
 // maxPendingCleanups bounds the stages being removed in the background;
 // beyond it an execution cleans up before returning, so a slow disk
@@ -281,12 +305,25 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 		}
 	}
 
-	// Inputs.
+	timeout, err := e.timeout(action)
+	if err != nil {
+		return nil, err
+	}
+
+	// Inputs. The action's timeout runs from here: fetching and staging
+	// its inputs are part of what it costs, and a hostile tree must not
+	// keep a slot longer than the command itself could.
 	progress(StageFetchingInputs)
 	md.InputFetchStartTimestamp = timestamppb.Now()
+	started := time.Now()
+	stageCtx, cancelStage := context.WithDeadline(ctx, started.Add(timeout))
+	defer cancelStage()
 	rootDigest, _ := cas.FromProto(action.InputRootDigest)
-	tree, err := e.trees.LoadInputTree(ctx, e.opts.Store, rootDigest)
+	tree, err := e.trees.LoadInputTree(stageCtx, e.opts.Store, rootDigest)
 	if err != nil {
+		return nil, e.stageErr(ctx, err, timeout)
+	}
+	if err := tree.CheckLimits(e.opts.MaxInputEntries, e.opts.MaxInputBytes); err != nil {
 		return nil, err
 	}
 	// Unmounting and removing the stage are not the client's wait: they
@@ -335,9 +372,9 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	})
 	execRoot := filepath.Join(stage, "root")
 	inputRoot := e.opts.InputRoot
-	staged, err := stageInputs(ctx, inputRoot, e.opts.Store, tree, execRoot, StageOptions{MutatesInputs: plat.MutatesInputs, User: user})
+	staged, err := stageInputs(stageCtx, inputRoot, e.opts.Store, tree, execRoot, StageOptions{MutatesInputs: plat.MutatesInputs, User: user})
 	if err != nil {
-		return nil, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err)
+		return nil, e.stageErr(ctx, fmt.Errorf("stage input root %s (%s): %w", rootDigest, inputRoot.Name(), err), timeout)
 	}
 	if staged.Dir != "" {
 		execRoot = staged.Dir
@@ -363,14 +400,11 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	}
 	md.InputFetchCompletedTimestamp = timestamppb.Now()
 
-	// Run.
+	// Run, for what is left of the timeout.
 	progress(StageRunning)
-	timeout := action.Timeout.AsDuration()
-	if action.Timeout != nil && timeout < 0 {
-		return nil, invalidf("action timeout %s is negative", timeout)
-	}
-	if e.opts.MaxTimeout > 0 && (timeout == 0 || timeout > e.opts.MaxTimeout) {
-		timeout = e.opts.MaxTimeout
+	remaining := time.Until(started.Add(timeout))
+	if remaining <= 0 || stageCtx.Err() != nil {
+		return nil, e.stageErr(ctx, context.DeadlineExceeded, timeout)
 	}
 	spec := &RunSpec{
 		ExecRoot:         execRoot,
@@ -381,7 +415,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 		Env:              envList(command.EnvironmentVariables),
 		Runtime:          plat.Runtime,
 		Limits:           plat.Limits,
-		Timeout:          timeout,
+		Timeout:          remaining,
 		StdoutPath:       filepath.Join(stage, "stdout"),
 		StderrPath:       filepath.Join(stage, "stderr"),
 		User:             user,
@@ -475,6 +509,36 @@ func (e *Executor) doNotCache(ctx context.Context, d cas.Digest) bool {
 		return false
 	}
 	return a.DoNotCache
+}
+
+// timeout is how long action may take, inputs included: its own timeout,
+// or the default, capped by MaxTimeout. It is never zero: "no timeout"
+// is a very long one.
+func (e *Executor) timeout(action *repb.Action) (time.Duration, error) {
+	timeout := action.Timeout.AsDuration()
+	if action.Timeout != nil && timeout < 0 {
+		return 0, invalidf("action timeout %s is negative", timeout)
+	}
+	if timeout == 0 {
+		timeout = e.opts.DefaultTimeout
+	}
+	if e.opts.MaxTimeout > 0 && (timeout <= 0 || timeout > e.opts.MaxTimeout) {
+		timeout = e.opts.MaxTimeout
+	}
+	if timeout <= 0 {
+		timeout = 100 * 365 * 24 * time.Hour
+	}
+	return timeout, nil
+}
+
+// stageErr reports a failure to fetch or stage inputs; when the action's
+// own timeout (not the client) ended it, that is DEADLINE_EXCEEDED naming
+// the timeout.
+func (e *Executor) stageErr(ctx context.Context, err error, timeout time.Duration) error {
+	if ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		return status.Errorf(codes.DeadlineExceeded, "action timed out after %s while fetching and staging its inputs (the timeout counts from the start of input staging)", timeout)
+	}
+	return err
 }
 
 func (e *Executor) serverLog(req Request, plat Platform, inputRoot string, tree *InputTree, run *RunResult) string {

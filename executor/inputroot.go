@@ -163,9 +163,23 @@ func (r CopyInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (
 			return missingAsPrecondition(d, err)
 		}
 		defer src.Close()
-		return createInput(dst, exec, src)
+		return createInput(dst, exec, ctxReader{ctx, src})
 	})
 	return func() error { return nil }, err
+}
+
+// ctxReader reads r until ctx ends: a large input copied for an action
+// whose timeout has passed stops there.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (r ctxReader) Read(p []byte) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.Read(p)
 }
 
 type fileJob struct {
@@ -180,6 +194,12 @@ func materialise(ctx context.Context, tree *InputTree, dir string, place func(d 
 	var jobs []fileJob
 	var walk func(d cas.Digest, path string) error
 	walk = func(d cas.Digest, path string) error {
+		// A shared Directory is created once per name: a tree the
+		// executor let through is bounded, but staging must still stop
+		// when the action is cancelled or its timeout passes.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if err := os.Mkdir(path, 0o755); err != nil {
 			return fmt.Errorf("stage input directory %s: %w", path, err)
 		}
@@ -206,6 +226,9 @@ func materialise(ctx context.Context, tree *InputTree, dir string, place func(d 
 	}
 	if len(jobs) < 64 {
 		for _, j := range jobs {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			if err := place(j.d, j.exec, j.dst); err != nil {
 				return fmt.Errorf("stage input %s: %w", j.dst, err)
 			}

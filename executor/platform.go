@@ -29,6 +29,7 @@ var PlatformProperties = map[string]string{
 	"memory":         `memory limit, e.g. "512M", "2G"`,
 	"cpu":            `CPU limit in cores, e.g. "1", "0.5"`,
 	"pids":           `maximum number of processes and threads`,
+	"tmp_size":       `size of the action's /tmp and of its /dev/shm (in memory), each, e.g. "256M"; at most the server's --sandbox-tmp-size`,
 }
 
 // ParsePlatform merges action and command platforms (the action's wins) and
@@ -72,6 +73,12 @@ func ParsePlatform(action, command *repb.Platform) (Platform, error) {
 				return out, invalidf("platform property pids=%q: want a positive integer", v)
 			}
 			out.Limits.Pids = n
+		case "tmp_size":
+			n, err := units.ParseSize(v)
+			if err != nil || n <= 0 {
+				return out, invalidf("platform property tmp_size=%q: want a positive size such as 256M or 2G", v)
+			}
+			out.Limits.TmpBytes = n
 		default:
 			out.Ignored = append(out.Ignored, name)
 		}

@@ -74,6 +74,10 @@ type Limits struct {
 	MemoryBytes int64 // memory limit, bytes
 	CPUMillis   int64 // CPU quota in thousandths of a core (1000 = one core)
 	Pids        int64 // maximum number of tasks
+	// TmpBytes is the size of /tmp and of /dev/shm, each ("tmp_size");
+	// zero: the sandbox's default. A sandbox refuses more than its own
+	// limit with an InvalidInputError.
+	TmpBytes int64
 }
 
 // RunResult is what happened to the command.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
 	"strings"
 
 	"github.com/actiond/actiond/cas"
@@ -19,6 +21,81 @@ type InputTree struct {
 	Files []cas.Digest // distinct file digests
 	// FileCount counts file entries (with repeats), for logs and metrics.
 	FileCount int
+	// Entries and Bytes are the size of the tree as staging expands it:
+	// every file, directory and symlink below Root (a Directory named
+	// twice counts twice) and the bytes of all those files. Directories
+	// are shared by digest, so a few small messages can describe a tree
+	// exponentially larger than themselves; these are what hardlink and
+	// copy staging (and a walk of a FUSE root) cost. Saturated at
+	// math.MaxInt64.
+	Entries, Bytes int64
+}
+
+// Defaults for the limits on an expanded input tree (Options.MaxInputEntries
+// and MaxInputBytes). Large real actions have a few hundred thousand inputs;
+// staging costs ~0.3 ms per file with hardlinks, so a million is minutes.
+const (
+	DefaultMaxInputEntries = 1 << 20
+	DefaultMaxInputBytes   = 64 << 30
+)
+
+// CheckLimits refuses a tree larger, once expanded, than maxEntries entries
+// or maxBytes bytes (zero or less: no limit) with INVALID_ARGUMENT naming
+// the limit.
+func (t *InputTree) CheckLimits(maxEntries, maxBytes int64) error {
+	if maxEntries > 0 && t.Entries > maxEntries {
+		return invalidf("input root %s expands to %s entries, over this server's limit of %d input entries (--max-input-entries)", t.Root, satString(t.Entries), maxEntries)
+	}
+	if maxBytes > 0 && t.Bytes > maxBytes {
+		return invalidf("input root %s expands to %s bytes of files, over this server's limit of %d input bytes (--max-input-bytes)", t.Root, satString(t.Bytes), maxBytes)
+	}
+	return nil
+}
+
+func satString(n int64) string {
+	if n == math.MaxInt64 {
+		return "more than 9.2e18"
+	}
+	return strconv.FormatInt(n, 10)
+}
+
+// satAdd adds non-negative numbers, saturating at math.MaxInt64.
+func satAdd(a, b int64) int64 {
+	if a > math.MaxInt64-b {
+		return math.MaxInt64
+	}
+	return a + b
+}
+
+// expand computes t.Entries and t.Bytes bottom-up over the DAG, each
+// distinct directory once.
+func (t *InputTree) expand() {
+	type size struct{ entries, bytes int64 }
+	memo := make(map[cas.Digest]size, len(t.Dirs))
+	var walk func(d cas.Digest) size
+	walk = func(d cas.Digest) size {
+		if s, ok := memo[d]; ok {
+			return s
+		}
+		dir := t.Dirs[d]
+		var s size
+		if dir != nil {
+			s.entries = int64(len(dir.Files) + len(dir.Symlinks) + len(dir.Directories))
+			for _, f := range dir.Files {
+				s.bytes = satAdd(s.bytes, max(f.Digest.GetSizeBytes(), 0))
+			}
+			for _, sub := range dir.Directories {
+				sd, _ := cas.FromProto(sub.Digest)
+				ss := walk(sd) // depth is bounded by LoadInputTree
+				s.entries = satAdd(s.entries, ss.entries)
+				s.bytes = satAdd(s.bytes, ss.bytes)
+			}
+		}
+		memo[d] = s
+		return s
+	}
+	s := walk(t.Root)
+	t.Entries, t.Bytes = s.entries, s.bytes
 }
 
 // InvalidInputError reports a malformed input tree; it maps to INVALID_ARGUMENT.
@@ -64,7 +141,7 @@ func LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*Inpu
 func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas.Digest) (*InputTree, error) {
 	if t := c.tree(root); t != nil {
 		// Validated before; the blobs may have been evicted since.
-		m, err := store.FindMissing(ctx, t.Files)
+		m, err := findMissing(ctx, store, t.Files)
 		if err != nil {
 			return nil, fmt.Errorf("check input blobs: %w", err)
 		}
@@ -85,6 +162,9 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 		for _, d := range level {
 			if _, ok := t.Dirs[d]; ok {
 				continue
+			}
+			if err := ctx.Err(); err != nil {
+				return nil, fmt.Errorf("load input root %s: %w", root, err)
 			}
 			dir := c.dir(d)
 			if dir == nil {
@@ -125,7 +205,7 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 		}
 		level = next
 	}
-	m, err := store.FindMissing(ctx, t.Files)
+	m, err := findMissing(ctx, store, t.Files)
 	if err != nil {
 		return nil, fmt.Errorf("check input blobs: %w", err)
 	}
@@ -133,8 +213,32 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 	if len(missing) > 0 {
 		return nil, &MissingBlobsError{Digests: missing}
 	}
+	t.expand()
 	c.addTree(t)
 	return t, nil
+}
+
+// findMissingChunk is how many digests go to the store in one FindMissing
+// call: the disk store holds its index lock for a call, and other clients'
+// lookups must not wait for the whole of a large input tree.
+const findMissingChunk = 4096
+
+// findMissing is store.FindMissing in chunks.
+func findMissing(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
+	var missing []cas.Digest
+	for len(ds) > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n := min(len(ds), findMissingChunk)
+		m, err := store.FindMissing(ctx, ds[:n])
+		if err != nil {
+			return nil, err
+		}
+		missing = append(missing, m...)
+		ds = ds[n:]
+	}
+	return missing, nil
 }
 
 // validateDirectory enforces the REAPI rules: names are single path

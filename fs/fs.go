@@ -58,8 +58,12 @@ const (
 	kindSpecial // FIFO or socket
 )
 
-// node is an inode of one mount. Nodes are never freed before the mount
-// goes away: a mount lives for one action.
+// node is an inode of one mount. A node is dropped once the kernel has
+// forgotten it (its lookup count is back to zero) and nothing else needs it:
+// a removed staged entry, or an input entry nobody changed, which is made
+// again from the tree on the next lookup. Without that an action that
+// creates and removes many files, or walks a large input tree, grows this
+// server (outside the action's cgroup) until the mount goes away.
 type node struct {
 	id     fuseops.InodeID
 	kind   nodeKind
@@ -84,6 +88,10 @@ type node struct {
 	mode                os.FileMode
 	uid, gid            uint32
 	atime, mtime, ctime time.Time
+
+	lookups uint64 // the kernel's references (entries it was given minus forgotten)
+	removed bool   // staged directory: removed from its parent
+	changed bool   // input directory: attributes or entries changed; keep it
 }
 
 // handle is an open file or directory.
@@ -470,6 +478,7 @@ func (afs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
 		p.subdirs++
 	}
 	p.mtime, p.ctime = now, now
+	p.changed = p.changed || p.input
 }
 
 // newBacking creates the file holding a staged file's bytes.
@@ -538,6 +547,7 @@ func (afs *actionFS) LookUpInode(ctx context.Context, op *fuseops.LookUpInodeOp)
 		// Not cached: the name goes away when probing ends.
 		a, _ := afs.attrs(ctx, afs.probe)
 		op.Entry = fuseops.ChildInodeEntry{Child: afs.probe.id, Attributes: a}
+		lookedUp(afs.probe)
 		return nil
 	}
 	p, err := afs.getDir(op.Parent)
@@ -552,8 +562,11 @@ func (afs *actionFS) LookUpInode(ctx context.Context, op *fuseops.LookUpInodeOp)
 		op.Entry = fuseops.ChildInodeEntry{EntryExpiration: afs.expire}
 		return nil
 	}
-	op.Entry, err = afs.entry(ctx, c)
-	return err
+	if op.Entry, err = afs.entry(ctx, c); err != nil {
+		return err
+	}
+	lookedUp(c)
+	return nil
 }
 
 // GetInodeAttributes serves the op.
@@ -619,6 +632,7 @@ func (afs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInod
 		return syscall.EPERM
 	}
 	now := time.Now()
+	n.changed = n.changed || n.input
 	if op.Size != nil {
 		var err error
 		if n.f != nil {
@@ -652,11 +666,93 @@ func (afs *actionFS) SetInodeAttributes(ctx context.Context, op *fuseops.SetInod
 	return err
 }
 
-// ForgetInode serves the op: nodes live as long as the mount.
-func (afs *actionFS) ForgetInode(ctx context.Context, op *fuseops.ForgetInodeOp) error { return nil }
+// ForgetInode serves the op.
+func (afs *actionFS) ForgetInode(ctx context.Context, op *fuseops.ForgetInodeOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	afs.forgetLocked(op.Inode, op.N)
+	return nil
+}
 
 // BatchForget serves the op.
-func (afs *actionFS) BatchForget(ctx context.Context, op *fuseops.BatchForgetOp) error { return nil }
+func (afs *actionFS) BatchForget(ctx context.Context, op *fuseops.BatchForgetOp) error {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	for _, e := range op.Entries {
+		afs.forgetLocked(e.Inode, e.N)
+	}
+	return nil
+}
+
+// lookedUp counts an entry handed to the kernel, which will forget it.
+func lookedUp(n *node) { n.lookups++ }
+
+func (afs *actionFS) forgetLocked(id fuseops.InodeID, count uint64) {
+	n := afs.nodes[id]
+	if n == nil {
+		return
+	}
+	n.lookups -= min(count, n.lookups)
+	afs.maybeDrop(n)
+}
+
+// maybeDrop drops n if the kernel holds no reference to it and the mount
+// does not need it: a removed staged entry (its bytes are gone already), or
+// an unchanged input entry with nothing below it, which child makes again
+// from the tree when next looked up (under a new inode number; the kernel
+// has forgotten the old one). Dropping an input entry may make its parent
+// droppable too.
+func (afs *actionFS) maybeDrop(n *node) {
+	for n != nil && n.lookups == 0 && n != afs.root && n != afs.probe {
+		p := n.parent
+		switch {
+		case !n.input:
+			if (n.kind == kindDir && !n.removed) || (n.kind != kindDir && n.nlink > 0) {
+				return // still linked: the action's own file or directory
+			}
+			if n.f != nil && n.opens == 0 {
+				n.f.Close()
+				n.f = nil
+			}
+			delete(afs.nodes, n.id)
+			return
+		case !droppableInput(n) || !afs.dropInputs(n):
+			return
+		case p == nil || p.inputs[n.name] != n:
+			return
+		}
+		delete(p.inputs, n.name)
+		delete(afs.nodes, n.id)
+		n = p
+	}
+}
+
+// droppableInput reports whether the input node n holds nothing of its own
+// (its materialised children aside).
+func droppableInput(n *node) bool {
+	return n.input && !n.changed && len(n.staged) == 0 && (n.kind == kindDir || n.nlink == 1)
+}
+
+// dropInputs drops the materialised input entries below n that the kernel
+// does not reference (those made for a directory listing, which the kernel
+// does not count) and reports whether none are left.
+func (afs *actionFS) dropInputs(n *node) bool {
+	for name, c := range n.inputs {
+		if c.lookups > 0 || c == afs.probe || !droppableInput(c) || !afs.dropInputs(c) {
+			continue
+		}
+		delete(n.inputs, name)
+		delete(afs.nodes, c.id)
+	}
+	return len(n.inputs) == 0
+}
+
+// Nodes is how many inodes the mount keeps.
+func (afs *actionFS) Nodes() int {
+	afs.mu.Lock()
+	defer afs.mu.Unlock()
+	return len(afs.nodes)
+}
 
 // MkDir serves the op.
 func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
@@ -672,8 +768,11 @@ func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
 	}
 	n := &node{kind: kindDir, mode: os.ModeDir | op.Mode&(os.ModePerm|specialBits)}
 	afs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = afs.entry(ctx, n)
-	return err
+	if op.Entry, err = afs.entry(ctx, n); err != nil {
+		return err
+	}
+	lookedUp(n)
+	return nil
 }
 
 // MkNode serves the op: regular files, FIFOs and sockets.
@@ -704,8 +803,11 @@ func (afs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
 		return syscall.EPERM
 	}
 	afs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = afs.entry(ctx, n)
-	return err
+	if op.Entry, err = afs.entry(ctx, n); err != nil {
+		return err
+	}
+	lookedUp(n)
+	return nil
 }
 
 // CreateFile serves the op.
@@ -734,6 +836,7 @@ func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) e
 	if op.Entry, err = afs.entry(ctx, n); err != nil {
 		return err
 	}
+	lookedUp(n)
 	op.Handle = afs.newHandle(&handle{n: n})
 	return nil
 }
@@ -752,8 +855,11 @@ func (afs *actionFS) CreateSymlink(ctx context.Context, op *fuseops.CreateSymlin
 	}
 	n := &node{kind: kindSymlink, target: op.Target, nlink: 1, mode: os.ModeSymlink | 0o777}
 	afs.addStaged(p, op.Name, n, uid, gid)
-	op.Entry, err = afs.entry(ctx, n)
-	return err
+	if op.Entry, err = afs.entry(ctx, n); err != nil {
+		return err
+	}
+	lookedUp(n)
+	return nil
 }
 
 // CreateLink serves the op. A new name for an input is
@@ -783,8 +889,12 @@ func (afs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) e
 	t.nlink++
 	now := time.Now()
 	t.ctime, p.mtime, p.ctime = now, now, now
-	op.Entry, err = afs.entry(ctx, t)
-	return err
+	p.changed = p.changed || p.input
+	if op.Entry, err = afs.entry(ctx, t); err != nil {
+		return err
+	}
+	lookedUp(t)
+	return nil
 }
 
 // Rename serves the op: staged entries move freely;
@@ -842,8 +952,10 @@ func (afs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 		delete(np.staged, op.NewName)
 		if dst.kind == kindDir {
 			np.subdirs--
+			dst.removed = true
 		}
 		afs.dropLink(dst)
+		afs.maybeDrop(dst)
 	}
 	delete(op1.staged, op.OldName)
 	if np.staged == nil {
@@ -859,6 +971,8 @@ func (afs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 	}
 	now := time.Now()
 	src.ctime, op1.mtime, op1.ctime, np.mtime, np.ctime = now, now, now, now, now
+	op1.changed = op1.changed || op1.input
+	np.changed = np.changed || np.input
 	return nil
 }
 
@@ -895,6 +1009,8 @@ func (afs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
 	}
 	delete(p.staged, op.Name)
 	p.subdirs--
+	c.removed = true
+	afs.maybeDrop(c)
 	now := time.Now()
 	p.mtime, p.ctime = now, now
 	return nil
@@ -931,6 +1047,7 @@ func (afs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
 	}
 	delete(p.staged, op.Name)
 	afs.dropLink(c)
+	afs.maybeDrop(c)
 	now := time.Now()
 	p.mtime, p.ctime = now, now
 	return nil

@@ -37,7 +37,8 @@ func (s *server) ServeOps(c *fuse.Connection) {
 			s.log.Warn("actiondfs: connection failed", "err", err)
 			return
 		}
-		if _, ok := op.(*fuseops.ForgetInodeOp); ok { // cheap, and they come in floods
+		if fop, ok := op.(*fuseops.ForgetInodeOp); ok { // cheap, and they come in floods
+			s.fs.ForgetInode(ctx, fop)
 			c.Reply(ctx, nil)
 			continue
 		}
@@ -87,7 +88,7 @@ func (s *server) handle(ctx context.Context, op any) error {
 	case *fuseops.SetInodeAttributesOp:
 		return afs.SetInodeAttributes(ctx, op)
 	case *fuseops.BatchForgetOp:
-		return nil
+		return afs.BatchForget(ctx, op)
 	case *fuseops.MkDirOp:
 		return afs.MkDir(ctx, op)
 	case *fuseops.MkNodeOp:

@@ -121,7 +121,16 @@ type Config struct {
 	// start, waiting for their action): zero means
 	// DefaultPrestartedHelpers, negative none.
 	PrestartedHelpers int
+	// TmpSize is the size of the action's /tmp and of its /dev/shm (each
+	// a tmpfs of its own, in memory): zero means DefaultTmpSize, negative
+	// the kernel's default (half the machine's memory each).
+	TmpSize int64
 }
+
+// DefaultTmpSize is the default Config.TmpSize: room for the scratch
+// files of compilers and tests, not enough for one action to fill the
+// host's memory through /tmp.
+const DefaultTmpSize = 1 << 30
 
 // DefaultPrestartedHelpers is the default Config.PrestartedHelpers.
 const DefaultPrestartedHelpers = 2

@@ -31,6 +31,7 @@ import (
 type Sandbox struct {
 	log      *slog.Logger
 	users    *userPool
+	tmpSize  int64 // of /tmp and /dev/shm; <= 0: the kernel's default
 	runtimes map[string]Runtime
 	names    []string
 	state    string // private scratch directory, removed by Close
@@ -56,8 +57,12 @@ var _ executor.UserSandbox = (*Sandbox)(nil)
 func New(cfg Config) (*Sandbox, error) {
 	s := &Sandbox{
 		log:      cfg.Logger,
+		tmpSize:  cfg.TmpSize,
 		runtimes: make(map[string]Runtime, len(cfg.Runtimes)),
 		etcDirs:  make(map[executor.User]string),
+	}
+	if s.tmpSize == 0 {
+		s.tmpSize = DefaultTmpSize
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -256,6 +261,13 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	tmpSize := s.tmpSize
+	if n := spec.Limits.TmpBytes; n > 0 {
+		if s.tmpSize > 0 && n > s.tmpSize {
+			return nil, &executor.InvalidInputError{Msg: fmt.Sprintf("platform property tmp_size: %d bytes is over this server's limit of %d bytes (--sandbox-tmp-size)", n, s.tmpSize)}
+		}
+		tmpSize = n
+	}
 	var user executor.User
 	if spec.User != nil {
 		user = *spec.User
@@ -291,6 +303,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		Env:              spec.Env,
 		UID:              user.UID,
 		GID:              user.GID,
+		TmpSize:          tmpSize,
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/sandbox"
 )
 
@@ -23,6 +24,10 @@ type execFlags struct {
 	inputRoot      string
 	maxTimeout     time.Duration
 	actionIDs      string
+	defaultTimeout time.Duration
+	maxEntries     int64
+	maxInputBytes  int64
+	tmpSize        int64
 }
 
 func defaultRuntimeDir() string {
@@ -40,6 +45,21 @@ func (f *execFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.inputRoot, "input-root", "auto", "how input trees are materialised: auto (fuse when /dev/fuse works, else hardlink), fuse (actiondfs), hardlink or copy")
 	fs.DurationVar(&f.maxTimeout, "max-action-timeout", 0, "cap on an action's timeout, also applied to actions without one (0: none)")
 	fs.StringVar(&f.actionIDs, "action-uids", sandbox.DefaultIDs.String(), "uids (and gids of the same numbers) actions run as, FIRST-LAST: each running action gets its own, so concurrent actions share no per-user limits; no user of the host may have one, and it needs at least --concurrency ids")
+	fs.DurationVar(&f.defaultTimeout, "default-action-timeout", executor.DefaultActionTimeout, "timeout of actions that set none; it counts from the start of input staging (0: none)")
+	f.maxEntries = executor.DefaultMaxInputEntries
+	fs.Int64Var(&f.maxEntries, "max-input-entries", f.maxEntries, "refuse actions whose input tree, expanded (a directory named twice counts twice), has more files, directories and symlinks (0: no limit)")
+	f.maxInputBytes = executor.DefaultMaxInputBytes
+	fs.Var(sizeFlag{&f.maxInputBytes}, "max-input-bytes", "refuse actions whose expanded input tree holds more bytes of files (0: no limit)")
+	f.tmpSize = sandbox.DefaultTmpSize
+	fs.Var(sizeFlag{&f.tmpSize}, "sandbox-tmp-size", "size of each action's /tmp and of its /dev/shm (tmpfs, in memory; 0: the kernel's default, half the memory)")
+}
+
+// orNone maps a flag's 0 ("none") to the options' negative "none".
+func orNone[T int64 | time.Duration](v T) T {
+	if v == 0 {
+		return -1
+	}
+	return v
 }
 
 // apply sets up the sandbox and fills the execution options. Without root
@@ -79,7 +99,7 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 	} else {
 		log.Info("no runtime images; only the host runtime is available", "runtime_dir", f.runtimeDir, "hint", "build them with `make runtimes`")
 	}
-	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, IDs: ids, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log})
+	sb, err := sandbox.New(sandbox.Config{Runtimes: runtimes, IDs: ids, StateDir: filepath.Join(opts.Root, "sandbox"), Logger: log, TmpSize: orNone(f.tmpSize)})
 	if err != nil {
 		unmountEmbedded()
 		return nil, err
@@ -88,6 +108,9 @@ func (f *execFlags) apply(opts *actiond.Options, log *slog.Logger) (func(), erro
 	opts.DefaultRuntime = f.defaultRuntime
 	opts.Concurrency = f.concurrency
 	opts.MaxActionTimeout = f.maxTimeout
+	opts.DefaultActionTimeout = orNone(f.defaultTimeout)
+	opts.MaxInputEntries = orNone(f.maxEntries)
+	opts.MaxInputBytes = orNone(f.maxInputBytes)
 	opts.InputRootKind = f.inputRoot
 	return func() { sb.Close(); unmountEmbedded() }, nil
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/units"
 )
 
@@ -58,6 +59,9 @@ func runServe(args []string) error {
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls and actions may take to finish before they are cancelled")
+	maxUploads := fs.Int("max-uploads", cas.DefaultMaxUploads, "resumable ByteStream uploads kept in progress at once; beyond it the longest idle are dropped, then new ones refused (RESOURCE_EXHAUSTED)")
+	maxUploadBytes := int64(cas.DefaultMaxUploadBytes)
+	fs.Var(sizeFlag{&maxUploadBytes}, "max-upload-bytes", "total size of the blobs of resumable uploads in progress (their bytes on disk count against --max-size)")
 	var web httpStatus
 	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics), e.g. 127.0.0.1:8981 (empty: off)")
 	var ex execFlags
@@ -74,7 +78,7 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain}
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes}
 	closeExec, err := ex.apply(&opts, log)
 	if err != nil {
 		return err

@@ -68,6 +68,7 @@ type Spec struct {
 	Args             []string // argv
 	Env              []string // the complete environment
 	UID, GID         int      // the command's ids
+	TmpSize          int64    // bytes of /tmp and of /dev/shm; <= 0: the kernel's default
 	// Files says what the descriptors sent with the spec are, in order:
 	// FileExecRoot and FileRuntime (detached mount trees of the execroot
 	// and of a directory runtime's root, from open_tree(2), used instead of

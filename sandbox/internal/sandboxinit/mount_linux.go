@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -70,9 +71,9 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 			return os.Remove(runtimeStage)
 		},
 		func() error { return mountExecRoot(root, spec, trees.execRoot) },
-		func() error { return mountDev(root) },
+		func() error { return mountDev(root, spec.TmpSize) },
 		func() error {
-			return mountTmpfs(join(root, "tmp"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV)
+			return mountTmpfs(join(root, "tmp"), tmpOptions(spec.TmpSize), unix.MS_NOSUID|unix.MS_NODEV)
 		},
 		func() error {
 			return mountAt(join(root, "proc"), "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
@@ -253,8 +254,19 @@ var devLinks = map[string]string{
 	"stderr": "/proc/self/fd/2",
 }
 
-// mountDev builds a minimal read-only /dev with a writable /dev/shm.
-func mountDev(root string) error {
+// tmpOptions are the options of the action's writable tmpfs mounts: a
+// tmpfs lives in memory, so without size= one action could take half the
+// host's memory through each.
+func tmpOptions(size int64) string {
+	if size > 0 {
+		return "mode=1777,size=" + strconv.FormatInt(size, 10)
+	}
+	return "mode=1777"
+}
+
+// mountDev builds a minimal read-only /dev with a writable /dev/shm of
+// shmSize bytes.
+func mountDev(root string, shmSize int64) error {
 	dev := join(root, "dev")
 	if err := mountTmpfs(dev, "mode=0755,size=64k", unix.MS_NOSUID|unix.MS_NOEXEC|unix.MS_NODEV); err != nil {
 		return err
@@ -270,7 +282,7 @@ func mountDev(root string) error {
 			return err
 		}
 	}
-	if err := mountTmpfs(join(dev, "shm"), "mode=1777", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
+	if err := mountTmpfs(join(dev, "shm"), tmpOptions(shmSize), unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
 		return err
 	}
 	return setAttr(dev, false, unix.MOUNT_ATTR_RDONLY|unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NOEXEC|unix.MOUNT_ATTR_NODEV)

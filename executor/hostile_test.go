@@ -1,0 +1,201 @@
+package executor_test
+
+import (
+	"context"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/sandbox"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+)
+
+// hostileEnv is env with the CAS service too (so other clients' calls can
+// be made while a hostile request runs) and executor options of the test's
+// choosing.
+type hostileEnv struct {
+	*env
+	cas repb.ContentAddressableStorageClient
+}
+
+func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas.Option) *hostileEnv {
+	t.Helper()
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	store, err := cas.NewDiskStore(filepath.Join(root, "cas"), append([]cas.Option{cas.WithFsync(false)}, storeOpts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cache.Close() })
+	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: filepath.Join(root, "sandbox")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	stage := filepath.Join(root, "cas", "stage")
+	opts := executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	ex, err := executor.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ex.Wait)
+	svc := executor.NewService(ex, executor.ServiceOptions{Concurrency: 2})
+	lis := bufconn.Listen(1 << 20)
+	g := grpc.NewServer()
+	repb.RegisterExecutionServer(g, svc)
+	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, 0, nil))
+	go g.Serve(lis)
+	t.Cleanup(g.Stop)
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	e := &env{t: t, store: store, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
+	return &hostileEnv{env: e, cas: repb.NewContentAddressableStorageClient(conn)}
+}
+
+// dagBomb stores levels+1 Directory messages, each naming the one below
+// twice ("a" and "b"), over a bottom directory holding file: 2^levels
+// copies of file once expanded.
+func (e *hostileEnv) dagBomb(file cas.Digest, levels int) *repb.Directory {
+	dir := &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: file.Proto()}}}
+	for range levels {
+		d := e.putProto(dir).Proto()
+		dir = &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "a", Digest: d}, {Name: "b", Digest: d}}}
+	}
+	return dir
+}
+
+// othersStayServed runs, while hostile runs, what other clients do: a
+// trivial action and FindMissingBlobs of a stored blob. Both must complete
+// (not within any time: that would be a timing assertion), and the blob
+// must still be stored afterwards.
+func (e *hostileEnv) othersStayServed(t *testing.T, hostile func()) {
+	t.Helper()
+	kept := e.put([]byte("stored before the hostile request\n"))
+	trivial := e.action(actionSpec{script: "echo ok", timeout: time.Minute})
+	var wg sync.WaitGroup
+	wg.Go(hostile)
+	wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		resp, _, err := e.execute(ctx, trivial, true)
+		if err != nil || resp.Status.GetCode() != 0 || resp.Result.GetExitCode() != 0 {
+			t.Errorf("a trivial action alongside the hostile request: %v, %v", err, resp.GetStatus())
+		}
+	})
+	wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		r, err := e.cas.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{kept.Proto()}})
+		if err != nil || len(r.MissingBlobDigests) != 0 {
+			t.Errorf("FindMissingBlobs alongside the hostile request: %v, missing %v", err, r.GetMissingBlobDigests())
+		}
+	})
+	wg.Wait()
+	if m, err := e.store.FindMissing(context.Background(), []cas.Digest{kept}); err != nil || len(m) != 0 {
+		t.Errorf("a stored blob was lost: %v %v", m, err)
+	}
+}
+
+func wantStatus(t *testing.T, resp *repb.ExecuteResponse, err error, code codes.Code, substr string) {
+	t.Helper()
+	if err != nil {
+		t.Errorf("Execute: %v, want an ExecuteResponse with %s", err, code)
+		return
+	}
+	st := status.FromProto(resp.Status)
+	if st.Code() != code || !strings.Contains(st.Message(), substr) {
+		t.Errorf("status %v, want %s naming %q", st, code, substr)
+	}
+}
+
+// TestDAGBombInputRootIsRefused: 23 small Directory messages describe 2^22
+// files. Hardlink staging would create every one of them; the expanded
+// tree is over the default entry limit and is refused at once.
+func TestDAGBombInputRootIsRefused(t *testing.T) {
+	e := newHostileEnv(t, nil)
+	bomb := e.action(actionSpec{script: "find . | wc -l", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 10 * time.Second})
+	e.othersStayServed(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		resp, _, err := e.execute(ctx, bomb, true)
+		wantStatus(t, resp, err, codes.InvalidArgument, "--max-input-entries")
+	})
+}
+
+// TestMutatesInputsBytesBombIsRefused: one 1 MiB file named 2^7 times
+// through 8 messages; with mutates_inputs (a private copy) that is 128 MiB
+// written, over the configured byte limit.
+func TestMutatesInputsBytesBombIsRefused(t *testing.T) {
+	e := newHostileEnv(t, func(o *executor.Options) { o.MaxInputBytes = 64 << 20 })
+	big := e.put(make([]byte, 1<<20))
+	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(big, 7), platform: map[string]string{"mutates_inputs": "1"}, timeout: 10 * time.Second})
+	e.othersStayServed(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		resp, _, err := e.execute(ctx, bomb, true)
+		wantStatus(t, resp, err, codes.InvalidArgument, "--max-input-bytes")
+	})
+}
+
+// TestTimeoutCountsFromStaging: with the tree limits off, staging 2^22
+// hardlinks takes minutes; the action's 2 s timeout ends it with
+// DEADLINE_EXCEEDED (the client's own deadline is far longer).
+func TestTimeoutCountsFromStaging(t *testing.T) {
+	e := newHostileEnv(t, func(o *executor.Options) { o.MaxInputEntries, o.MaxInputBytes = -1, -1 })
+	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 2 * time.Second})
+	e.othersStayServed(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		resp, _, err := e.execute(ctx, bomb, true)
+		wantStatus(t, resp, err, codes.DeadlineExceeded, "staging its inputs")
+	})
+}
+
+// TestDefaultActionTimeout: an action without a timeout gets the
+// executor's default.
+func TestDefaultActionTimeout(t *testing.T) {
+	e := newHostileEnv(t, func(o *executor.Options) { o.DefaultTimeout = time.Second })
+	d := e.action(actionSpec{script: "sleep 60"})
+	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	defer cancel()
+	resp, _, err := e.execute(ctx, d, true)
+	wantStatus(t, resp, err, codes.DeadlineExceeded, "timed out after 1s")
+}
+
+// TestSparseOutputIsRefusedBySize: `truncate -s 1G` makes a 1 GiB output
+// that takes no disk; over the store's limit, it is refused by its size
+// (RESOURCE_EXHAUSTED naming --max-size) and evicts nothing.
+func TestSparseOutputIsRefusedBySize(t *testing.T) {
+	e := newHostileEnv(t, nil, cas.WithMaxSize(64<<20))
+	d := e.action(actionSpec{script: "truncate -s 1G out", outFiles: []string{"out"}, timeout: time.Minute})
+	e.othersStayServed(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		resp, _, err := e.execute(ctx, d, true)
+		wantStatus(t, resp, err, codes.ResourceExhausted, "--max-size")
+	})
+}
