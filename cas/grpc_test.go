@@ -37,6 +37,7 @@ type env struct {
 	srv *actiond.Server
 	cas repb.ContentAddressableStorageClient
 	bs  bytestream.ByteStreamClient
+	ac  repb.ActionCacheClient
 }
 
 func quietLogger() *slog.Logger {
@@ -71,7 +72,7 @@ func newEnv(t testing.TB, opts actiond.Options) *env {
 		g.Stop()
 		srv.Close()
 	})
-	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
+	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn), ac: repb.NewActionCacheClient(conn)}
 }
 
 func data(seed, n int) []byte {
