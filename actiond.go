@@ -38,6 +38,12 @@ type Options struct {
 	Logger *slog.Logger
 	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
 	NoFsync bool
+	// ScrubRate is how many bytes per second the background scrubber
+	// re-hashes to find blobs whose files went bad (0: cas.DefaultScrubRate;
+	// negative: no scrubber). ScrubPause is its wait after start and
+	// between passes (0: cas.DefaultScrubPause).
+	ScrubRate  int64
+	ScrubPause time.Duration
 
 	// Sandbox enables execution; nil serves a cache only.
 	Sandbox executor.Sandbox
@@ -116,6 +122,18 @@ func New(opts Options) (*Server, error) {
 	}
 	s.ac = actioncache.NewService(cache, store, true)
 	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil }, cache.Close)
+	if opts.ScrubRate >= 0 {
+		// Every mode builds its server here, so the VM guest scrubs too.
+		pause := opts.ScrubPause
+		if pause <= 0 {
+			pause = cas.DefaultScrubPause
+		}
+		sctx, stop := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); store.Scrub(sctx, opts.ScrubRate, pause) }()
+		// Stopped before the store's users go away (closers run last first).
+		s.closers = append(s.closers, func() error { stop(); <-done; return nil })
+	}
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {

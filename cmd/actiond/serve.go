@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/units"
 )
 
@@ -57,6 +58,8 @@ func runServe(args []string) error {
 	fs.Var(sizeFlag{&maxSize}, "max-size", "CAS size limit; least recently used blobs are evicted beyond it (e.g. 20G; 0 = unlimited)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
+	scrubRate := int64(cas.DefaultScrubRate)
+	fs.Var(sizeFlag{&scrubRate}, "scrub-rate", "bytes per second the background scrubber re-hashes stored blobs at, quarantining any that no longer match their digest (e.g. 32M; 0 = off)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish")
 	var web httpStatus
 	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics), e.g. 127.0.0.1:8981 (empty: off)")
@@ -74,7 +77,10 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync}
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, ScrubRate: scrubRate}
+	if scrubRate == 0 {
+		opts.ScrubRate = -1
+	}
 	closeExec, err := ex.apply(&opts, log)
 	if err != nil {
 		return err
