@@ -9,8 +9,10 @@ package cas_test
 //	go test -run '^$' -bench . -benchtime 3x ./cas/
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -351,4 +353,67 @@ func BenchmarkDiskFsync(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkVerifiedRead1GiB downloads a 1 GiB blob through ByteStream over
+// loopback TCP, alternating reads that hash what they send (what the
+// server does) with bare reads (what it did before, SetVerifyReads off),
+// so both see the same machine load. Reports each rate and their ratio
+// (goal: verified within 10% of bare), and the CPU ratio. One op is one
+// read of each kind.
+func BenchmarkVerifiedRead1GiB(b *testing.B) {
+	const n = 1 << 30
+	e := tcpEnv(b, false)
+	blob := data(3, n)
+	d := cas.DigestOf(blob)
+	if err := e.srv.Store.Put(bg, d, bytes.NewReader(blob)); err != nil {
+		b.Fatal(err)
+	}
+	blob = nil
+	readAll := func() int64 {
+		st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		var got int64
+		for {
+			r, err := st.Recv()
+			if err == io.EOF {
+				return got
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			got += int64(len(r.Data))
+		}
+	}
+	readAll() // warm the page cache and the connection
+	var took, cpu [2]time.Duration // bare, verified
+	b.SetBytes(2 * n)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for _, verify := range []bool{i%2 == 1, i%2 == 0} { // alternate which goes first
+			cas.SetVerifyReads(e.srv.Store, verify)
+			k := 0
+			if verify {
+				k = 1
+			}
+			start, c0 := time.Now(), processCPU()
+			if got := readAll(); got != n {
+				b.Fatalf("read %d bytes", got)
+			}
+			took[k] += time.Since(start)
+			cpu[k] += processCPU() - c0
+		}
+	}
+	b.StopTimer()
+	cas.SetVerifyReads(e.srv.Store, true)
+	bare := float64(n) * float64(b.N) / 1e6 / took[0].Seconds()
+	verified := float64(n) * float64(b.N) / 1e6 / took[1].Seconds()
+	b.ReportMetric(bare, "bare-MB/s")
+	b.ReportMetric(verified, "verified-MB/s")
+	b.ReportMetric(verified/bare, "verified/bare")
+	// Process CPU (client and server) per read: what hashing adds when no
+	// core is spare to overlap it.
+	b.ReportMetric(cpu[1].Seconds()/cpu[0].Seconds(), "cpu-verified/bare")
 }

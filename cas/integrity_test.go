@@ -80,7 +80,7 @@ func (e *env) checkHealed(t testing.TB, root string, d cas.Digest, good []byte) 
 
 func TestCorruptBlobByteStreamRead(t *testing.T) {
 	for _, kind := range corruptions {
-		for _, size := range []int{1000, 3<<20 + 17} {
+		for _, size := range []int{1000, 3<<20 + 17, 9<<20 + 1} {
 			t.Run(kind+"/"+sizeName(size), func(t *testing.T) {
 				root := t.TempDir()
 				e := newEnv(t, actiond.Options{Root: root, NoFsync: true})
@@ -105,7 +105,10 @@ func TestCorruptBlobByteStreamRead(t *testing.T) {
 }
 
 func sizeName(n int) string {
-	if n > 1<<20 {
+	switch {
+	case n > 4<<20:
+		return "pipelined"
+	case n > 1<<20:
 		return "multi-chunk"
 	}
 	return "small"
@@ -114,7 +117,7 @@ func sizeName(n int) string {
 func TestCorruptBlobPartialAndCompressedReads(t *testing.T) {
 	root := t.TempDir()
 	e := newEnv(t, actiond.Options{Root: root, NoFsync: true})
-	good := data(7, 2<<20+5)
+	good := data(7, 6<<20+5)
 	d := cas.DigestOf(good)
 	for _, tc := range []struct {
 		name          string

@@ -1,0 +1,10 @@
+package cas
+
+// SetVerifyReads turns the hashing of reads off (false) or back on, so a
+// benchmark can compare verified reads with what reads cost before them.
+// Tests only: production reads are always verified.
+func SetVerifyReads(s *DiskStore, on bool) {
+	s.mu.Lock()
+	s.unverifiedReads = !on
+	s.mu.Unlock()
+}
