@@ -266,3 +266,33 @@ func errString(err error) string {
 	}
 	return err.Error()
 }
+
+// A corrupt Command or Directory blob is read (and verified) by the
+// executor itself: the action fails with MISSING for it, at once, without a
+// restart, and runs after the re-upload.
+func TestCorruptActionProtosAreMissing(t *testing.T) {
+	testutil.RequireRoot(t)
+	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	root := t.TempDir()
+	_, c := restartable(t, actiond.Options{Root: root, NoFsync: true, Sandbox: sb, InputRootKind: "hardlink", ScrubRate: -1, Logger: quiet()})
+	in := []byte("input\n")
+	sub := marshal(t, &repb.Directory{Files: []*repb.FileNode{{Name: "in", Digest: cas.DigestOf(in).Proto()}}})
+	dir := marshal(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "sub", Digest: cas.DigestOf(sub).Proto()}}})
+	cmd := marshal(t, &repb.Command{Arguments: []string{"/bin/cat", "sub/in"}})
+	act := marshal(t, &repb.Action{CommandDigest: cas.DigestOf(cmd).Proto(), InputRootDigest: cas.DigestOf(dir).Proto()})
+	putBlobs(t, c, in, sub, dir, cmd, act)
+	ad := cas.DigestOf(act)
+	for _, bad := range [][]byte{sub, cmd} { // sub first: once a tree is loaded its directories are remembered, parsed from verified bytes
+		d := cas.DigestOf(bad)
+		corruptStored(t, root, d, "flip")
+		wantMissing(t, execute(t, c, ad), d)
+		putBlobs(t, c, bad)
+		if resp := execute(t, c, ad); resp.Status.GetCode() != 0 || resp.Result.GetExitCode() != 0 {
+			t.Fatalf("after re-uploading %s: %v, exit %d", d, resp.Status, resp.Result.GetExitCode())
+		}
+	}
+}

@@ -356,11 +356,14 @@ func BenchmarkDiskFsync(b *testing.B) {
 }
 
 // BenchmarkVerifiedRead1GiB downloads a 1 GiB blob through ByteStream over
-// loopback TCP, alternating reads that hash what they send (what the
-// server does) with bare reads (what it did before, SetVerifyReads off),
-// so both see the same machine load. Reports each rate and their ratio
-// (goal: verified within 10% of bare), and the CPU ratio. One op is one
-// read of each kind.
+// loopback TCP, rotating between bare reads (what the server did before
+// reads were verified: SetVerifyReads off), verified reads hashing on the
+// sending goroutine (inline) and verified reads with the hasher on its own
+// goroutine (pipelined, what the server does for large blobs), so all see
+// the same machine load. Reports each rate, the ratios to bare (goal:
+// within 10%) and the process CPU (client and server) per read relative to
+// bare: what hashing adds when no core is spare to overlap it. One op is
+// one read of each kind.
 func BenchmarkVerifiedRead1GiB(b *testing.B) {
 	const n = 1 << 30
 	e := tcpEnv(b, false)
@@ -388,16 +391,18 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 		}
 	}
 	readAll() // warm the page cache and the connection
-	var took, cpu [2]time.Duration // bare, verified
-	b.SetBytes(2 * n)
+	modes := []struct {
+		name           string
+		verify, inline bool
+	}{{"bare", false, false}, {"inline", true, true}, {"pipelined", true, false}}
+	took, cpu := make([]time.Duration, len(modes)), make([]time.Duration, len(modes))
+	b.SetBytes(int64(len(modes)) * n)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		for _, verify := range []bool{i%2 == 1, i%2 == 0} { // alternate which goes first
-			cas.SetVerifyReads(e.srv.Store, verify)
-			k := 0
-			if verify {
-				k = 1
-			}
+		for j := range modes {
+			k := (i + j) % len(modes) // rotate which goes first
+			cas.SetVerifyReads(e.srv.Store, modes[k].verify)
+			cas.SetInlineHash(e.srv.Store, modes[k].inline)
 			start, c0 := time.Now(), processCPU()
 			if got := readAll(); got != n {
 				b.Fatalf("read %d bytes", got)
@@ -408,12 +413,12 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 	}
 	b.StopTimer()
 	cas.SetVerifyReads(e.srv.Store, true)
-	bare := float64(n) * float64(b.N) / 1e6 / took[0].Seconds()
-	verified := float64(n) * float64(b.N) / 1e6 / took[1].Seconds()
-	b.ReportMetric(bare, "bare-MB/s")
-	b.ReportMetric(verified, "verified-MB/s")
-	b.ReportMetric(verified/bare, "verified/bare")
-	// Process CPU (client and server) per read: what hashing adds when no
-	// core is spare to overlap it.
-	b.ReportMetric(cpu[1].Seconds()/cpu[0].Seconds(), "cpu-verified/bare")
+	cas.SetInlineHash(e.srv.Store, false)
+	rate := func(k int) float64 { return float64(n) * float64(b.N) / 1e6 / took[k].Seconds() }
+	b.ReportMetric(rate(0), "bare-MB/s")
+	for k := 1; k < len(modes); k++ {
+		b.ReportMetric(rate(k), modes[k].name+"-MB/s")
+		b.ReportMetric(rate(k)/rate(0), modes[k].name+"/bare")
+		b.ReportMetric(cpu[k].Seconds()/cpu[0].Seconds(), "cpu-"+modes[k].name+"/bare")
+	}
 }

@@ -61,6 +61,7 @@ type DiskStore struct {
 	// unverifiedReads makes Get return the bare file, as before reads
 	// were verified; only benchmarks set it (SetVerifyReads in tests).
 	unverifiedReads bool
+	inlineHash      atomic.Bool // benchmarks: never pipeline the read hash
 }
 
 type entry struct {

@@ -8,3 +8,7 @@ func SetVerifyReads(s *DiskStore, on bool) {
 	s.unverifiedReads = !on
 	s.mu.Unlock()
 }
+
+// SetInlineHash makes verified reads hash on the reading goroutine even
+// for large blobs, to compare with the pipelined hasher.
+func SetInlineHash(s *DiskStore, on bool) { s.inlineHash.Store(on) }

@@ -177,7 +177,7 @@ func (s *DiskStore) newVerifyingReader(d Digest, f *os.File, offset int64) (*ver
 			return nil, s.corruptErr(d, f, fmt.Sprintf("the file ended after %d of %d bytes", n, d.Size))
 		}
 	}
-	if d.Size-offset >= verifyPipeMin {
+	if d.Size-offset >= verifyPipeMin && !s.inlineHash.Load() {
 		p := &hashPipe{work: make(chan []byte, verifyPipeBufs), free: make(chan []byte, verifyPipeBufs), hashed: make(chan struct{})}
 		h := r.h
 		go func() {
