@@ -219,3 +219,39 @@ func TestScrubQuarantines(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// BenchmarkVerifyBlobsMarked is what input verification adds to every
+// action in the steady state (inputs written through actiond, or hashed
+// once since start): one call over the action's distinct input files.
+// Compare with BenchmarkFindMissingMarked, the presence check every action
+// already makes over the same list.
+func BenchmarkVerifyBlobsMarked(b *testing.B) {
+	s, ds := markedStore(b, 2000)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if bad, err := s.VerifyBlobs(ctx, ds); err != nil || len(bad) != 0 {
+			b.Fatal(bad, err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(len(ds)), "ns/input")
+}
+
+func BenchmarkFindMissingMarked(b *testing.B) {
+	s, ds := markedStore(b, 2000)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if m, err := s.FindMissing(ctx, ds); err != nil || len(m) != 0 {
+			b.Fatal(m, err)
+		}
+	}
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(len(ds)), "ns/input")
+}
+
+func markedStore(b *testing.B, n int) (*DiskStore, []Digest) {
+	s := newStore(b, "", WithFsync(false))
+	var ds []Digest
+	for i := range n {
+		ds = append(ds, put(b, s, blob(i, 100)))
+	}
+	return s, ds
+}
