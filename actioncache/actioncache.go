@@ -162,7 +162,7 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 			roots = append(roots, rd)
 		}
 	}
-	missing, err := store.FindMissing(ctx, ds)
+	missing, err := missingOrCorrupt(ctx, store, ds)
 	if err != nil || len(missing) > 0 {
 		return missing, err
 	}
@@ -174,7 +174,7 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 		}
 		data, err := cas.ReadAll(ctx, store, d)
 		if err != nil {
-			if errors.Is(err, cas.ErrNotFound) {
+			if errors.Is(err, cas.ErrNotFound) { // also a corrupt (now quarantined) blob
 				return false, nil
 			}
 			return false, err
@@ -219,5 +219,24 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 			}
 		}
 	}
-	return store.FindMissing(ctx, ds)
+	return missingOrCorrupt(ctx, store, ds)
+}
+
+// missingOrCorrupt is FindMissing, plus the blobs the store finds corrupt
+// (and quarantines) when it can verify them: a blob not hashed since the
+// server started is hashed once before a result that references it is
+// served, so that after a restart (when a power loss or a disk may have
+// changed files) a client is never sent to download a blob that fails with
+// DATA_LOSS (which Bazel 4 treats as an error, not as a cache miss) and
+// runs the action instead. Blobs written or verified since the start cost
+// a map lookup.
+func missingOrCorrupt(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
+	missing, err := store.FindMissing(ctx, ds)
+	if err != nil || len(missing) > 0 {
+		return missing, err
+	}
+	if v, ok := store.(cas.Verifier); ok {
+		return v.VerifyBlobs(ctx, ds)
+	}
+	return nil, nil
 }

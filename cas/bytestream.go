@@ -83,6 +83,9 @@ func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServ
 		n, err := io.ReadFull(src, buf)
 		if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
 			// Nothing more of a blob that failed to read (or to verify).
+			if errors.Is(err, ErrCorrupt) {
+				return ToStatus(err) // names the blob already
+			}
 			return ToStatus(fmt.Errorf("read blob %s: %w", res.Digest, err))
 		}
 		if rv, ok := r.(RestVerifier); ok && (err != nil || sent+int64(n) >= remaining) {

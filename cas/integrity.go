@@ -35,7 +35,15 @@ type Verifier interface {
 // for the reader that found it bad.
 func (s *DiskStore) corruptErr(d Digest, f *os.File, why string) error {
 	s.quarantineFile(d, f, why)
-	return fmt.Errorf("%w: blob %s: %s; it was quarantined, upload it again: %w", ErrCorrupt, d, why, ErrNotFound)
+	return &corruptError{fmt.Sprintf("blob %s: %s: %s; it was quarantined and is missing now: upload it again", d, ErrCorrupt, why)}
+}
+
+// corruptError is ErrCorrupt and ErrNotFound at once (see ErrCorrupt).
+type corruptError struct{ msg string }
+
+func (e *corruptError) Error() string { return e.msg }
+func (e *corruptError) Is(target error) bool {
+	return target == ErrCorrupt || target == ErrNotFound
 }
 
 // quarantineFile moves the blob file f of d aside (into QuarantineDir,

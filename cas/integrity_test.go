@@ -200,6 +200,20 @@ func TestCorruptBlobActionResult(t *testing.T) {
 	if _, err := e.ac.GetActionResult(bg, &repb.GetActionResultRequest{ActionDigest: action.Proto()}); err != nil {
 		t.Fatalf("after the heal: %v", err)
 	}
+
+	// After a restart nothing is trusted: the lookup itself hashes the
+	// output once, finds it bad and answers NOT_FOUND, so the client runs
+	// the action instead of downloading a blob that fails with DATA_LOSS.
+	e.stop()
+	corruptBlob(t, root, ds[0], "flip")
+	os.RemoveAll(filepath.Join(root, "cas", cas.QuarantineDir))
+	e = newEnv(t, actiond.Options{Root: root, NoFsync: true})
+	_, err = e.ac.GetActionResult(bg, &repb.GetActionResultRequest{ActionDigest: action.Proto()})
+	wantCode(t, err, codes.NotFound)
+	e.checkHealed(t, root, ds[0], out)
+	if _, err := e.ac.GetActionResult(bg, &repb.GetActionResultRequest{ActionDigest: action.Proto()}); err != nil {
+		t.Fatalf("after the second heal: %v", err)
+	}
 }
 
 // Issue 11 defect 9: a blob truncated on disk (--no-fsync and a power loss)
@@ -224,7 +238,7 @@ func TestTruncatedBlobReuploadHeals(t *testing.T) {
 			corruptBlob(t, root, d, "truncate")
 			corruptBlob(t, root, ds, "truncate")
 			if restart {
-				e.srv.Close()
+				e.stop()
 				e = newEnv(t, actiond.Options{Root: root, NoFsync: true})
 			}
 			// What a client does on MISSING: upload, then use the blob.
