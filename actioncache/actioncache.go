@@ -226,17 +226,25 @@ func MissingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult) 
 // (and quarantines) when it can verify them: a blob not hashed since the
 // server started is hashed once before a result that references it is
 // served, so that after a restart (when a power loss or a disk may have
-// changed files) a client is never sent to download a blob that fails with
-// DATA_LOSS (which Bazel 4 treats as an error, not as a cache miss) and
+// changed files) a client is not sent to download a blob that fails with
+// DATA_LOSS (which Bazel 4 treats as an error, not as a cache miss) but
 // runs the action instead. Blobs written or verified since the start cost
-// a map lookup.
+// a map lookup. At most verifyBudget bytes are hashed per lookup, so that
+// a result with huge outputs still answers within a client's timeout;
+// those outputs are verified when they are downloaded.
 func missingOrCorrupt(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
 	missing, err := store.FindMissing(ctx, ds)
 	if err != nil || len(missing) > 0 {
 		return missing, err
 	}
-	if v, ok := store.(cas.Verifier); ok {
-		return v.VerifyBlobs(ctx, ds)
+	if v, ok := store.(interface {
+		VerifyBlobsWithin(context.Context, []cas.Digest, int64) ([]cas.Digest, error)
+	}); ok {
+		return v.VerifyBlobsWithin(ctx, ds, verifyBudget)
 	}
 	return nil, nil
 }
+
+// verifyBudget is how many bytes of not yet verified outputs one lookup
+// hashes: about half a second at SHA-256 speed.
+const verifyBudget = 1 << 30

@@ -88,9 +88,11 @@ func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServ
 			}
 			return ToStatus(fmt.Errorf("read blob %s: %w", res.Digest, err))
 		}
-		if rv, ok := r.(RestVerifier); ok && (err != nil || sent+int64(n) >= remaining) {
+		if rv, ok := r.(RestVerifier); ok && res.Compression == Identity && (err != nil || sent+int64(n) >= remaining) {
 			// A read that stops before the end (read_limit) still checks
-			// the whole blob before its last bytes go out.
+			// the whole blob before its last bytes go out. (Compressed
+			// reads have no limit: the encoder reads, and so verifies,
+			// up to the end.)
 			if verr := rv.VerifyRest(); verr != nil {
 				return ToStatus(verr)
 			}

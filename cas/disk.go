@@ -60,7 +60,7 @@ type DiskStore struct {
 	scrub        scrubCounters
 	// unverifiedReads makes Get return the bare file, as before reads
 	// were verified; only benchmarks set it (SetVerifyReads in tests).
-	unverifiedReads bool
+	unverifiedReads atomic.Bool
 	inlineHash      atomic.Bool // benchmarks: never pipeline the read hash
 }
 
@@ -340,10 +340,7 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 		f.Close()
 		return nil, err
 	}
-	s.mu.Lock()
-	bare := s.unverifiedReads
-	s.mu.Unlock()
-	if bare {
+	if s.unverifiedReads.Load() {
 		if _, err := f.Seek(offset, io.SeekStart); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("seek blob %s: %w", d, err)

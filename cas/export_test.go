@@ -4,9 +4,7 @@ package cas
 // benchmark can compare verified reads with what reads cost before them.
 // Tests only: production reads are always verified.
 func SetVerifyReads(s *DiskStore, on bool) {
-	s.mu.Lock()
-	s.unverifiedReads = !on
-	s.mu.Unlock()
+	s.unverifiedReads.Store(!on)
 }
 
 // SetInlineHash makes verified reads hash on the reading goroutine even

@@ -327,10 +327,24 @@ type RestVerifier interface{ VerifyRest() error }
 // VerifyBlobs implements Verifier. Blobs are hashed a few at a time; a blob
 // this process wrote, or hashed before, costs a map lookup.
 func (s *DiskStore) VerifyBlobs(ctx context.Context, ds []Digest) ([]Digest, error) {
+	return s.VerifyBlobsWithin(ctx, ds, -1)
+}
+
+// VerifyBlobsWithin is VerifyBlobs hashing at most maxBytes (< 0: no
+// limit); blobs past the budget stay unverified and are not reported. For
+// checks that must answer quickly (an ActionCache lookup) and have a later
+// line of defence (the download is verified too).
+func (s *DiskStore) VerifyBlobsWithin(ctx context.Context, ds []Digest, maxBytes int64) ([]Digest, error) {
 	var todo []Digest
 	s.mu.Lock()
 	for _, d := range ds {
 		if e, ok := s.index[d.Hash]; ok && e.size == d.Size && !e.verified {
+			if maxBytes >= 0 {
+				if d.Size > maxBytes {
+					continue
+				}
+				maxBytes -= d.Size
+			}
 			todo = append(todo, d)
 		}
 	}

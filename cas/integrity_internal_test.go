@@ -64,6 +64,10 @@ func TestVerifyBlobsMarks(t *testing.T) {
 			t.Fatalf("%s marked verified right after a restart", d)
 		}
 	}
+	// Within a budget smaller than the bad blob: nothing hashed, nothing reported.
+	if bad, err := s.VerifyBlobsWithin(ctx, ds[1:2], ds[1].Size-1); err != nil || len(bad) != 0 || isVerified(s, ds[1]) {
+		t.Fatalf("VerifyBlobsWithin over budget = %v, %v (verified %v)", bad, err, isVerified(s, ds[1]))
+	}
 	absent := DigestOf([]byte("absent"))
 	bad, err := s.VerifyBlobs(ctx, append(ds, absent))
 	if err != nil || len(bad) != 1 || bad[0] != ds[1] {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"sync/atomic"
 	"time"
@@ -100,7 +101,11 @@ func (s *DiskStore) Scrub(ctx context.Context, rate int64, pause time.Duration) 
 			s.scrub.blobs.Add(1)
 		}
 		s.scrub.passes.Add(1)
-		s.log.Info("CAS scrub pass done", "blobs", len(blobs), "corrupt", bad, "took", time.Since(start).Round(time.Second))
+		level := slog.LevelDebug // each corrupt blob was logged as a warning already
+		if bad > 0 {
+			level = slog.LevelInfo
+		}
+		s.log.Log(context.Background(), level, "CAS scrub pass done", "blobs", len(blobs), "corrupt", bad, "took", time.Since(start).Round(time.Second))
 	}
 }
 
