@@ -50,6 +50,12 @@ type Options struct {
 	// (default 30s). Close returns only after every action has ended, so
 	// nothing writes to the stores or the root once it returns.
 	DrainTimeout time.Duration
+	// ScrubRate is how many bytes per second the background scrubber
+	// re-hashes to find blobs whose files went bad (0: cas.DefaultScrubRate;
+	// negative: no scrubber). ScrubPause is its wait after start and
+	// between passes (0: cas.DefaultScrubPause).
+	ScrubRate  int64
+	ScrubPause time.Duration
 
 	// Sandbox enables execution; nil serves a cache only.
 	Sandbox executor.Sandbox
@@ -156,6 +162,18 @@ func New(opts Options) (*Server, error) {
 		s.closers = append(s.closers, bolt.Close)
 	}
 	s.ac = actioncache.NewService(s.cache, used, true)
+	if opts.ScrubRate >= 0 {
+		// Every mode builds its server here, so the VM guest scrubs too.
+		pause := opts.ScrubPause
+		if pause <= 0 {
+			pause = cas.DefaultScrubPause
+		}
+		sctx, stop := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); store.Scrub(sctx, opts.ScrubRate, pause) }()
+		// Stopped before the store's users go away (closers run last first).
+		s.closers = append(s.closers, func() error { stop(); <-done; return nil })
+	}
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {

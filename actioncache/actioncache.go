@@ -263,7 +263,7 @@ func missingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult, 
 			roots = append(roots, rd)
 		}
 	}
-	missing, err := findMissing(ctx, store, ds.list)
+	missing, err := missingOrCorrupt(ctx, store, ds.list)
 	if err != nil || len(missing) > 0 {
 		return missing, err
 	}
@@ -282,7 +282,7 @@ func missingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult, 
 		}
 		data, err := cas.ReadAll(ctx, store, d)
 		if err != nil {
-			if errors.Is(err, cas.ErrNotFound) {
+			if errors.Is(err, cas.ErrNotFound) { // also a corrupt (now quarantined) blob
 				return false, nil
 			}
 			return false, err
@@ -331,7 +331,7 @@ func missingBlobs(ctx context.Context, store cas.Store, res *repb.ActionResult, 
 			}
 		}
 	}
-	return findMissing(ctx, store, ds.list[checked:])
+	return missingOrCorrupt(ctx, store, ds.list[checked:])
 }
 
 // CheckLimits reports, wrapping ErrTooLarge, whether res references more
@@ -343,3 +343,30 @@ func CheckLimits(ctx context.Context, store cas.Store, res *repb.ActionResult, l
 	}
 	return nil
 }
+
+// missingOrCorrupt is FindMissing, plus the blobs the store finds corrupt
+// (and quarantines) when it can verify them: a blob not hashed since the
+// server started is hashed once before a result that references it is
+// served, so that after a restart (when a power loss or a disk may have
+// changed files) a client is not sent to download a blob that fails with
+// DATA_LOSS (which Bazel 4 treats as an error, not as a cache miss) but
+// runs the action instead. Blobs written or verified since the start cost
+// a map lookup. At most verifyBudget bytes are hashed per lookup, so that
+// a result with huge outputs still answers within a client's timeout;
+// those outputs are verified when they are downloaded.
+func missingOrCorrupt(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.Digest, error) {
+	missing, err := findMissing(ctx, store, ds)
+	if err != nil || len(missing) > 0 {
+		return missing, err
+	}
+	if v, ok := store.(interface {
+		VerifyBlobsWithin(context.Context, []cas.Digest, int64) ([]cas.Digest, error)
+	}); ok {
+		return v.VerifyBlobsWithin(ctx, ds, verifyBudget)
+	}
+	return nil, nil
+}
+
+// verifyBudget is how many bytes of not yet verified outputs one lookup
+// hashes: about half a second at SHA-256 speed.
+const verifyBudget = 1 << 30

@@ -82,6 +82,22 @@ func (b *byteStream) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServ
 	}
 	for {
 		n, err := io.ReadFull(src, buf)
+		if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
+			// Nothing more of a blob that failed to read (or to verify).
+			if errors.Is(err, ErrCorrupt) {
+				return ToStatus(err) // names the blob already
+			}
+			return ToStatus(fmt.Errorf("read blob %s: %w", res.Digest, err))
+		}
+		if rv, ok := r.(RestVerifier); ok && res.Compression == Identity && (err != nil || sent+int64(n) >= remaining) {
+			// A read that stops before the end (read_limit) still checks
+			// the whole blob before its last bytes go out. (Compressed
+			// reads have no limit: the encoder reads, and so verifies,
+			// up to the end.)
+			if verr := rv.VerifyRest(); verr != nil {
+				return ToStatus(verr)
+			}
+		}
 		if n > 0 {
 			if serr := stream.Send(&bspb.ReadResponse{Data: buf[:n]}); serr != nil {
 				return serr
@@ -274,7 +290,7 @@ func (b *byteStream) Write(stream bspb.ByteStream_WriteServer) error {
 		return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: committed})
 	}
 	// Already stored: finish at once, whatever the client still sends.
-	if missing, err := b.store.FindMissing(ctx, []Digest{d}); err == nil && len(missing) == 0 {
+	if b.stored(ctx, d) {
 		if up := b.uploads.get(name); up != nil && up.mu.TryLock() {
 			up.w.Abort()
 			b.uploads.remove(name, up)
@@ -368,6 +384,16 @@ func (b *byteStream) startUpload(name string, d Digest, offset int64) (*upload, 
 		return nil, false, err
 	}
 	return up, true, nil
+}
+
+// stored reports whether an upload of d can be skipped: never on the
+// strength of the index alone when the store can check its file.
+func (b *byteStream) stored(ctx context.Context, d Digest) bool {
+	if ds, ok := b.store.(interface{ Intact(Digest) bool }); ok {
+		return ds.Intact(d)
+	}
+	missing, err := b.store.FindMissing(ctx, []Digest{d})
+	return err == nil && len(missing) == 0
 }
 
 func (b *byteStream) newWriter(d Digest) (BlobWriter, error) {

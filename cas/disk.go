@@ -54,6 +54,15 @@ type DiskStore struct {
 	pending   map[string]int
 	pins      map[string]int
 	evictions int64
+	// quarantined counts blobs moved aside because their file no longer
+	// matched their digest; onQuarantine is told about each.
+	quarantined  int64
+	onQuarantine []func(Digest)
+	scrub        scrubCounters
+	// unverifiedReads makes Get return the bare file, as before reads
+	// were verified; only benchmarks set it (SetVerifyReads in tests).
+	unverifiedReads atomic.Bool
+	inlineHash      atomic.Bool // benchmarks: never pipeline the read hash
 }
 
 type entry struct {
@@ -61,6 +70,14 @@ type entry struct {
 	size     int64
 	elem     *list.Element
 	diskTime time.Time // mtime on disk, refreshed lazily for LRU order across restarts
+	// verified is set once this process has hashed the file (or written
+	// it from bytes it hashed) and found it matches. It lives in memory
+	// only, on purpose: what makes files go bad without actiond knowing
+	// (a power loss on a --no-fsync root, a disk, an edit while stopped)
+	// happens across restarts, so a restart is when trust must be earned
+	// again; an on-disk mark would need its own invalidation (mtime and
+	// ctime cannot see bit rot) and could itself go stale.
+	verified bool
 }
 
 // Option configures a DiskStore.
@@ -208,13 +225,16 @@ type Stats struct {
 	Bytes     int64
 	MaxBytes  int64
 	Evictions int64
+	// Quarantined counts blobs found not to match their digest (on a read,
+	// before use as an input, by the scrubber) and moved aside.
+	Quarantined int64
 }
 
 // Stats returns current counts.
 func (s *DiskStore) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions}
+	return Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined}
 }
 
 // Dir is the directory the store lives in.
@@ -291,7 +311,9 @@ func (s *DiskStore) has(d Digest) bool {
 	return ok
 }
 
-// Get implements Store.
+// Get implements Store. The reader hashes what it reads: a file that does
+// not match d is quarantined and the read fails with ErrCorrupt (see
+// verifyingReader).
 func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadCloser, error) {
 	if err := d.Validate(); err != nil {
 		return nil, err
@@ -314,13 +336,24 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 		}
 		return nil, fmt.Errorf("open blob %s: %w", d, err)
 	}
-	if offset > 0 {
+	if fi, err := f.Stat(); err == nil && fi.Size() != d.Size {
+		err := s.corruptErr(d, f, fmt.Sprintf("the file has %d bytes", fi.Size()))
+		f.Close()
+		return nil, err
+	}
+	if s.unverifiedReads.Load() {
 		if _, err := f.Seek(offset, io.SeekStart); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("seek blob %s: %w", d, err)
 		}
+		return f, nil
 	}
-	return f, nil
+	r, err := s.newVerifyingReader(d, f, offset)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return r, nil
 }
 
 // forget drops a blob whose file has gone from the index.
@@ -667,25 +700,36 @@ func (s *DiskStore) commitFile(f *os.File, d Digest) error {
 // rename: a synced file under a name that was never synced can vanish in a
 // power loss (or a VM kill) before the file system commits its journal.
 func (s *DiskStore) link(tmp string, d Digest, syncDir bool) error {
-	s.mu.Lock()
-	if e, ok := s.index[d.Hash]; ok {
-		s.lru.MoveToFront(e.elem)
-		s.mu.Unlock()
+	// Drop tmp only for a stored copy that is known good: one indexed by
+	// hash alone may be truncated or rotten, and tmp is verified, so it
+	// replaces that copy (a rename over it, no costlier than the remove).
+	if s.intact(d) {
 		os.Remove(tmp)
 		return nil
 	}
+	s.mu.Lock()
+	// The pending mark keeps an indexed copy this replaces from eviction.
+	s.pending[d.Hash]++
+	grow := d.Size
+	if e, ok := s.index[d.Hash]; ok {
+		grow = max(d.Size-e.size, 0)
+	}
 	if s.maxSize > 0 {
+		fail := ""
 		if d.Size > s.maxSize {
-			s.mu.Unlock()
-			return fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
+			fail = fmt.Sprintf("blob %s is larger than the store's size limit of %d bytes", d, s.maxSize)
+		} else if !s.evictLocked(grow) {
+			fail = fmt.Sprintf("store %d bytes for blob %s: the size limit of %d bytes is taken by blobs of actions in flight", d.Size, d, s.maxSize)
 		}
-		if !s.evictLocked(d.Size) {
+		if fail != "" {
+			if s.pending[d.Hash]--; s.pending[d.Hash] <= 0 {
+				delete(s.pending, d.Hash)
+			}
 			s.mu.Unlock()
-			return fmt.Errorf("store %d bytes for blob %s: the size limit of %d bytes is taken by blobs of actions in flight: %w", d.Size, d, s.maxSize, ErrNoSpace)
+			return fmt.Errorf("%s: %w", fail, ErrNoSpace)
 		}
 	}
-	s.reserved += d.Size
-	s.pending[d.Hash]++
+	s.reserved += grow
 	s.mu.Unlock()
 
 	err := os.Rename(tmp, s.blobPath(d.Hash))
@@ -695,18 +739,20 @@ func (s *DiskStore) link(tmp string, d Digest, syncDir bool) error {
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.reserved -= d.Size
+	s.reserved -= grow
 	if s.pending[d.Hash]--; s.pending[d.Hash] <= 0 {
 		delete(s.pending, d.Hash)
 	}
 	if err != nil {
 		return s.spaceErr(fmt.Errorf("move blob %s into place: %w", d, err))
 	}
-	if e, ok := s.index[d.Hash]; ok { // another upload of d got there first
+	if e, ok := s.index[d.Hash]; ok { // replaced, or another upload of d got there first
+		s.size += d.Size - e.size
+		e.size, e.verified, e.diskTime = d.Size, true, time.Now()
 		s.lru.MoveToFront(e.elem)
 		return nil
 	}
-	e := &entry{hash: d.Hash, size: d.Size, diskTime: time.Now()}
+	e := &entry{hash: d.Hash, size: d.Size, diskTime: time.Now(), verified: true}
 	e.elem = s.lru.PushFront(e)
 	s.index[d.Hash] = e
 	s.size += d.Size
@@ -817,7 +863,7 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
-	if d.IsEmpty() || s.has(d) {
+	if d.IsEmpty() || s.intact(d) {
 		os.Remove(path)
 		return d, nil
 	}
@@ -852,7 +898,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 	if err != nil {
 		return Digest{}, fmt.Errorf("hash %s: %w", path, err)
 	}
-	if !d.IsEmpty() && !s.has(d) {
+	if !d.IsEmpty() && !s.intact(d) {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return Digest{}, err
 		}
@@ -922,7 +968,7 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		if j, dup := seen[d.Hash]; dup && blobs[j].Digest == d {
 			continue
 		}
-		if d.IsEmpty() || s.has(d) {
+		if d.IsEmpty() || s.intact(d) {
 			// Still check the data: the caller must learn it was wrong.
 			if got := DigestOf(b.Data); got != d {
 				errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", d, got.Hash, ErrDigestMismatch)

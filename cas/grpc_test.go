@@ -37,6 +37,10 @@ type env struct {
 	srv *actiond.Server
 	cas repb.ContentAddressableStorageClient
 	bs  bytestream.ByteStreamClient
+	ac  repb.ActionCacheClient
+	// stop shuts the server down (for a restart on the same root); the
+	// test's cleanup calls it too, once in all.
+	stop func()
 }
 
 func quietLogger() *slog.Logger {
@@ -66,12 +70,16 @@ func newEnv(t testing.TB, opts actiond.Options) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		conn.Close()
-		g.Stop()
-		srv.Close()
-	})
-	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			conn.Close()
+			g.Stop()
+			srv.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn), ac: repb.NewActionCacheClient(conn), stop: stop}
 }
 
 func data(seed, n int) []byte {

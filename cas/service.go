@@ -104,6 +104,8 @@ func ToStatus(err error) error {
 		return err
 	}
 	switch {
+	case errors.Is(err, ErrCorrupt): // before ErrNotFound, which it also wraps
+		return status.Error(codes.DataLoss, err.Error())
 	case errors.Is(err, ErrNotFound):
 		return status.Error(codes.NotFound, err.Error())
 	case errors.Is(err, ErrDigestMismatch), errors.Is(err, ErrInvalidDigest), errors.Is(err, ErrInvalidResource):

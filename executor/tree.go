@@ -148,6 +148,9 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 		if len(m) > 0 {
 			return nil, &MissingBlobsError{Digests: m}
 		}
+		if err := verifyInputs(ctx, store, t.Files); err != nil {
+			return nil, err
+		}
 		return t, nil
 	}
 	t := &InputTree{Root: root, Dirs: make(map[cas.Digest]*repb.Directory)}
@@ -214,6 +217,9 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 		return nil, &MissingBlobsError{Digests: missing}
 	}
 	t.expand()
+	if err := verifyInputs(ctx, store, t.Files); err != nil {
+		return nil, err
+	}
 	c.addTree(t)
 	return t, nil
 }
@@ -336,4 +342,30 @@ func cleanRelPath(what, p string) (string, error) {
 		return "", invalidf("%s %q names the directory itself", what, p)
 	}
 	return strings.Join(out, "/"), nil
+}
+
+// verifyInputs makes sure no file blob backs an input (hardlink, copy or
+// actiondfs alike) unless it was hashed since the store opened or since it
+// was written: the cost is paid once per blob, not per action, and blobs
+// uploaded through actiond cost nothing (they were hashed on the way in).
+// It runs here, before staging, rather than when actiondfs first opens a
+// file: a bad blob then fails the action with FAILED_PRECONDITION MISSING
+// for its digest, which makes the client upload it again, instead of an
+// EIO in the middle of the command whose result would have to be thrown
+// away; and the tree walk that lists the files is already paid for. The
+// price is hashing inputs the command may never open, once per blob per
+// server lifetime, and the background scrubber pays most of it ahead.
+func verifyInputs(ctx context.Context, store cas.Store, files []cas.Digest) error {
+	v, ok := store.(cas.Verifier)
+	if !ok {
+		return nil
+	}
+	corrupt, err := v.VerifyBlobs(ctx, files)
+	if err != nil {
+		return fmt.Errorf("verify input blobs: %w", err)
+	}
+	if len(corrupt) > 0 {
+		return &MissingBlobsError{Digests: corrupt}
+	}
+	return nil
 }

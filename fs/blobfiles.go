@@ -13,7 +13,10 @@ import (
 // blob is opened once however many handles (and actions) read it, and up
 // to max unused files stay open for the next action. A cached file stays
 // readable even if the store evicts the blob meanwhile (content is
-// addressed by hash, so it cannot be stale).
+// addressed by hash, so it cannot be stale), except when the store finds
+// the file no longer matches its digest: then the store quarantines it and
+// tells us (dropQuarantined), so a re-uploaded blob is opened afresh
+// instead of reading the bad file through a cached descriptor.
 type blobFiles struct {
 	store cas.LocalStore
 	max   int
@@ -28,10 +31,33 @@ type blobFile struct {
 	f    *os.File
 	refs int
 	elem *list.Element // in idle while refs == 0
+	gone bool          // quarantined: close when the last user releases it
 }
 
 func newBlobFiles(store cas.LocalStore, max int) *blobFiles {
-	return &blobFiles{store: store, max: max, files: make(map[cas.Digest]*blobFile), idle: list.New()}
+	b := &blobFiles{store: store, max: max, files: make(map[cas.Digest]*blobFile), idle: list.New()}
+	if q, ok := store.(interface{ OnQuarantine(func(cas.Digest)) }); ok {
+		q.OnQuarantine(b.dropQuarantined)
+	}
+	return b
+}
+
+// dropQuarantined forgets the open file of d, which the store found bad.
+func (b *blobFiles) dropQuarantined(d cas.Digest) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	bf, ok := b.files[d]
+	if !ok {
+		return
+	}
+	delete(b.files, d)
+	if bf.refs == 0 {
+		b.idle.Remove(bf.elem)
+		bf.elem = nil
+		bf.f.Close()
+		return
+	}
+	bf.gone = true
 }
 
 // acquire returns the open blob file for d; release it when done.
@@ -77,6 +103,10 @@ func (b *blobFiles) release(bf *blobFile) {
 	defer b.mu.Unlock()
 	bf.refs--
 	if bf.refs > 0 {
+		return
+	}
+	if bf.gone {
+		bf.f.Close()
 		return
 	}
 	bf.elem = b.idle.PushFront(bf)

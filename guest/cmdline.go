@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/units"
 )
 
@@ -58,6 +59,7 @@ type Config struct {
 	Concurrency    int           // actiond.concurrency: actions at once (0: one per CPU)
 	MaxSize        int64         // actiond.max_size: CAS size limit (0: 90% of the CAS filesystem)
 	Fsync          bool          // actiond.fsync: fsync each blob
+	ScrubRate      int64         // actiond.scrub_rate: bytes per second the CAS scrubber hashes (0: off)
 	InputRoot      string        // actiond.input_root: hardlink or copy
 	DrainTimeout   time.Duration // actiond.drain: how long running calls may take to finish on shutdown
 	Console        string        // actiond.console: device for logs when /dev/console is unusable (e.g. hvc0)
@@ -77,6 +79,7 @@ func DefaultConfig() Config {
 		Fsck:           true,
 		LogLevel:       slog.LevelInfo,
 		Fsync:          true,
+		ScrubRate:      cas.DefaultScrubRate,
 		InputRoot:      "hardlink",
 		DrainTimeout:   DefaultDrainTimeout,
 		Modules:        true,
@@ -163,6 +166,10 @@ var params = map[string]param{
 	}},
 	"max_size": {"CAS size limit, e.g. 20G (default: 90% of the CAS filesystem)", func(c *Config, v string) (err error) {
 		c.MaxSize, err = units.ParseSize(v)
+		return err
+	}},
+	"scrub_rate": {"bytes per second the background CAS scrubber re-hashes blobs at, e.g. 32M (default 8M; 0 = off)", func(c *Config, v string) (err error) {
+		c.ScrubRate, err = units.ParseSize(v)
 		return err
 	}},
 	"fsync": {"1 to fsync each blob (default 1)", func(c *Config, v string) (err error) {

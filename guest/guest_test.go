@@ -15,7 +15,7 @@ import (
 
 func TestParseCmdline(t *testing.T) {
 	cfg, warnings, err := ParseCmdline(`console=ttyS0 panic=-1 actiond.transport=serial actiond.port=9000 actiond.cas=id:cas0 ` +
-		`actiond.runtimes=none actiond.loglevel=debug actiond.max_size=20G actiond.fsync=0 actiond.drain=5s ` +
+		`actiond.runtimes=none actiond.loglevel=debug actiond.max_size=20G actiond.fsync=0 actiond.drain=5s actiond.scrub_rate=32M ` +
 		`actiond.default_runtime="glibc2.41" actiond.bogus=1 -- actiond.transport=vsock`)
 	if err != nil {
 		t.Fatal(err)
@@ -30,6 +30,7 @@ func TestParseCmdline(t *testing.T) {
 	want.RuntimesDevice = "none"
 	want.LogLevel = slog.LevelDebug
 	want.MaxSize = 20 << 30
+	want.ScrubRate = 32 << 20
 	want.Fsync = false
 	want.DrainTimeout = 5 * time.Second
 	want.DefaultRuntime = "glibc2.41"
@@ -40,7 +41,10 @@ func TestParseCmdline(t *testing.T) {
 	if cfg, _, err := ParseCmdline("root=/dev/vda"); err != nil || cfg != DefaultConfig() {
 		t.Errorf("empty: %+v, %v", cfg, err)
 	}
-	for _, bad := range []string{"actiond.transport=tcp", "actiond.port=x", "actiond.cas=none", "actiond.format=yes", "actiond.cas=/x y"} {
+	if cfg, _, err := ParseCmdline("actiond.scrub_rate=0"); err != nil || cfg.ScrubRate != 0 || DefaultConfig().ScrubRate == 0 {
+		t.Errorf("scrub_rate=0 (off): %+v, %v; the default must be on", cfg.ScrubRate, err)
+	}
+	for _, bad := range []string{"actiond.scrub_rate=fast", "actiond.transport=tcp", "actiond.port=x", "actiond.cas=none", "actiond.format=yes", "actiond.cas=/x y"} {
 		if _, _, err := ParseCmdline(bad); err == nil {
 			t.Errorf("%s: accepted", bad)
 		}

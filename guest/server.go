@@ -91,7 +91,10 @@ func serve(st serverState, log *slog.Logger) error {
 			maxSize = int64(fs.Blocks) * int64(fs.Bsize) / 100 * defaultMaxSizePercent
 		}
 	}
-	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, NoFsync: !cfg.Fsync, DrainTimeout: cfg.DrainTimeout}
+	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, NoFsync: !cfg.Fsync, DrainTimeout: cfg.DrainTimeout, ScrubRate: cfg.ScrubRate}
+	if cfg.ScrubRate == 0 {
+		opts.ScrubRate = -1 // actiond.scrub_rate=0: off
+	}
 	var names []string
 	if len(st.Runtimes) > 0 {
 		sb, err := sandbox.New(sandbox.Config{Runtimes: st.Runtimes, StateDir: st.StateDir, Logger: log})

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -228,5 +230,53 @@ func TestLockKeepsSecondServerOut(t *testing.T) {
 	_, err := actiond.New(actiond.Options{Root: root, Logger: quiet()})
 	if err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second server on the same root: %v, want root in use", err)
+	}
+}
+
+// The background scrubber finds a blob whose file went bad, quarantines it
+// (FindMissingBlobs then reports it missing) and /metrics counts it.
+func TestScrubberQuarantineCounted(t *testing.T) {
+	root := t.TempDir()
+	e := start(t, actiond.Options{Root: root, ScrubRate: 1 << 30, ScrubPause: 10 * time.Millisecond})
+	ctx := context.Background()
+	casc := repb.NewContentAddressableStorageClient(e.conn)
+	good, bad := []byte("a blob that stays good"), []byte(strings.Repeat("rot", 3000))
+	req := &repb.BatchUpdateBlobsRequest{}
+	for _, b := range [][]byte{good, bad} {
+		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: cas.DigestOf(b).Proto(), Data: b})
+	}
+	if _, err := casc.BatchUpdateBlobs(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	d := cas.DigestOf(bad)
+	p := filepath.Join(root, "cas", "sha256", d.Hash[:2], d.Hash)
+	if err := os.Chmod(p, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(strings.Repeat("ROT", 3000)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]float64
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		m = scrape(t, e.web.URL)
+		if m["actiond_cas_quarantined_total"] >= 1 && m["actiond_cas_scrub_passes_total"] >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no quarantine counted within 30s: quarantined %v, passes %v", m["actiond_cas_quarantined_total"], m["actiond_cas_scrub_passes_total"])
+		}
+	}
+	if m["actiond_cas_quarantined_total"] != 1 || m["actiond_cas_scrubbed_bytes_total"] < float64(len(good)) {
+		t.Errorf("quarantined %v (want 1), scrubbed bytes %v", m["actiond_cas_quarantined_total"], m["actiond_cas_scrubbed_bytes_total"])
+	}
+	resp, err := casc.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{cas.DigestOf(good).Proto(), d.Proto()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.MissingBlobDigests) != 1 || resp.MissingBlobDigests[0].Hash != d.Hash {
+		t.Fatalf("missing = %v, want just the corrupted blob", resp.MissingBlobDigests)
+	}
+	if _, err := os.Stat(filepath.Join(root, "cas", cas.QuarantineDir, d.Hash)); err != nil {
+		t.Errorf("not in quarantine: %v", err)
 	}
 }

@@ -154,6 +154,15 @@ func (s *Store) BlobPath(d cas.Digest, executable bool) (string, error) {
 // Pin implements cas.Pinner on the local copies.
 func (s *Store) Pin(ds []cas.Digest) func() { return s.local.Pin(ds) }
 
+// VerifyBlobs implements cas.Verifier on the local copies: one that went
+// bad is quarantined locally and fetched again from the farm when staging
+// asks for it (BlobPath), so it is never reported corrupt: the farm's copy
+// is the one that counts.
+func (s *Store) VerifyBlobs(ctx context.Context, ds []cas.Digest) ([]cas.Digest, error) {
+	_, err := s.local.VerifyBlobs(ctx, ds)
+	return nil, err
+}
+
 // Put implements cas.Store: the blob is verified and stored locally, then
 // uploaded unless the remote CAS has it.
 func (s *Store) Put(ctx context.Context, d cas.Digest, r io.Reader) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -121,5 +122,44 @@ func TestActionCache(t *testing.T) {
 	}
 	if _, err := f.srv.Cache.Get(ctx, action); err != nil {
 		t.Fatalf("farm AC lacks the result: %v", err)
+	}
+}
+
+// A worker's local copy that went bad is quarantined when it is verified
+// before use and fetched again from the farm: the action never sees it,
+// and the farm's good copy is never reported missing.
+func TestStoreRefetchesCorruptLocalCopy(t *testing.T) {
+	ctx := context.Background()
+	f := newFarm(t)
+	dir := filepath.Join(t.TempDir(), "cache")
+	local, err := cas.NewDiskStore(dir, cas.WithFsync(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := castest.Blob(3, 5000)
+	d := cas.DigestOf(data)
+	if err := remote.NewStore(f.conn, local, remote.Options{}).Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "sha256", d.Hash[:2], d.Hash)
+	os.Chmod(p, 0o644)
+	if err := os.WriteFile(p, bytes.Repeat([]byte{'x'}, len(data)), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	// A worker restart: nothing local is trusted.
+	local, err = cas.NewDiskStore(dir, cas.WithFsync(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := remote.NewStore(f.conn, local, remote.Options{})
+	if bad, err := s.VerifyBlobs(ctx, []cas.Digest{d}); err != nil || len(bad) != 0 {
+		t.Fatalf("VerifyBlobs = %v, %v; want nothing reported (the farm has it)", bad, err)
+	}
+	bp, err := s.BlobPath(d, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(bp); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("staged copy after the refetch: %v, good %v", err, bytes.Equal(got, data))
 	}
 }

@@ -58,6 +58,8 @@ func runServe(args []string) error {
 	fs.Var(sizeFlag{&maxSize}, "max-size", "CAS size limit; least recently used blobs are evicted beyond it (e.g. 20G; 0 = unlimited)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
+	scrubRate := int64(cas.DefaultScrubRate)
+	fs.Var(sizeFlag{&scrubRate}, "scrub-rate", "bytes per second the background scrubber re-hashes stored blobs at, quarantining any that no longer match their digest (e.g. 32M; 0 = off)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls and actions may take to finish before they are cancelled")
 	maxUploads := fs.Int("max-uploads", cas.DefaultMaxUploads, "resumable ByteStream uploads kept in progress at once; beyond it the longest idle are dropped, then new ones refused (RESOURCE_EXHAUSTED)")
 	maxUploadBytes := int64(cas.DefaultMaxUploadBytes)
@@ -78,7 +80,10 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes}
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes, ScrubRate: scrubRate}
+	if scrubRate == 0 {
+		opts.ScrubRate = -1
+	}
 	closeExec, err := ex.apply(&opts, log)
 	if err != nil {
 		return err
