@@ -3,6 +3,7 @@ package testutil
 
 import (
 	"os"
+	"runtime"
 	"testing"
 )
 
@@ -42,4 +43,14 @@ func SkipIfShort(t testing.TB, why string) {
 		t.Fatalf("-short under CI would skip this test (%s): run the suite without -short", why)
 	}
 	t.Skipf("skipped in -short mode: %s", why)
+}
+
+// OnlyOnArch skips a test that is about another architecture than the
+// running one (a fact of the machine, not a missing prerequisite, so CI
+// skips it too).
+func OnlyOnArch(t testing.TB, goarch, why string) {
+	t.Helper()
+	if runtime.GOARCH != goarch {
+		t.Skipf("only on %s (this is %s): %s", goarch, runtime.GOARCH, why)
+	}
 }

@@ -5,10 +5,11 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 func TestClassifyProbe(t *testing.T) {
@@ -100,9 +101,7 @@ func TestProbeBootMarker(t *testing.T) {
 // cannot run a stock kernel: the verdict there is "no".
 func TestProbeKVMHere(t *testing.T) {
 	p := payload(t)
-	if runtime.GOARCH != "amd64" {
-		t.Skip("the payload is amd64")
-	}
+	testutil.OnlyOnArch(t, "amd64", "the test payload is amd64")
 	cache := filepath.Join(t.TempDir(), "kvm-probe.json")
 	pr := Probe{Arch: "amd64", Kernel: p.Kernel, CacheFile: cache, Timeout: 10 * time.Second}
 	r := pr.Run(context.Background())
