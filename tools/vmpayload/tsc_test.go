@@ -1,14 +1,13 @@
 package main
 
 import (
-	"runtime"
 	"testing"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 func TestHostTSCkHz(t *testing.T) {
-	if runtime.GOARCH != "amd64" {
-		t.Skip("no TSC")
-	}
+	testutil.OnlyOnArch(t, "amd64", "reads the x86 TSC")
 	khz := hostTSCkHz()
 	t.Logf("host TSC: %d kHz", khz)
 	if khz < 100_000 || khz > 10_000_000 {
