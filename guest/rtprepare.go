@@ -5,7 +5,6 @@ package guest
 import (
 	"archive/tar"
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -19,7 +18,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -288,13 +286,14 @@ func prepareRuntime(e runtimeEntry, hdr *tar.Header, r io.Reader, dir string, lo
 	log.Info("runtime: extracted", "runtime", e.Name, "entries", st.Entries, "bytes", formatSize(st.Bytes), "took", st.Took.Round(time.Millisecond))
 
 	t0 := time.Now()
-	out, err := runSecondStage(tree, e.Name, log)
-	rm.ConfigureS = time.Since(t0).Seconds()
 	logPath := filepath.Join(tmp, "second-stage.log")
-	_ = os.WriteFile(logPath, out, 0o644)
+	out, err := runSecondStage(tree, e.Name, logPath, log)
+	rm.ConfigureS = time.Since(t0).Seconds()
 	if err != nil {
 		failed := filepath.Join(dir, ".failed-"+e.Name+".log")
-		_ = os.WriteFile(failed, out, 0o644)
+		if data, rerr := os.ReadFile(logPath); rerr == nil {
+			_ = os.WriteFile(failed, data, 0o644)
+		}
 		return rm, fmt.Errorf("second stage (%s) failed after %s: %w; output ends: %s (whole output in %s)",
 			secondStagePath, time.Since(t0).Round(time.Millisecond), err, lastLines(out, 3), failed)
 	}
@@ -415,15 +414,20 @@ var secondStageEnv = []string{
 }
 
 // runSecondStage runs /bin/sh /.actiond/second-stage chrooted in tree, with
-// /proc, /sys and a minimal /dev mounted inside, and returns its combined
-// output. It runs in a cgroup of its own, so that nothing it started (a
-// daemon a maintainer script forgot to stop) survives it and keeps the
-// mounts busy.
-func runSecondStage(tree, name string, log *slog.Logger) ([]byte, error) {
+// /proc, /sys and a minimal /dev mounted inside, its output (stdout and
+// stderr) going to logPath; it returns the end of that output. It runs in a
+// cgroup of its own, so that nothing it started (a daemon a maintainer
+// script forgot to stop) survives it and keeps the mounts busy.
+func runSecondStage(tree, name, logPath string, log *slog.Logger) ([]byte, error) {
 	fi, err := os.Lstat(filepath.Join(tree, secondStagePath))
 	if err != nil || !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("the runtime has no %s (was it built for this guest?)", secondStagePath)
 	}
+	out, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer out.Close()
 	unmount, err := secondStageMounts(tree)
 	if err != nil {
 		return nil, err
@@ -434,16 +438,12 @@ func runSecondStage(tree, name string, log *slog.Logger) ([]byte, error) {
 		}
 	}()
 
-	ctx, cancel := context.WithTimeout(context.Background(), secondStageTimeout)
-	defer cancel()
-	out := &lineLog{log: log, runtime: name}
+	// A file, not a pipe, as stdout: Wait returns when the script ends,
+	// even if something it left behind still holds the output open.
 	cmd := exec.Command("/bin/sh", secondStagePath)
 	cmd.Dir = "/"
 	cmd.Env = secondStageEnv
 	cmd.Stdout, cmd.Stderr = out, out
-	// A process the script left behind could hold the output pipe open;
-	// it is killed with the cgroup, and Wait does not wait for it.
-	cmd.WaitDelay = 10 * time.Second
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: tree, Setsid: true, Pdeathsig: syscall.SIGKILL}
 	cg, cgErr := newKillGroup("actiond-second-stage-" + name)
 	if cgErr == nil {
@@ -452,15 +452,17 @@ func runSecondStage(tree, name string, log *slog.Logger) ([]byte, error) {
 	} else {
 		log.Warn("second stage: no cgroup of its own; processes it leaves behind are not killed", "runtime", name, "err", cgErr)
 	}
-	log.Info("runtime: running the second stage", "runtime", name, "script", secondStagePath)
+	log.Info("runtime: running the second stage", "runtime", name, "script", secondStagePath, "output", logPath)
 	if err := cmd.Start(); err != nil {
-		return out.bytes(), fmt.Errorf("start /bin/sh in the runtime: %w", err)
+		return tailFile(logPath), fmt.Errorf("start /bin/sh in the runtime: %w", err)
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
+	timer := time.NewTimer(secondStageTimeout)
+	defer timer.Stop()
 	select {
 	case err = <-done:
-	case <-ctx.Done():
+	case <-timer.C:
 		if cg != nil {
 			cg.kill()
 		}
@@ -471,7 +473,26 @@ func runSecondStage(tree, name string, log *slog.Logger) ([]byte, error) {
 	if cg != nil {
 		cg.kill()
 	}
-	return out.bytes(), err
+	tail := tailFile(logPath)
+	for _, l := range strings.Split(strings.TrimSpace(string(tail)), "\n") {
+		log.Debug("second stage", "runtime", name, "out", l)
+	}
+	return tail, err
+}
+
+// tailFile returns the last 16 KiB of a file.
+func tailFile(p string) []byte {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	const n = 16 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > n {
+		f.Seek(fi.Size()-n, io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	return b
 }
 
 // secondStageMounts mounts /proc, /sys and a tmpfs /dev with the usual
@@ -581,48 +602,6 @@ func (g *killGroup) remove(log *slog.Logger) {
 	if err := os.Remove(g.dir); err != nil {
 		log.Warn("second stage: cannot remove its cgroup", "dir", g.dir, "err", err)
 	}
-}
-
-// lineLog collects a second stage's output and logs it line by line at
-// debug level (the console is slow under emulation; the whole output is
-// kept in the runtime's second-stage.log).
-type lineLog struct {
-	log     *slog.Logger
-	runtime string
-	mu      sync.Mutex
-	all     bytes.Buffer
-	partial []byte
-}
-
-// maxSecondStageOutput bounds the output kept in memory.
-const maxSecondStageOutput = 4 << 20
-
-func (l *lineLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.all.Len() < maxSecondStageOutput {
-		l.all.Write(p[:min(len(p), maxSecondStageOutput-l.all.Len())])
-	}
-	l.partial = append(l.partial, p...)
-	for {
-		i := bytes.IndexByte(l.partial, '\n')
-		if i < 0 {
-			break
-		}
-		l.log.Debug("second stage", "runtime", l.runtime, "out", string(l.partial[:i]))
-		l.partial = l.partial[i+1:]
-	}
-	if len(l.partial) > 4096 {
-		l.log.Debug("second stage", "runtime", l.runtime, "out", string(l.partial))
-		l.partial = nil
-	}
-	return len(p), nil
-}
-
-func (l *lineLog) bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.all.Bytes())
 }
 
 // brokenRuntimeError is what an action naming a runtime that failed to

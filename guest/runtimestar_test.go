@@ -25,6 +25,8 @@ import (
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // testRuntime is one runtime of a test runtimes disk.
@@ -211,9 +213,7 @@ func writeDisk(t testing.TB, path string, m runtimesManifest, members []string) 
 func tinyHostTree(t testing.TB) string {
 	t.Helper()
 	sh, err := exec.LookPath("dash")
-	if err != nil {
-		t.Skipf("no dash on the host to build a tiny runtime from: %v", err)
-	}
+	testutil.Require(t, err == nil, "no dash on the host to build a tiny runtime from (apt-get install dash)")
 	sh, _ = filepath.EvalSymlinks(sh)
 	out, err := exec.Command("ldd", sh).Output()
 	if err != nil {
