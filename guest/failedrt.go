@@ -42,10 +42,20 @@ func (f *failedRuntimes) Runtimes() []string { return slices.Clone(f.names) }
 
 func (f *failedRuntimes) Run(ctx context.Context, spec *executor.RunSpec) (*executor.RunResult, error) {
 	if reason, ok := f.failed[spec.Runtime]; ok {
-		return nil, status.Error(codes.FailedPrecondition, brokenRuntimeError(spec.Runtime, reason))
+		return nil, &unavailableRuntimeError{msg: brokenRuntimeError(spec.Runtime, reason)}
 	}
 	if f.sb == nil {
 		return nil, &executor.UnknownRuntimeError{Name: spec.Runtime, Available: f.names}
 	}
 	return f.sb.Run(ctx, spec)
+}
+
+// unavailableRuntimeError is FAILED_PRECONDITION with the reason; its text
+// is the message alone, so that the executor's wrapping reads well.
+type unavailableRuntimeError struct{ msg string }
+
+func (e *unavailableRuntimeError) Error() string { return e.msg }
+
+func (e *unavailableRuntimeError) GRPCStatus() *status.Status {
+	return status.New(codes.FailedPrecondition, e.msg)
 }

@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -346,8 +347,8 @@ func TestFailedRuntimeStatus(t *testing.T) {
 		t.Fatalf("Runtimes() = %v", got)
 	}
 	_, err := sb.Run(context.Background(), &executor.RunSpec{Runtime: "glibc2.41"})
-	st := status.Convert(executor.ToStatus(errors.Join(err)))
-	if st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), `runtime "glibc2.41" is unavailable`) || !strings.Contains(st.Message(), "exit status 3") {
+	st := status.Convert(executor.ToStatus(fmt.Errorf("sandbox: %w", err)))
+	if st.Code() != codes.FailedPrecondition || strings.Contains(st.Message(), "rpc error") || !strings.Contains(st.Message(), `runtime "glibc2.41" is unavailable`) || !strings.Contains(st.Message(), "exit status 3") {
 		t.Errorf("status %v", st)
 	}
 	def, err := pickDefaultRuntime("", nil, []string{"glibc2.31", DefaultRuntimeName})
