@@ -27,7 +27,7 @@ import (
 
 func TestProbeContentTar(t *testing.T) {
 	img := filepath.Join(t.TempDir(), "rt.tar")
-	writeRuntimesDisk(t, img, []testRuntime{{Name: "x", Entries: []testEntry{{Hdr: tar.Header{Name: "./etc/", Typeflag: tar.TypeDir, Mode: 0o755}}}}})
+	writeRuntimesDisk(t, img, "", []testRuntime{{Name: "x", Entries: []testEntry{{Hdr: tar.Header{Name: "./etc/", Typeflag: tar.TypeDir, Mode: 0o755}}}}})
 	head, err := readHead(img)
 	if err != nil {
 		t.Fatal(err)
@@ -186,7 +186,7 @@ func TestPrepareTarRuntimes(t *testing.T) {
 	cas := t.TempDir()
 	disk := filepath.Join(t.TempDir(), "runtimes.tar")
 	broken := testRuntime{Name: "broken", Tree: tinyHostTree(t), Script: "echo 'E: dpkg exploded' >&2\nexit 3\n"}
-	writeRuntimesDisk(t, disk, []testRuntime{broken, tinyRuntime(t, "tiny", "v1")})
+	writeRuntimesDisk(t, disk, "", []testRuntime{broken, tinyRuntime(t, "tiny", "v1")})
 
 	// Boot 1.
 	res, log := prepareForTest(t, disk, cas)
@@ -243,7 +243,7 @@ func TestPrepareTarRuntimes(t *testing.T) {
 	// a killed VM: both the .tmp and the old version go.
 	interrupted := filepath.Join(cas, casRuntimesDir, ".tmp-tiny-123456")
 	os.MkdirAll(filepath.Join(interrupted, "tree/usr/bin"), 0o755)
-	writeRuntimesDisk(t, disk, []testRuntime{tinyRuntime(t, "tiny", "v2")})
+	writeRuntimesDisk(t, disk, "", []testRuntime{tinyRuntime(t, "tiny", "v2")})
 	res, log = prepareForTest(t, disk, cas)
 	if len(res.Runtimes) != 1 {
 		t.Fatalf("third boot: runtimes %v", res.Runtimes)

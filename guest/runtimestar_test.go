@@ -139,11 +139,14 @@ func tarTree(tw *tar.Writer, dir string) error {
 	})
 }
 
-// writeRuntimesDisk writes a tar runtimes disk with rts to path and
-// returns its manifest.
-func writeRuntimesDisk(t testing.TB, path string, rts []testRuntime) runtimesManifest {
+// writeRuntimesDisk writes a tar runtimes disk for arch ("": this
+// machine's) with rts to path and returns its manifest.
+func writeRuntimesDisk(t testing.TB, path, arch string, rts []testRuntime) runtimesManifest {
 	t.Helper()
-	m := runtimesManifest{Format: runtimesFormat, Arch: runtime.GOARCH}
+	if arch == "" {
+		arch = runtime.GOARCH
+	}
+	m := runtimesManifest{Format: runtimesFormat, Arch: arch}
 	dir := t.TempDir()
 	var members []string
 	for _, rt := range rts {

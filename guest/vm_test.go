@@ -374,7 +374,7 @@ func testVMTarRuntimes(t *testing.T, arch string) {
 	}
 	disk := filepath.Join(dir, "runtimes.tar")
 	t0 := time.Now()
-	writeRuntimesDisk(t, disk, rts)
+	writeRuntimesDisk(t, disk, arch, rts)
 	fi, _ := os.Stat(disk)
 	t.Logf("tar runtimes disk: %.1f MiB, written in %s", float64(fi.Size())/(1<<20), time.Since(t0).Round(time.Millisecond))
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
