@@ -510,24 +510,61 @@ func secondStageMounts(tree string) (func() error, error) {
 		}
 		return errors.Join(errs...)
 	}
+	var restore []func() error
+	done2 := func() error {
+		err := unmount()
+		for i := len(restore) - 1; i >= 0; i-- {
+			if rerr := restore[i](); rerr != nil && err == nil {
+				err = rerr
+			}
+		}
+		return err
+	}
 	for _, m := range []struct{ dir, fstype string }{{"proc", "proc"}, {"sys", "sysfs"}, {"dev", "tmpfs"}} {
 		target := filepath.Join(tree, m.dir)
-		// A symlink there would make the mount land outside the tree.
-		if fi, err := os.Lstat(target); err == nil && !fi.IsDir() {
-			unmount()
-			return nil, fmt.Errorf("the runtime's /%s is not a directory", m.dir)
-		} else if err != nil {
+		fi, err := os.Lstat(target)
+		switch {
+		case err != nil:
 			if err := os.Mkdir(target, 0o755); err != nil {
-				unmount()
+				done2()
 				return nil, err
 			}
+			restore = append(restore, func() error { return os.Remove(target) })
+		case fi.Mode()&os.ModeSymlink != 0:
+			// Mounting on a symlink (some trees have proc -> /proc) would
+			// follow it out of the tree: a directory stands in for the
+			// second stage, and the symlink comes back afterwards.
+			link, err := os.Readlink(target)
+			if err == nil {
+				err = os.Remove(target)
+			}
+			if err == nil {
+				err = os.Mkdir(target, 0o755)
+			}
+			if err != nil {
+				done2()
+				return nil, fmt.Errorf("replace the symlink /%s for the second stage: %w", m.dir, err)
+			}
+			st := fi.Sys().(*syscall.Stat_t)
+			restore = append(restore, func() error {
+				if err := os.Remove(target); err != nil {
+					return err
+				}
+				if err := os.Symlink(link, target); err != nil {
+					return err
+				}
+				return os.Lchown(target, int(st.Uid), int(st.Gid))
+			})
+		case !fi.IsDir():
+			done2()
+			return nil, fmt.Errorf("the runtime's /%s is neither a directory nor a symlink", m.dir)
 		}
 		data := ""
 		if m.fstype == "tmpfs" {
 			data = "mode=0755,size=16m"
 		}
 		if err := unix.Mount(m.fstype, target, m.fstype, unix.MS_NOSUID, data); err != nil {
-			unmount()
+			done2()
 			return nil, fmt.Errorf("mount %s on %s: %w", m.fstype, target, err)
 		}
 		done = append(done, target)
@@ -539,7 +576,7 @@ func secondStageMounts(tree string) (func() error, error) {
 	}{{"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0}} {
 		p := filepath.Join(dev, n.name)
 		if err := unix.Mknod(p, unix.S_IFCHR|0o666, int(unix.Mkdev(n.major, n.minor))); err != nil {
-			unmount()
+			done2()
 			return nil, fmt.Errorf("mknod %s: %w", p, err)
 		}
 		_ = os.Chmod(p, 0o666)
@@ -550,7 +587,7 @@ func secondStageMounts(tree string) (func() error, error) {
 	for _, d := range []string{"pts", "shm"} {
 		_ = os.Mkdir(filepath.Join(dev, d), 0o755)
 	}
-	return unmount, nil
+	return done2, nil
 }
 
 // killGroup is a cgroup v2 directory whose processes can be killed at once.

@@ -129,7 +129,14 @@ func TestExtractTree(t *testing.T) {
 // tinyRuntime is a runtime from the host's dash whose second stage writes
 // /etc/configured (shell builtins only).
 func tinyRuntime(t testing.TB, name, marker string) testRuntime {
-	return testRuntime{Name: name, Tree: tinyHostTree(t),
+	tree := tinyHostTree(t)
+	// As in some trees: the second stage must not mount through it onto
+	// the guest's own /proc, and it must still be there afterwards.
+	os.Remove(filepath.Join(tree, "proc"))
+	if err := os.Symlink("/proc", filepath.Join(tree, "proc")); err != nil {
+		t.Fatal(err)
+	}
+	return testRuntime{Name: name, Tree: tree,
 		Script: "echo 'configuring " + name + "'\necho " + marker + " > /etc/configured\n[ -e /dev/null ] && [ -r /proc/self/status ] && [ -d /sys/kernel ] && echo mounts-ok >> /etc/configured\n"}
 }
 
@@ -196,6 +203,9 @@ func TestPrepareTarRuntimes(t *testing.T) {
 	root := res.Runtimes[0].Root
 	if got, _ := os.ReadFile(filepath.Join(root, "etc/configured")); string(got) != "v1\nmounts-ok\n" {
 		t.Errorf("etc/configured = %q: the second stage did not run with /proc, /sys and /dev", got)
+	}
+	if l, err := os.Readlink(filepath.Join(root, "proc")); err != nil || l != "/proc" {
+		t.Errorf("the tree's proc -> /proc symlink was not restored: %q %v", l, err)
 	}
 	if _, err := os.Lstat(filepath.Join(root, ".actiond")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("/.actiond still in the sealed tree: %v", err)
