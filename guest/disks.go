@@ -25,6 +25,7 @@ const (
 	contentBlank    = "blank"    // zeros where any superblock would be
 	contentExt4     = "ext4"     // an ext2/3/4 superblock
 	contentSquashFS = "squashfs" // a SquashFS superblock
+	contentTar      = "tar"      // a POSIX tar stream (the runtimes disk of the Go payload builder)
 	contentOther    = "other"    // anything else (partition table, other fs, data)
 )
 
@@ -67,6 +68,10 @@ func formatSize(n int64) string {
 func probeContent(head []byte) string {
 	if len(head) >= 4 && string(head[:4]) == "hsqs" {
 		return contentSquashFS
+	}
+	// POSIX and GNU tar: "ustar" at 257 of the first header block.
+	if len(head) >= 512 && string(head[257:262]) == "ustar" {
+		return contentTar
 	}
 	// ext2/3/4: s_magic 0xEF53 at offset 56 of the superblock at 1024.
 	if len(head) >= 1024+58 && binary.LittleEndian.Uint16(head[1024+56:]) == 0xEF53 {
@@ -199,7 +204,9 @@ func casCandidate(d disk) bool {
 	return !d.ReadOnly && (d.Content == contentExt4 || d.Content == contentBlank)
 }
 
-func runtimesCandidate(d disk) bool { return d.Content == contentSquashFS }
+func runtimesCandidate(d disk) bool {
+	return d.Content == contentSquashFS || d.Content == contentTar
+}
 
 // tool finds a helper program carried in the initramfs.
 func tool(name string) (string, bool) {
@@ -318,12 +325,32 @@ func setupCAS(cfg Config, mountPoint string, log *slog.Logger) (casDiskResult, e
 	return res, nil
 }
 
-// setupRuntimes mounts the runtimes disk read-only on mountPoint and
-// returns its runtimes: every top-level directory that looks like a root
-// file system (has usr/ or bin/), named after the directory.
-func setupRuntimes(cfg Config, mountPoint, casDev string, log *slog.Logger) (disk, []sandbox.Runtime, error) {
+// runtimesResult is what setupRuntimes made available.
+type runtimesResult struct {
+	Disk     disk
+	Runtimes []sandbox.Runtime
+	// Failed maps a runtime of a tar disk that could not be prepared to
+	// why; actions naming it get that reason.
+	Failed map[string]string
+	// Mounts are the file systems mounted, in order (unmounted in reverse
+	// at shutdown).
+	Mounts []string
+	// Info describes the prepared runtimes of a tar disk.
+	Info map[string]any
+	// CASBytes is the space the runtimes take on the CAS disk.
+	CASBytes int64
+}
+
+// setupRuntimes makes the runtimes disk's runtimes available under
+// mountPoint. A SquashFS disk is mounted read-only there and every
+// top-level directory that looks like a root file system (has usr/ or
+// bin/) is a runtime named after it. A tar disk (the Go payload builder's
+// first stage) is extracted, configured and sealed on the CAS disk mounted
+// at casMount, once per runtime version (prepareTarRuntimes).
+func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Logger) (runtimesResult, error) {
+	var res runtimesResult
 	if cfg.RuntimesDevice == "none" {
-		return disk{}, nil, nil
+		return res, nil
 	}
 	timeout := 10 * time.Second
 	if cfg.RuntimesDevice == "auto" {
@@ -332,28 +359,40 @@ func setupRuntimes(cfg Config, mountPoint, casDev string, log *slog.Logger) (dis
 	d, disks, err := findDisk(cfg.RuntimesDevice, casDev, runtimesCandidate, timeout)
 	if err != nil {
 		if cfg.RuntimesDevice == "auto" {
-			log.Warn("no runtimes disk (SquashFS); actions cannot run", "hint", "attach the runtimes disk built by tools/vmpayload", "disks", describeDisks(disks))
-			return disk{}, nil, nil
+			log.Warn("no runtimes disk (SquashFS or tar); actions cannot run", "hint", "attach the runtimes disk of the VM payload", "disks", describeDisks(disks))
+			return res, nil
 		}
-		return disk{}, nil, fmt.Errorf("runtimes disk %q not found (%s)", cfg.RuntimesDevice, describeDisks(disks))
+		return res, fmt.Errorf("runtimes disk %q not found (%s)", cfg.RuntimesDevice, describeDisks(disks))
 	}
-	if d.Content != contentSquashFS {
-		return d, nil, fmt.Errorf("runtimes disk %s is not SquashFS", d)
-	}
+	res.Disk = d
 	if err := os.MkdirAll(mountPoint, 0o755); err != nil {
-		return d, nil, err
+		return res, err
+	}
+	switch d.Content {
+	case contentSquashFS:
+	case contentTar:
+		if casMount == "" {
+			return res, fmt.Errorf("runtimes disk %s is a tar stream, which needs the CAS disk to extract to", d)
+		}
+		tr, err := prepareTarRuntimes(d.Dev, casMount, mountPoint, log)
+		res.Runtimes, res.Failed, res.Mounts, res.Info, res.CASBytes = tr.Runtimes, tr.Failed, tr.Mounts, tr.Info, tr.Bytes
+		return res, err
+	default:
+		return res, fmt.Errorf("runtimes disk %s is neither SquashFS nor a tar stream", d)
 	}
 	if err := unix.Mount(d.Dev, mountPoint, "squashfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
-		return d, nil, fmt.Errorf("mount %s (squashfs) on %s: %w (is the squashfs module loaded?)", d.Dev, mountPoint, err)
+		return res, fmt.Errorf("mount %s (squashfs) on %s: %w (is the squashfs module loaded?)", d.Dev, mountPoint, err)
 	}
+	res.Mounts = []string{mountPoint}
 	rts, err := runtimesIn(mountPoint)
 	if err != nil {
-		return d, nil, err
+		return res, err
 	}
 	if len(rts) == 0 {
 		log.Warn("the runtimes disk has no runtime directories (<name>/usr)", "disk", d.String())
 	}
-	return d, rts, nil
+	res.Runtimes = rts
+	return res, nil
 }
 
 // runtimesIn lists the runtime directories of a mounted runtimes disk.

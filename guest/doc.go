@@ -16,7 +16,11 @@
 //  4. disks: the CAS disk (ext4; formatted with the mkfs.ext4 carried in the
 //     initramfs when blank, checked with e2fsck -p otherwise) is mounted on
 //     /cas, the runtimes disk (one SquashFS with a directory per runtime)
-//     read-only on /runtimes;
+//     read-only on /runtimes; a runtimes disk that is a tar stream (the
+//     payload builder's first stage: unpacked packages, one zstd tar per
+//     runtime) is extracted onto /cas/runtimes once per runtime version,
+//     configured by the runtime's /.actiond/second-stage in a chroot and
+//     bound read-only on /runtimes/<name> (see prepareTarRuntimes);
 //  5. server: a child process (the same binary, argv[0]
 //     "actiond-guest-server") opens the actiond.Server over /cas/actiond with
 //     the Linux sandbox and the runtimes, and serves it on the host

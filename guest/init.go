@@ -157,22 +157,34 @@ func (b *boot) run() {
 		return nil
 	})
 	b.step("runtimes disk", func() error {
-		d, rts, err := setupRuntimes(b.cfg, DefaultRuntimesMount, b.casDev, b.log)
-		if d.Dev != "" {
-			b.info["runtimes_disk"] = d.String()
+		casMount := ""
+		if b.casDev != "" {
+			casMount = DefaultCASMountPoint
+		}
+		res, err := setupRuntimes(b.cfg, DefaultRuntimesMount, b.casDev, casMount, b.log)
+		if res.Disk.Dev != "" {
+			b.info["runtimes_disk"] = res.Disk.String()
+		}
+		b.mounted = append(b.mounted, res.Mounts...)
+		if len(res.Info) > 0 {
+			b.info["runtimes_prepared"] = res.Info
 		}
 		if err != nil {
 			return err
 		}
-		if d.Dev != "" {
-			b.mounted = append(b.mounted, DefaultRuntimesMount)
+		if res.Disk.Dev != "" {
 			var names []string
-			for _, rt := range rts {
+			for _, rt := range res.Runtimes {
 				names = append(names, rt.Name)
 			}
-			b.log.Info("runtimes disk mounted", "disk", d.String(), "on", DefaultRuntimesMount, "runtimes", names)
+			b.log.Info("runtimes disk ready", "disk", res.Disk.String(), "on", DefaultRuntimesMount, "runtimes", names)
 		}
-		b.state.Runtimes = rts
+		for name, reason := range res.Failed {
+			b.log.Error("runtime unavailable; actions naming it fail", "runtime", name, "reason", reason)
+		}
+		b.state.Runtimes = res.Runtimes
+		b.state.FailedRuntimes = res.Failed
+		b.state.RuntimesCASBytes = res.CASBytes
 		return nil
 	})
 	b.supervise()

@@ -39,6 +39,11 @@ type serverState struct {
 	StateDir string            // tmpfs scratch for the sandbox
 	Runtimes []sandbox.Runtime // from the runtimes disk
 	Info     map[string]any    // for the Info call: kernel, disks, boot timings
+	// FailedRuntimes are runtimes of the disk that could not be prepared,
+	// with the reason an action naming one gets.
+	FailedRuntimes map[string]string
+	// RuntimesCASBytes is the space prepared runtimes take on the CAS disk.
+	RuntimesCASBytes int64
 }
 
 func init() {
@@ -62,19 +67,24 @@ func serverMain() int {
 	return 0
 }
 
-// pickDefaultRuntime returns want if available, else DefaultRuntimeName if
-// available, else the first runtime.
-func pickDefaultRuntime(want string, names []string) (string, error) {
+// pickDefaultRuntime returns want if it is among all, else
+// DefaultRuntimeName if it is, else the first working runtime, else the
+// first of all. A runtime that failed to prepare counts: actions that name
+// no runtime then get its failure rather than silently another runtime.
+func pickDefaultRuntime(want string, working, all []string) (string, error) {
 	if want != "" {
-		if !slices.Contains(names, want) {
-			return "", fmt.Errorf("actiond.default_runtime=%s: no such runtime (have %v)", want, names)
+		if !slices.Contains(all, want) {
+			return "", fmt.Errorf("actiond.default_runtime=%s: no such runtime (have %v)", want, all)
 		}
 		return want, nil
 	}
-	if slices.Contains(names, DefaultRuntimeName) {
+	if slices.Contains(all, DefaultRuntimeName) {
 		return DefaultRuntimeName, nil
 	}
-	return names[0], nil
+	if len(working) > 0 {
+		return working[0], nil
+	}
+	return all[0], nil
 }
 
 // serve runs the actiond.Server on the host transport until SIGTERM, then
@@ -88,7 +98,9 @@ func serve(st serverState, log *slog.Logger) error {
 	if maxSize == 0 {
 		var fs unix.Statfs_t
 		if err := unix.Statfs(st.CASMount, &fs); err == nil {
-			maxSize = int64(fs.Blocks) * int64(fs.Bsize) / 100 * defaultMaxSizePercent
+			// The runtimes prepared on the CAS disk share it: the CAS
+			// gets its share of the rest.
+			maxSize = max(int64(fs.Blocks)*int64(fs.Bsize)-st.RuntimesCASBytes, 0) / 100 * defaultMaxSizePercent
 		}
 	}
 	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, NoFsync: !cfg.Fsync, DrainTimeout: cfg.DrainTimeout, ScrubRate: cfg.ScrubRate}
@@ -96,18 +108,23 @@ func serve(st serverState, log *slog.Logger) error {
 		opts.ScrubRate = -1 // actiond.scrub_rate=0: off
 	}
 	var names []string
-	if len(st.Runtimes) > 0 {
-		sb, err := sandbox.New(sandbox.Config{Runtimes: st.Runtimes, StateDir: st.StateDir, Logger: log})
+	if len(st.Runtimes) > 0 || len(st.FailedRuntimes) > 0 {
+		var sb *sandbox.Sandbox
+		if len(st.Runtimes) > 0 {
+			var err error
+			sb, err = sandbox.New(sandbox.Config{Runtimes: st.Runtimes, StateDir: st.StateDir, Logger: log})
+			if err != nil {
+				return err
+			}
+			defer sb.Close()
+			names = sb.Runtimes()
+		}
+		wrapped := withFailedRuntimes(sb, st.FailedRuntimes)
+		def, err := pickDefaultRuntime(cfg.DefaultRuntime, names, wrapped.Runtimes())
 		if err != nil {
 			return err
 		}
-		defer sb.Close()
-		names = sb.Runtimes()
-		def, err := pickDefaultRuntime(cfg.DefaultRuntime, names)
-		if err != nil {
-			return err
-		}
-		opts.Sandbox = sb
+		opts.Sandbox = wrapped
 		opts.DefaultRuntime = def
 		opts.Concurrency = cfg.Concurrency
 		if opts.Concurrency == 0 {

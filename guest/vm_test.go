@@ -1,0 +1,507 @@
+//go:build linux
+
+package guest
+
+// VM tests of the guest's runtimes and limits: the payload's kernel and
+// initramfs from tools/vmpayload (with /init replaced by this tree's
+// actiond, appended as a second initramfs archive), booted under QEMU
+// (TCG) through vmhost/qemu, with a tar runtimes disk written by the test
+// in the payload builder's format.
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/vmhost"
+	"github.com/actiond/actiond/vmhost/qemu"
+)
+
+// vmPayload returns the payload for arch, or skips (fails under CI).
+func vmPayload(t *testing.T, arch string) vmhost.Payload {
+	t.Helper()
+	testutil.SkipIfShort(t, "boots a VM under emulation (minutes)")
+	testutil.RequireRoot(t)
+	_, err := exec.LookPath(qemu.Binary(arch))
+	testutil.Require(t, err == nil, qemu.Binary(arch)+" not installed (Debian: qemu-system-x86 / qemu-system-arm)")
+	_, err = exec.LookPath("unsquashfs")
+	testutil.Require(t, err == nil, "unsquashfs not installed (apt-get install squashfs-tools)")
+	dir := vmhost.DefaultPayloadDir(arch)
+	p, err := vmhost.FindPayload(dir, arch)
+	testutil.Require(t, err == nil && p.Runtimes != "", fmt.Sprintf("no VM payload with runtimes in %s (make vm-payloads): %v", dir, err))
+	return p
+}
+
+// testInitrd returns the payload's initramfs with /init replaced by this
+// tree's actiond (cross-built, static), so that the VM runs the code under
+// test: the kernel unpacks concatenated archives in order, a later file
+// replacing an earlier one.
+func testInitrd(t *testing.T, p vmhost.Payload, arch string) string {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "actiond")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "./cmd/actiond")
+	cmd.Dir = ".."
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+arch)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/actiond for %s: %v\n%s", arch, err, out)
+	}
+	orig, err := os.ReadFile(p.Initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	b.Write(orig)
+	for b.Len()%4 != 0 {
+		b.WriteByte(0)
+	}
+	writeNewc(&b, "init", 0o100755, data)
+	writeNewc(&b, "TRAILER!!!", 0, nil)
+	out := filepath.Join(dir, "initrd")
+	if err := os.WriteFile(out, b.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// writeNewc appends one newc (SVR4, no CRC) cpio entry.
+func writeNewc(b *bytes.Buffer, name string, mode uint32, data []byte) {
+	fmt.Fprintf(b, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		0, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name)+1, 0)
+	b.WriteString(name)
+	b.WriteByte(0)
+	for b.Len()%4 != 0 {
+		b.WriteByte(0)
+	}
+	b.Write(data)
+	for b.Len()%4 != 0 {
+		b.WriteByte(0)
+	}
+}
+
+// payloadRuntimeTree unpacks runtime name from the payload's runtimes
+// SquashFS (one directory per runtime) into a temporary directory.
+func payloadRuntimeTree(t *testing.T, p vmhost.Payload, name string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "sq")
+	out, err := exec.Command("unsquashfs", "-no-progress", "-q", "-d", dir, p.Runtimes, name).CombinedOutput()
+	if err != nil {
+		t.Fatalf("unsquashfs %s %s: %v\n%s", p.Runtimes, name, err, out)
+	}
+	tree := filepath.Join(dir, name)
+	if _, err := os.Stat(filepath.Join(tree, "usr")); err != nil {
+		t.Fatalf("runtime %s not in %s: %v", name, p.Runtimes, err)
+	}
+	// What the payload builder's first stage would not ship.
+	os.RemoveAll(filepath.Join(tree, "var/cache/apt/archives"))
+	return tree
+}
+
+// testVM is one boot.
+type testVM struct {
+	t       *testing.T
+	m       *qemu.Machine
+	console *syncBuf
+	cc      *grpc.ClientConn
+}
+
+func bootTestVM(t *testing.T, arch, initrd, kernel, cas, runtimes, extra string, wait bool) *testVM {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	console := vmhost.NewConsole(log, "guest", 0)
+	buf := &syncBuf{}
+	if testing.Verbose() {
+		console.SetFile(io.MultiWriter(buf, os.Stderr))
+	} else {
+		console.SetFile(buf)
+	}
+	m := qemu.New(qemu.Config{
+		Config: vmhost.Config{
+			Kernel: kernel, Initrd: initrd, RuntimesImage: runtimes, CASImage: cas,
+			Arch: arch, CPUs: 2, MemoryMiB: 1536, Logger: log, Console: console,
+			ExtraCmdline: strings.TrimSpace("actiond.drain=5s " + extra),
+		},
+		Accel: qemu.AccelTCG,
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	if err := m.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v := &testVM{t: t, m: m, console: buf}
+	t.Cleanup(func() {
+		v.stop()
+		if t.Failed() {
+			t.Logf("console:\n%s", tailString(buf.String(), 64<<10))
+		}
+	})
+	if !wait {
+		return v
+	}
+	if _, err := vmhost.WaitReady(ctx, m.DialGuest, vmhost.ReadyOptions{Timeout: 14 * time.Minute, Done: m.Done()}); err != nil {
+		t.Fatalf("%v\nconsole:\n%s", err, tailString(buf.String(), 32<<10))
+	}
+	cc, err := grpc.NewClient("passthrough:///guest",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return m.DialGuest(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.cc = cc
+	return v
+}
+
+func tailString(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// stop powers the guest off (a clean shutdown).
+func (v *testVM) stop() {
+	if v.cc != nil {
+		v.cc.Close()
+		v.cc = nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	v.m.Stop(ctx)
+}
+
+// kill ends QEMU at once, like a power cut.
+func (v *testVM) kill() {
+	if v.cc != nil {
+		v.cc.Close()
+		v.cc = nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	v.m.Stop(ctx) // an ended context: no power-off request, QEMU quits
+}
+
+// waitConsole waits for re on the console.
+func (v *testVM) waitConsole(re string, timeout time.Duration) string {
+	v.t.Helper()
+	r := regexp.MustCompile(re)
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if m := r.FindString(v.console.String()); m != "" {
+			return m
+		}
+		select {
+		case <-v.m.Done():
+			v.t.Fatalf("the VM ended before %q appeared", re)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	v.t.Fatalf("%q not on the console after %v", re, timeout)
+	return ""
+}
+
+func vmDigest(data []byte) *repb.Digest {
+	sum := sha256.Sum256(data)
+	return &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(data))}
+}
+
+func (v *testVM) put(ctx context.Context, m proto.Message) *repb.Digest {
+	v.t.Helper()
+	data, err := proto.Marshal(m)
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	d := vmDigest(data)
+	resp, err := repb.NewContentAddressableStorageClient(v.cc).BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{
+		Requests: []*repb.BatchUpdateBlobsRequest_Request{{Digest: d, Data: data}}})
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	if c := resp.Responses[0].GetStatus().GetCode(); c != 0 {
+		v.t.Fatalf("BatchUpdateBlobs: %v", resp.Responses[0].Status)
+	}
+	return d
+}
+
+func (v *testVM) read(ctx context.Context, d *repb.Digest) string {
+	v.t.Helper()
+	if d == nil || d.SizeBytes == 0 {
+		return ""
+	}
+	stream, err := bspb.NewByteStreamClient(v.cc).Read(ctx, &bspb.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", d.Hash, d.SizeBytes)})
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	var b bytes.Buffer
+	for {
+		r, err := stream.Recv()
+		if err == io.EOF {
+			return b.String()
+		}
+		if err != nil {
+			v.t.Fatal(err)
+		}
+		b.Write(r.Data)
+	}
+}
+
+// execResult is an Execute's outcome.
+type execResult struct {
+	Code     codes.Code // the operation's or the response's status
+	Message  string
+	Exit     int32
+	Stdout   string
+	Stderr   string
+	RespMsg  string // ExecuteResponse.message
+	SrvLog   string // the "sandbox" server log (limits enforced)
+	Duration time.Duration
+}
+
+// run executes `/bin/sh -c script` with the platform properties props.
+func (v *testVM) run(ctx context.Context, script string, props ...string) execResult {
+	v.t.Helper()
+	var pp []*repb.Platform_Property
+	for i := 0; i+1 < len(props); i += 2 {
+		pp = append(pp, &repb.Platform_Property{Name: props[i], Value: props[i+1]})
+	}
+	cmd := &repb.Command{
+		Arguments:            []string{"/bin/sh", "-c", script},
+		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin:/usr/sbin:/sbin"}},
+		Platform:             &repb.Platform{Properties: pp},
+	}
+	action := &repb.Action{CommandDigest: v.put(ctx, cmd), InputRootDigest: v.put(ctx, &repb.Directory{}), DoNotCache: true}
+	t0 := time.Now()
+	stream, err := repb.NewExecutionClient(v.cc).Execute(ctx, &repb.ExecuteRequest{ActionDigest: v.put(ctx, action), SkipCacheLookup: true})
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	for {
+		op, err := stream.Recv()
+		if err != nil {
+			v.t.Fatalf("execute: %v", err)
+		}
+		if !op.Done {
+			continue
+		}
+		if e := op.GetError(); e != nil {
+			return execResult{Code: codes.Code(e.Code), Message: e.Message, Duration: time.Since(t0)}
+		}
+		resp := new(repb.ExecuteResponse)
+		if err := op.GetResponse().UnmarshalTo(resp); err != nil {
+			v.t.Fatal(err)
+		}
+		r := execResult{Code: codes.Code(resp.GetStatus().GetCode()), Message: resp.GetStatus().GetMessage(), RespMsg: resp.Message, Duration: time.Since(t0)}
+		if res := resp.Result; res != nil {
+			r.Exit, r.Stdout, r.Stderr = res.ExitCode, v.read(ctx, res.StdoutDigest), v.read(ctx, res.StderrDigest)
+		}
+		if l := resp.ServerLogs["sandbox"]; l != nil {
+			r.SrvLog = v.read(ctx, l.Digest)
+		}
+		return r
+	}
+}
+
+// realSecondStage is the second stage of the real runtime in the VM tests:
+// what the builder's would do that a configured tree still needs
+// (ldconfig), a marker file, a process left behind (the guest must kill
+// it), and a hang when the kernel command line asks for one (to kill the
+// VM in the middle).
+const realSecondStage = `set -e
+echo "second stage: start"
+if grep -q 'guestrt.hang=1' /proc/cmdline; then echo "second stage: hanging"; sleep 3600; fi
+sleep 1000 &
+ldconfig
+echo "configured by the second stage" > /etc/actiond-configured
+echo "second stage: done"
+`
+
+// TestVMTarRuntimes boots the amd64 guest with a tar runtimes disk four
+// times on one CAS disk: (1) killed in the middle of glibc2.36's second
+// stage, after the broken runtime failed; (2) the interrupted preparation
+// is redone and actions run in the configured, sealed runtime, while the
+// broken one gives FAILED_PRECONDITION; (3) the same disk is reused with
+// no extraction; (4) the SquashFS runtimes disk still boots on the same CAS
+// disk.
+func TestVMTarRuntimes(t *testing.T) {
+	testVMTarRuntimes(t, "amd64")
+}
+
+// TestVMTarRuntimesArm64 is the first and second boot on arm64 (what a Mac
+// runs), for the first-boot time there.
+func TestVMTarRuntimesArm64(t *testing.T) {
+	testVMTarRuntimes(t, "arm64")
+}
+
+func testVMTarRuntimes(t *testing.T, arch string) {
+	p := vmPayload(t, arch)
+	initrd := testInitrd(t, p, arch)
+	dir := t.TempDir()
+	cas := filepath.Join(dir, "cas.img")
+	if _, _, err := vmhost.EnsureDiskImage(cas, 4<<30); err != nil {
+		t.Fatal(err)
+	}
+	tree := payloadRuntimeTree(t, p, "glibc2.36")
+	rts := []testRuntime{{Name: "glibc2.36", Tree: tree, Script: realSecondStage}}
+	if arch == "amd64" {
+		// A runtime whose second stage fails (the host's dash: amd64 only).
+		rts = append([]testRuntime{{Name: "broken", Tree: tinyHostTree(t), Script: "echo 'E: dpkg: error processing package base-files (--configure)' >&2\nexit 1\n"}}, rts...)
+	}
+	disk := filepath.Join(dir, "runtimes.tar")
+	t0 := time.Now()
+	writeRuntimesDisk(t, disk, arch, rts)
+	fi, _ := os.Stat(disk)
+	t.Logf("tar runtimes disk: %.1f MiB, written in %s", float64(fi.Size())/(1<<20), time.Since(t0).Round(time.Millisecond))
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+
+	if arch == "amd64" {
+		// Boot 1: killed during glibc2.36's second stage.
+		v := bootTestVM(t, arch, initrd, p.Kernel, cas, disk, "guestrt.hang=1", false)
+		v.waitConsole(`runtime unavailable: preparing it failed.*runtime=broken.*exit status 1`, 5*time.Minute)
+		v.waitConsole(`msg="runtime: running the second stage".* runtime=glibc2.36`, 10*time.Minute)
+		time.Sleep(3 * time.Second) // into the script's sleep
+		v.kill()
+		t.Log("boot 1: killed in the middle of the second stage")
+	}
+
+	// Boot 2: redone from scratch; actions run.
+	t0 = time.Now()
+	v := bootTestVM(t, arch, initrd, p.Kernel, cas, disk, "", true)
+	t.Logf("boot 2 (first configure): ready after %s", time.Since(t0).Round(time.Millisecond))
+	con := v.console.String()
+	if arch == "amd64" && !strings.Contains(con, "removing an interrupted runtime preparation") {
+		t.Error("boot 2 did not remove the interrupted preparation")
+	}
+	for _, l := range regexp.MustCompile(`.*runtime: (extracted|configured|sealed).*`).FindAllString(con, -1) {
+		t.Logf("boot 2: %s", strings.TrimSpace(l))
+	}
+	r := v.run(ctx, "cat /etc/actiond-configured; ldd --version | head -1; touch /usr/x 2>&1 || true; ls -d /.actiond 2>&1 || true", "libc", "glibc2.36")
+	if r.Code != codes.OK || r.Exit != 0 {
+		t.Fatalf("action in glibc2.36: %+v", r)
+	}
+	t.Logf("action in glibc2.36 (%s): %q", r.Duration.Round(time.Millisecond), r.Stdout)
+	if !strings.HasPrefix(r.Stdout, "configured by the second stage\nldd (Debian GLIBC 2.36") {
+		t.Errorf("action output %q: the second stage did not configure the runtime", r.Stdout)
+	}
+	if !strings.Contains(r.Stdout, "Read-only file system") || !strings.Contains(r.Stdout, "No such file") {
+		t.Errorf("action output %q: want the runtime read-only and without /.actiond", r.Stdout)
+	}
+	if arch == "amd64" {
+		r = v.run(ctx, "echo should not run", "libc", "broken")
+		if r.Code != codes.FailedPrecondition || !strings.Contains(r.Message, `runtime "broken" is unavailable`) || !strings.Contains(r.Message, "error processing package base-files") {
+			t.Errorf("action in the broken runtime: %+v; want FAILED_PRECONDITION naming it and why", r)
+		}
+		t.Logf("action in broken: %s: %s", r.Code, r.Message)
+	}
+	if strings.Contains(v.console.String(), "cannot remove its cgroup") {
+		t.Error("the second stage's leftover process was not killed")
+	}
+	info, err := Info(ctx, v.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prepared, _ := info["runtimes_prepared"].(map[string]any)
+	g, _ := prepared["glibc2.36"].(map[string]any)
+	t.Logf("boot 2: glibc2.36 extract %vs, configure %vs, %v bytes", g["extract_s"], g["configure_s"], g["bytes"])
+	if g["reused"] != false {
+		t.Errorf("boot 2: runtimes_prepared %v", prepared)
+	}
+	v.stop()
+	if arch != "amd64" {
+		return
+	}
+
+	// Boot 3: reused, nothing extracted.
+	t0 = time.Now()
+	v = bootTestVM(t, arch, initrd, p.Kernel, cas, disk, "", true)
+	t.Logf("boot 3 (reuse): ready after %s", time.Since(t0).Round(time.Millisecond))
+	con = v.console.String()
+	if !regexp.MustCompile(`runtime ready from an earlier boot \(not extracted\)".* runtime=glibc2.36`).MatchString(con) {
+		t.Error("boot 3's log does not say glibc2.36 was reused")
+	}
+	if regexp.MustCompile(`runtime: extracting.* runtime=glibc2.36`).MatchString(con) {
+		t.Error("boot 3 extracted glibc2.36 again")
+	}
+	if r := v.run(ctx, "cat /etc/actiond-configured", "libc", "glibc2.36"); r.Code != codes.OK || r.Stdout != "configured by the second stage\n" {
+		t.Errorf("boot 3: action in glibc2.36: %+v", r)
+	}
+	v.stop()
+
+	// Boot 4: the SquashFS runtimes disk on the same CAS disk.
+	v = bootTestVM(t, arch, initrd, p.Kernel, cas, p.Runtimes, "", true)
+	if r := v.run(ctx, "ldd --version | head -1", "libc", "glibc2.36"); r.Code != codes.OK || !strings.Contains(r.Stdout, "2.36") {
+		t.Errorf("boot 4 (SquashFS runtimes): %+v", r)
+	}
+}
+
+// TestVMCgroupLimits proves the memory and pids limits on the guest's pure
+// cgroup v2 (all controllers, unlike this host's): an allocation over
+// "memory" is OOM-killed and reported so, a fork bomb stays under "pids".
+func TestVMCgroupLimits(t *testing.T) {
+	p := vmPayload(t, "amd64")
+	initrd := testInitrd(t, p, "amd64")
+	cas := filepath.Join(t.TempDir(), "cas.img")
+	if _, _, err := vmhost.EnsureDiskImage(cas, 2<<30); err != nil {
+		t.Fatal(err)
+	}
+	v := bootTestVM(t, "amd64", initrd, p.Kernel, cas, p.Runtimes, "", true)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	// The classic shell version: a reader that buffers everything.
+	r := v.run(ctx, "head -c 300M /dev/zero | tail > /dev/null", "libc", "glibc2.36", "memory", "64M")
+	t.Logf("memory: %+v", r)
+	if r.Code != codes.OK || r.Exit != 137 || r.RespMsg != "killed: exceeded memory limit of 64 MiB" {
+		t.Errorf("300 MiB under memory=64M: %+v; want an OOM kill reported as such", r)
+	}
+	if !strings.Contains(r.SrvLog, "memory=64 MiB via cgroup v2") {
+		t.Errorf("server log %q: want the memory limit enforced by cgroup v2", r.SrvLog)
+	}
+	r = v.run(ctx, "head -c 16M /dev/zero | tail > /dev/null && echo fine", "libc", "glibc2.36", "memory", "64M")
+	if r.Code != codes.OK || r.Exit != 0 || r.Stdout != "fine\n" {
+		t.Errorf("16 MiB under memory=64M: %+v; want success", r)
+	}
+
+	// A fork bomb, bounded: perl (Essential in Debian) forks 100 children
+	// that wait, and counts the forks that fail.
+	const bomb = `perl -e 'my ($s, $f, @k) = (0, 0); for (1..100) { my $p = fork; if (!defined $p) { $f++ } elsif ($p == 0) { sleep 60; exit 0 } else { $s++; push @k, $p } } print "started=$s failed=$f\n"; kill 9, @k'`
+	r = v.run(ctx, bomb, "libc", "glibc2.36", "pids", "32")
+	t.Logf("pids: %+v", r)
+	var started, failed int
+	if _, err := fmt.Sscanf(r.Stdout, "started=%d failed=%d", &started, &failed); err != nil || r.Code != codes.OK || r.Exit != 0 || started >= 32 || failed == 0 {
+		t.Errorf("100 forks under pids=32: %+v; want fewer than 32 started and the rest refused", r)
+	}
+	if !strings.Contains(r.SrvLog, "pids=32 via cgroup v2") {
+		t.Errorf("server log %q: want the pids limit enforced by cgroup v2", r.SrvLog)
+	}
+	// The guest is unaffected: another action runs.
+	if r := v.run(ctx, "echo ok", "libc", "glibc2.36"); r.Code != codes.OK || r.Stdout != "ok\n" {
+		t.Errorf("an action after the fork bomb: %+v", r)
+	}
+}
