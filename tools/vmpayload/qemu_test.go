@@ -21,6 +21,7 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/internal/streammux"
+	"github.com/actiond/actiond/vmhost/vmpayload"
 )
 
 // The QEMU side of the boot tests, kept in one place: vmhost/qemu will
@@ -33,7 +34,7 @@ var qemuBinary = map[string]string{"amd64": "qemu-system-x86_64", "arm64": "qemu
 type vmConfig struct {
 	Arch     string
 	Payload  string    // payload directory
-	Manifest *Manifest // its manifest
+	Manifest *vmpayload.Manifest // its manifest
 	CASImage string    // raw disk image for the CAS (created sparse by the caller)
 	Dir      string    // for the sockets
 	Extra    string    // more kernel command line
