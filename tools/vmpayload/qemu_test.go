@@ -33,12 +33,12 @@ var qemuBinary = map[string]string{"amd64": "qemu-system-x86_64", "arm64": "qemu
 // vmConfig is one boot.
 type vmConfig struct {
 	Arch     string
-	Payload  string    // payload directory
+	Payload  string              // payload directory
 	Manifest *vmpayload.Manifest // its manifest
-	CASImage string    // raw disk image for the CAS (created sparse by the caller)
-	Dir      string    // for the sockets
-	Extra    string    // more kernel command line
-	Accel    string    // QEMU accelerator: tcg (default) or kvm
+	CASImage string              // raw disk image for the CAS (created sparse by the caller)
+	Dir      string              // for the sockets
+	Extra    string              // more kernel command line
+	Accel    string              // QEMU accelerator: tcg (default) or kvm
 }
 
 var (
