@@ -94,6 +94,7 @@ type builder struct {
 	client *debian.Client
 	arch_  map[string]*debian.Archive // by suite
 	pkgs   map[string][]string        // manifest package lists
+	roots  []string                   // runtime roots (nil: RuntimeRoots)
 }
 
 func (b *builder) work(name string) string { return filepath.Join(b.opts.Dir, "work", name) }

@@ -52,7 +52,7 @@ func (b *builder) buildActiond(ctx context.Context) (string, error) {
 	}
 	out := b.work("actiond")
 	t := time.Now()
-	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-ldflags=-s -w", "-o", out+".tmp", "./cmd/actiond")
+	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out+".tmp", "./cmd/actiond")
 	cmd.Dir = b.opts.Src
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+b.arch)
 	if msg, err := cmd.CombinedOutput(); err != nil {

@@ -210,7 +210,11 @@ func (b *builder) runtime(ctx context.Context, spec RuntimeSpec) (*RuntimeEntry,
 	if err != nil {
 		return nil, err
 	}
-	res, err := debian.Resolve(a.Index, append(runtimeSeeds(a.Index), RuntimeRoots...))
+	roots := b.roots
+	if roots == nil {
+		roots = RuntimeRoots
+	}
+	res, err := debian.Resolve(a.Index, append(runtimeSeeds(a.Index), roots...))
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", spec.Suite, err)
 	}
