@@ -61,6 +61,14 @@ func runServeVM(args []string) error {
 		return err
 	}
 	slog.SetDefault(log)
+	if *backend == "vz" || (*backend == "auto" && runtime.GOOS == "darwin") {
+		// A go build / go run output lacks the virtualization
+		// entitlement: re-exec an ad-hoc signed copy (macOS only; a no-op
+		// elsewhere). First, before any lock or build.
+		if err := vz.ReexecEntitled(context.Background(), *root, log); err != nil {
+			return err
+		}
+	}
 
 	embedded := false
 	if *payloadDir == "" && *kernel == "" && *initrd == "" {
