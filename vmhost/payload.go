@@ -15,6 +15,9 @@ import (
 // /var/cache/actiond/vm.
 const PayloadDirEnv = "ACTIOND_VM_PAYLOAD_DIR"
 
+// PayloadDirHelp describes DefaultPayloadDir for flag help.
+const PayloadDirHelp = "$" + PayloadDirEnv + "/<arch>, else <user cache dir>/actiond/vm/<arch>: ~/Library/Caches on macOS, ~/.cache on Linux"
+
 // DefaultPayloadDir returns the payload directory for a guest arch:
 // $ACTIOND_VM_PAYLOAD_DIR/<arch> when that is set, else the user's cache
 // directory: ~/Library/Caches/actiond/vm/<arch> on macOS,

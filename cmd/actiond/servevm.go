@@ -36,7 +36,7 @@ func runServeVM(args []string) error {
 	memory := int64(vmhost.DefaultMemoryMiB << 20)
 	fs.Var(sizeFlag{&memory}, "memory", "guest memory (e.g. 4G)")
 	arch := fs.String("arch", runtime.GOARCH, "guest architecture: amd64 or arm64 (QEMU emulates a foreign one with TCG)")
-	payloadDir := fs.String("payload-dir", "", "directory of the guest payload; built there on first start when missing (default "+vmhost.DefaultPayloadDir("<arch>")+")")
+	payloadDir := fs.String("payload-dir", "", "directory of the guest payload; built there on first start when missing (default "+vmhost.PayloadDirHelp+")")
 	mirror := fs.String("mirror", debian.MirrorFromEnv(), "Debian mirror a missing payload is built from (env "+debian.MirrorEnv+")")
 	kernel := fs.String("kernel", "", "guest kernel: uncompressed vmlinux (amd64) or Image (arm64) (default: from --payload-dir)")
 	initrd := fs.String("initrd", "", "guest initramfs with `actiond guest` as /init (default: from --payload-dir)")

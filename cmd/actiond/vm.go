@@ -34,7 +34,7 @@ func runVM(args []string) error {
 func runVMPayload(args []string) error {
 	fs := newFlagSet("vm payload")
 	arch := fs.String("arch", runtime.GOARCH, "guest architecture: amd64 or arm64")
-	payloadDir := fs.String("payload-dir", "", "payload directory (default "+vmhost.DefaultPayloadDir("<arch>")+")")
+	payloadDir := fs.String("payload-dir", "", "payload directory (default "+vmhost.PayloadDirHelp+")")
 	update := fs.Bool("update", false, "fetch Debian's indexes again and rebuild what changed (newer kernel or packages)")
 	mirror := fs.String("mirror", debian.MirrorFromEnv(), "Debian mirror the payload is built from (env "+debian.MirrorEnv+")")
 	src := fs.String("src", "", "actiond source tree the guest binary is built from (default: the clone around the current directory)")

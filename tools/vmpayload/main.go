@@ -34,7 +34,7 @@ func main() {
 	}
 	var opts vmpayload.Options
 	flag.StringVar(&opts.Arch, "arch", arch, "target architecture: amd64 or arm64 (default $ARCH or this machine's)")
-	out := flag.String("out", "", "payload directory (default "+vmhost.DefaultPayloadDir("<arch>")+")")
+	out := flag.String("out", "", "payload directory (default "+vmhost.PayloadDirHelp+")")
 	flag.StringVar(&opts.Mirror, "mirror", debian.MirrorFromEnv(), "Debian mirror (env "+debian.MirrorEnv+")")
 	flag.BoolVar(&opts.Update, "update", false, "fetch the Debian indexes again (newer packages); otherwise cached ones are used")
 	runtimes := flag.String("runtimes", "", "comma-separated runtimes to put on the runtimes disk (default: glibc2.31,glibc2.36,glibc2.41)")
