@@ -125,6 +125,13 @@ func ensurePayload(ctx context.Context, req payloadRequest, log *slog.Logger) (*
 		BuilderID: self, Logger: log,
 	})
 	if err != nil {
+		// A failure before any payload file changed leaves the previous
+		// payload complete: boot that rather than nothing.
+		if old, oerr := vmpayload.ReadManifest(req.Dir, req.Arch); oerr == nil && !req.Force {
+			log.Warn("could not bring the payload up to date; booting the previous one", "err", err, "dir", req.Dir)
+			logManifest(log, req.Dir, old)
+			return old, nil
+		}
 		return nil, fmt.Errorf("build the VM payload in %s: %w", req.Dir, err)
 	}
 	log.Info("VM payload built", "took", time.Since(t).Round(100*time.Millisecond))

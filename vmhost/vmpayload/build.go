@@ -38,6 +38,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/actiond/actiond/vmhost/vmpayload/debian"
@@ -95,6 +96,8 @@ type builder struct {
 	arch_  map[string]*debian.Archive // by suite
 	pkgs   map[string][]string        // manifest package lists
 	roots  []string                   // runtime roots (nil: RuntimeRoots)
+	// invalidated: manifest.json was removed (a payload file is replaced).
+	invalidated bool
 }
 
 func (b *builder) work(name string) string { return filepath.Join(b.opts.Dir, "work", name) }
@@ -197,8 +200,10 @@ func cmdlines(arch string) map[string]string {
 }
 
 // Build runs every step into opts.Dir and writes manifest.json last. It
-// removes manifest.json first, so an interrupted build leaves a directory
-// that is not booted (the next build resumes: finished steps are kept).
+// removes manifest.json before it replaces the first payload file, so an
+// interrupted build leaves a directory that is not booted (the next build
+// resumes: finished steps are kept), while a build that fails before
+// changing anything (e.g. no network) leaves a complete payload usable.
 func Build(ctx context.Context, opts Options) (*Manifest, error) {
 	b := &builder{opts: opts, arch: opts.Arch, log: opts.Logger, arch_: map[string]*debian.Archive{}, pkgs: map[string][]string{}}
 	if b.log == nil {
@@ -228,9 +233,6 @@ func Build(ctx context.Context, opts Options) (*Manifest, error) {
 	}
 	defer unlock()
 	manifestPath := filepath.Join(b.opts.Dir, "manifest.json")
-	if err := os.Remove(manifestPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, err
-	}
 	b.client = &debian.Client{
 		Mirror: b.opts.Mirror, Dir: b.work(""), HTTP: b.opts.HTTP,
 		Progress: func(format string, args ...any) { b.log.Info("payload: " + fmt.Sprintf(format, args...)) },
@@ -318,8 +320,25 @@ func Build(ctx context.Context, opts Options) (*Manifest, error) {
 	return m, nil
 }
 
-// explain adds what a user can do to network errors.
+// invalidate removes manifest.json before the first payload file is
+// replaced.
+func (b *builder) invalidate() error {
+	if b.invalidated {
+		return nil
+	}
+	b.invalidated = true
+	err := os.Remove(filepath.Join(b.opts.Dir, "manifest.json"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// explain adds what a user can do to network and disk errors.
 func (b *builder) explain(err error) error {
+	if errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w (disk full: a payload needs about 1.5 GiB in %s while it is built; free some space and start again: finished steps are kept)", err, b.opts.Dir)
+	}
 	var ue interface{ Timeout() bool }
 	if errors.As(err, &ue) || strings.Contains(err.Error(), "dial tcp") || strings.Contains(err.Error(), "no such host") {
 		return fmt.Errorf("%w (the Debian mirror %s is unreachable; set --mirror or %s to another one; a complete cached payload in %s would have been used without network)",

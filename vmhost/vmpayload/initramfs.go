@@ -143,6 +143,9 @@ func (b *builder) initramfs(ctx context.Context, ki *kernelInfo) (*initramfsInfo
 	if err := compress(&z, raw.Bytes(), comp); err != nil {
 		return nil, err
 	}
+	if err := b.invalidate(); err != nil {
+		return nil, err
+	}
 	if err := writeFileAtomic(out, z.Bytes(), 0o644); err != nil {
 		return nil, err
 	}

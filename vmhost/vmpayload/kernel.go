@@ -114,6 +114,9 @@ func (b *builder) kernel(ctx context.Context) (*kernelInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kernel %s: %w", vmlinuz, err)
 	}
+	if err := b.invalidate(); err != nil {
+		return nil, err
+	}
 	if err := writeFileAtomic(out, data, 0o644); err != nil {
 		return nil, err
 	}

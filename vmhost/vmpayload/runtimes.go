@@ -130,6 +130,9 @@ func (b *builder) runtimesDisk(ctx context.Context) (*runtimesInfo, error) {
 		return info, nil
 	}
 	t := time.Now()
+	if err := b.invalidate(); err != nil {
+		return nil, err
+	}
 	if err := writeRuntimesTar(out, js, idx, members); err != nil {
 		return nil, err
 	}

@@ -295,7 +295,8 @@ func (c *Client) download(ctx context.Context, url, part string, size int64) err
 	} else {
 		c.progress("resuming %s at %s of %s", url, mib(have), mib(size))
 	}
-	n, err := io.Copy(f, io.LimitReader(resp.Body, size-have+1))
+	pw := &progressWriter{w: f, done: have, total: size, url: url, c: c, last: time.Now()}
+	n, err := io.Copy(pw, io.LimitReader(resp.Body, size-have+1))
 	c.Downloaded += n
 	if err != nil {
 		return fmt.Errorf("GET %s: after %s of %s: %w", url, mib(have+n), mib(size), err)
@@ -362,3 +363,22 @@ func writeFileAtomic(path string, data []byte) error {
 }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
+
+// progressWriter reports a long download's bytes done every few seconds.
+type progressWriter struct {
+	w           io.Writer
+	done, total int64
+	url         string
+	c           *Client
+	last        time.Time
+}
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.done += int64(n)
+	if time.Since(p.last) >= 5*time.Second {
+		p.last = time.Now()
+		p.c.progress("%s: %s of %s", p.url, mib(p.done), mib(p.total))
+	}
+	return n, err
+}
