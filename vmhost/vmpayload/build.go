@@ -89,13 +89,13 @@ type Options struct {
 const DefaultCompression = compZstd
 
 type builder struct {
-	opts   Options
-	arch   string
-	log    *slog.Logger
-	client *debian.Client
-	arch_  map[string]*debian.Archive // by suite
-	pkgs   map[string][]string        // manifest package lists
-	roots  []string                   // runtime roots (nil: RuntimeRoots)
+	opts     Options
+	arch     string
+	log      *slog.Logger
+	client   *debian.Client
+	archives map[string]*debian.Archive // by suite
+	pkgs     map[string][]string        // manifest package lists
+	roots    []string                   // runtime roots (nil: RuntimeRoots)
 	// invalidated: manifest.json was removed (a payload file is replaced).
 	invalidated bool
 }
@@ -205,7 +205,7 @@ func cmdlines(arch string) map[string]string {
 // resumes: finished steps are kept), while a build that fails before
 // changing anything (e.g. no network) leaves a complete payload usable.
 func Build(ctx context.Context, opts Options) (*Manifest, error) {
-	b := &builder{opts: opts, arch: opts.Arch, log: opts.Logger, arch_: map[string]*debian.Archive{}, pkgs: map[string][]string{}}
+	b := &builder{opts: opts, arch: opts.Arch, log: opts.Logger, archives: map[string]*debian.Archive{}, pkgs: map[string][]string{}}
 	if b.log == nil {
 		b.log = slog.Default()
 	}
@@ -276,7 +276,7 @@ func Build(ctx context.Context, opts Options) (*Manifest, error) {
 		m.Runtimes, m.RuntimeNames = ri.File, ri.Names
 	}
 	m.Packages = b.pkgs
-	for suite, a := range b.arch_ {
+	for suite, a := range b.archives {
 		m.Suites[suite] = a.Release.Date.UTC().Format(time.RFC3339)
 	}
 	var names []string
@@ -349,7 +349,7 @@ func (b *builder) explain(err error) error {
 
 // archive returns the verified index of suite for the target arch.
 func (b *builder) archive(ctx context.Context, suite string) (*debian.Archive, error) {
-	if a, ok := b.arch_[suite]; ok {
+	if a, ok := b.archives[suite]; ok {
 		return a, nil
 	}
 	t := time.Now()
@@ -359,7 +359,7 @@ func (b *builder) archive(ctx context.Context, suite string) (*debian.Archive, e
 	}
 	b.log.Info("payload: package index", "suite", suite, "arch", b.arch, "packages", len(a.Index.Packages),
 		"date", a.Release.Date.Format("2006-01-02"), "took", time.Since(t).Round(10*time.Millisecond))
-	b.arch_[suite] = a
+	b.archives[suite] = a
 	return a, nil
 }
 

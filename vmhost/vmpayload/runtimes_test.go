@@ -62,7 +62,7 @@ func testBuilder(t *testing.T, m *debtest.Mirror, dir string) *builder {
 	b := &builder{
 		opts: Options{Arch: "amd64", Dir: dir, Mirror: m.URL},
 		arch: "amd64", log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		arch_: map[string]*debian.Archive{}, pkgs: map[string][]string{}, roots: []string{},
+		archives: map[string]*debian.Archive{}, pkgs: map[string][]string{}, roots: []string{},
 	}
 	b.client = &debian.Client{Mirror: m.URL, Dir: b.work(""), Keyring: m.Keyring()}
 	return b

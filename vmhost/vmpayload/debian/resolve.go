@@ -25,7 +25,7 @@ func Resolve(idx *Index, extra []string) (*Resolution, error) {
 	r := &resolver{idx: idx, chosen: map[string]*Package{}, res: &Resolution{}}
 	for _, name := range idx.order {
 		if p := idx.Packages[name]; p.Priority == "required" {
-			r.add(p, "required")
+			r.add(p)
 		}
 	}
 	for _, e := range extra {
@@ -55,7 +55,7 @@ type resolver struct {
 	res    *Resolution
 }
 
-func (r *resolver) add(p *Package, why string) {
+func (r *resolver) add(p *Package) {
 	if _, ok := r.chosen[p.Name]; ok {
 		return
 	}
@@ -129,7 +129,7 @@ func (r *resolver) relation(rel, from string) error {
 		if len(names) > 1 && i > 0 {
 			r.res.Notes = append(r.res.Notes, fmt.Sprintf("%s: %q: took %s (first available)", from, strings.TrimSpace(rel), p.Name))
 		}
-		r.add(p, from)
+		r.add(p)
 		return nil
 	}
 	return fmt.Errorf("%s depends on %q, which no package in the %s index satisfies", from, strings.TrimSpace(rel), r.idx.Arch)
