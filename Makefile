@@ -10,6 +10,9 @@ ARCH        ?= amd64
 FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 60m
 export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
+# serve-vm, `actiond vm payload` and the VM tests find payloads here
+# (default: the user's cache dir).
+export ACTIOND_VM_PAYLOAD_DIR := $(VM_DIR)
 
 # Debian packages the tests use, as "command:package". makedeps_test.go
 # fails when the code or a test runs a program this list does not install.
@@ -18,7 +21,7 @@ DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-to
             qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm cpio:cpio \
             unshare:util-linux setpriv:util-linux chromium:chromium
 
-.PHONY: all build test deps runtimes vm-payload vm-payloads standalone unit shared-root fuzz vet bench fmt
+.PHONY: all build test deps runtimes vm-payload vm-payloads standalone darwin unit shared-root fuzz vet bench fmt
 
 STANDALONE_BIN ?= bin/actiond-standalone
 
@@ -46,10 +49,11 @@ runtimes: deps
 	else echo "make runtimes: needs root (debootstrap); runtime tests will skip"; fi
 
 # vm-payload builds the kernel, initramfs and runtimes disk that serve-vm
-# boots, for ARCH=amd64|arm64, into $(VM_DIR)/$(ARCH) (cached).
-vm-payload: runtimes
-	@if [ "$$(id -u)" = 0 ]; then $(GO) run ./tools/vmpayload -arch $(ARCH) -out $(VM_DIR)/$(ARCH) -runtime-dir $(RUNTIME_DIR); \
-	else echo "make vm-payload: needs root (apt-get download, dpkg --add-architecture); VM tests will skip"; fi
+# boots, for ARCH=amd64|arm64, into $(VM_DIR)/$(ARCH) (cached): the same
+# Go builder as `actiond vm payload` and serve-vm's first start (no root,
+# no Debian tools; Debian's archive over HTTP).
+vm-payload:
+	$(GO) run ./cmd/actiond vm payload --arch $(ARCH) --payload-dir $(VM_DIR)/$(ARCH)
 
 vm-payloads:
 	$(MAKE) vm-payload ARCH=amd64
@@ -60,6 +64,17 @@ vm-payloads:
 standalone: vm-payload
 	$(GO) run ./tools/stagepayload -payload-dir $(VM_DIR)/$(ARCH) -out internal/payload/files
 	$(GO) build -trimpath -tags actiond_standalone -o $(STANDALONE_BIN) ./cmd/actiond
+
+# darwin builds actiond for macOS (Apple silicon) and signs it ad hoc with
+# the virtualization entitlement, for installing. Needs a Mac: the vz
+# backend uses cgo (Virtualization.framework), which needs Apple's SDK.
+# (serve-vm signs a copy of an unsigned binary by itself; this is for a
+# binary you install.)
+DARWIN_BIN ?= bin/actiond-darwin-arm64
+darwin:
+	CGO_ENABLED=1 GOOS=darwin GOARCH=arm64 $(GO) build -trimpath -o $(DARWIN_BIN) ./cmd/actiond
+	codesign --sign - --force --entitlements vmhost/vz/actiond.entitlements $(DARWIN_BIN)
+	codesign -d --entitlements - --xml $(DARWIN_BIN) | grep -q com.apple.security.virtualization
 
 vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

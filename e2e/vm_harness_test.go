@@ -50,7 +50,7 @@ func vmAccel() string {
 }
 
 // RequireVMPayload skips (fails under CI) unless QEMU for arch and the
-// payload built by tools/vmpayload are present; it returns the payload
+// payload (`actiond vm payload`, `make vm-payload`) are present; it returns the payload
 // directory.
 func RequireVMPayload(t testing.TB, arch string) string {
 	t.Helper()
@@ -62,7 +62,7 @@ func RequireVMPayload(t testing.TB, arch string) string {
 	testutil.Require(t, err == nil, qemuBin+" not on PATH (Debian: qemu-system-x86 / qemu-system-arm)")
 	dir := vmhost.DefaultPayloadDir(arch)
 	_, err = vmhost.FindPayload(dir, arch)
-	testutil.Require(t, err == nil, fmt.Sprintf("no VM payload in %s (go run ./tools/vmpayload -arch %s): %v", dir, arch, err))
+	testutil.Require(t, err == nil, fmt.Sprintf("no VM payload in %s (go run ./cmd/actiond vm payload --arch %s): %v", dir, arch, err))
 	return dir
 }
 
@@ -176,7 +176,13 @@ func (s *VMServer) QEMUPid() (int, error) {
 // when the test failed (or ACTIOND_E2E_VERBOSE=1).
 func StartServeVM(t testing.TB, addr, root string, args ...string) *VMServer {
 	t.Helper()
-	bin := actiondBinary(t)
+	return startServeVMWrapped(t, addr, root, nil, actiondBinary(t), args...)
+}
+
+// startServeVMWrapped is StartServeVM running bin through wrap (e.g.
+// setpriv ... env -i ...: serve-vm as an unprivileged user).
+func startServeVMWrapped(t testing.TB, addr, root string, wrap []string, bin string, args ...string) *VMServer {
+	t.Helper()
 	if addr == "" {
 		port, err := freePort()
 		if err != nil {
@@ -186,7 +192,8 @@ func StartServeVM(t testing.TB, addr, root string, args ...string) *VMServer {
 	}
 	argv := append([]string{"serve-vm", "--listen", addr, "--root", root, "--accel", vmAccel()}, args...)
 	s := &VMServer{Addr: addr, Root: root, t: t, log: &syncBuffer{}, exited: make(chan struct{})}
-	s.cmd = exec.Command(bin, argv...)
+	full := append(append(append([]string{}, wrap...), bin), argv...)
+	s.cmd = exec.Command(full[0], full[1:]...)
 	s.cmd.Stdout = s.log
 	s.cmd.Stderr = s.log
 	// No orphan if the test binary dies (QEMU has its own Pdeathsig).

@@ -43,7 +43,8 @@ type Config struct {
 	// CASImage is the read-write disk holding the guest's CAS and action
 	// cache (the guest formats a blank one as ext4).
 	CASImage string
-	// RuntimesImage is the read-only runtimes SquashFS; "" attaches none.
+	// RuntimesImage is the read-only runtimes disk (runtimes.tar from
+	// package vmpayload, or an older payload's SquashFS); "" attaches none.
 	RuntimesImage string
 	// CPUs (default: the host's) and MemoryMiB (default 2048) size the VM.
 	CPUs      int

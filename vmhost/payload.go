@@ -10,18 +10,28 @@ import (
 	"strings"
 )
 
-// PayloadCacheDir is where tools/vmpayload writes the guest payload, one
-// directory per guest arch.
-const PayloadCacheDir = "/var/cache/actiond/vm"
+// PayloadDirEnv overrides the payload directory's parent (one directory
+// per guest arch below it); `make test` points it at the shared cache
+// /var/cache/actiond/vm.
+const PayloadDirEnv = "ACTIOND_VM_PAYLOAD_DIR"
+
+// PayloadDirHelp describes DefaultPayloadDir for flag help.
+const PayloadDirHelp = "$" + PayloadDirEnv + "/<arch>, else <user cache dir>/actiond/vm/<arch>: ~/Library/Caches on macOS, ~/.cache on Linux"
 
 // DefaultPayloadDir returns the payload directory for a guest arch:
-// $ACTIOND_VM_PAYLOAD_DIR/<arch> when that is set, else
-// PayloadCacheDir/<arch>.
+// $ACTIOND_VM_PAYLOAD_DIR/<arch> when that is set, else the user's cache
+// directory: ~/Library/Caches/actiond/vm/<arch> on macOS,
+// $XDG_CACHE_HOME/actiond/vm/<arch> (else ~/.cache/actiond/vm/<arch>) on
+// Linux. Without a home directory it falls back to the system temp dir.
 func DefaultPayloadDir(arch string) string {
-	if d := os.Getenv("ACTIOND_VM_PAYLOAD_DIR"); d != "" {
+	if d := os.Getenv(PayloadDirEnv); d != "" {
 		return filepath.Join(d, arch)
 	}
-	return filepath.Join(PayloadCacheDir, arch)
+	base, err := os.UserCacheDir()
+	if err != nil {
+		base = os.TempDir()
+	}
+	return filepath.Join(base, "actiond", "vm", arch)
 }
 
 // Payload names the files the guest boots from.
@@ -33,12 +43,12 @@ type Payload struct {
 var (
 	kernelNames   = map[string][]string{"amd64": {"vmlinux"}, "arm64": {"Image"}}
 	initrdNames   = []string{"initramfs.cpio.gz", "initramfs.cpio.zst", "initramfs.cpio", "initramfs.img", "initrd.img", "initrd"}
-	runtimesNames = []string{"runtimes.squashfs", "runtimes.img"}
+	runtimesNames = []string{"runtimes.tar", "runtimes.squashfs", "runtimes.img"}
 )
 
 // FindPayload locates the kernel, initramfs and runtimes image in dir for
-// a guest arch: the files its manifest.json (written by tools/vmpayload)
-// names, else the usual names. A missing runtimes image is not an error
+// a guest arch: the files its manifest.json (written by package
+// vmhost/vmpayload) names, else the usual names. A missing runtimes image is not an error
 // (Runtimes is "").
 func FindPayload(dir, arch string) (Payload, error) {
 	var p Payload
@@ -87,7 +97,7 @@ func FindPayload(dir, arch string) (Payload, error) {
 		missing = append(missing, "initramfs ("+strings.Join(initrdNames, ", ")+")")
 	}
 	if len(missing) > 0 {
-		return p, fmt.Errorf("guest payload in %s: missing %s; build it with `go run ./tools/vmpayload` (or pass --kernel/--initrd)", dir, strings.Join(missing, " and "))
+		return p, fmt.Errorf("guest payload in %s: missing %s; build it with `actiond vm payload` (or pass --kernel/--initrd)", dir, strings.Join(missing, " and "))
 	}
 	return p, nil
 }

@@ -146,7 +146,7 @@ func TestGracefulStop(t *testing.T) {
 
 func TestFindPayload(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := FindPayload(dir, "amd64"); err == nil || !strings.Contains(err.Error(), "tools/vmpayload") {
+	if _, err := FindPayload(dir, "amd64"); err == nil || !strings.Contains(err.Error(), "actiond vm payload") {
 		t.Fatalf("empty dir: %v", err)
 	}
 	for _, f := range []string{"vmlinux", "initramfs.cpio.gz", "runtimes.squashfs", "Image", "k2", "i2"} {
@@ -155,6 +155,11 @@ func TestFindPayload(t *testing.T) {
 	p, err := FindPayload(dir, "amd64")
 	if err != nil || filepath.Base(p.Kernel) != "vmlinux" || filepath.Base(p.Initrd) != "initramfs.cpio.gz" || filepath.Base(p.Runtimes) != "runtimes.squashfs" {
 		t.Fatalf("amd64: %+v, %v", p, err)
+	}
+	// runtimes.tar (what vmhost/vmpayload makes) is preferred.
+	os.WriteFile(filepath.Join(dir, "runtimes.tar"), []byte("x"), 0o644)
+	if p, err := FindPayload(dir, "amd64"); err != nil || filepath.Base(p.Runtimes) != "runtimes.tar" {
+		t.Fatalf("with runtimes.tar: %+v, %v", p, err)
 	}
 	if p, _ := FindPayload(dir, "arm64"); filepath.Base(p.Kernel) != "Image" {
 		t.Fatalf("arm64: %+v", p)

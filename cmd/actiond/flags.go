@@ -32,6 +32,7 @@ var documented = []struct {
 }{
 	{"serve", "Serve the REAPI cache (and executor, as root) on this Linux host.", runServe},
 	{"serve-vm", "Serve from a Linux VM (Virtualization.framework on macOS, QEMU on Linux).", runServeVM},
+	{"vm payload", "Build, refresh (--update) or show (--show) the VM payload serve-vm boots, without booting.", func(a []string) error { return runVM(append([]string{"payload"}, a...)) }},
 	{"guest", "The VM guest's init (PID 1); started by serve-vm's payload, not by hand.", runGuest},
 	{"worker", "Run actions for a Buildbarn farm (bb_scheduler), as root.", runWorker},
 	{"cas verify", "Re-hash every blob of a root not in use and quarantine the corrupt ones.", func(a []string) error { return runCAS(append([]string{"verify"}, a...)) }},

@@ -3,6 +3,7 @@
 //	actiond serve      worker+cache on this Linux host
 //	actiond serve-vm   worker+cache inside a Linux VM (QEMU on Linux, Virtualization.framework on macOS)
 //	actiond worker     a Buildbarn farm worker (bb_scheduler)
+//	actiond vm payload build, refresh or show the VM payload
 //	actiond guest      the VM guest's init (PID 1); not for direct use
 //	actiond version    print the version
 package main
@@ -25,6 +26,7 @@ commands:
   cas       verify or gc the CAS of a root not in use (cas verify|gc -h)
   stats     show what a root not in use holds
   worker    run as a Buildbarn farm worker (bb_scheduler)
+  vm        build or show the VM payload serve-vm boots (vm payload -h)
   guest     run as the VM guest's init (PID 1); started by serve-vm's payload
   version   print the version
 
@@ -54,6 +56,8 @@ func run(argv []string) int {
 		err = runStats(args)
 	case "worker":
 		err = runWorker(args)
+	case "vm":
+		err = runVM(args)
 	case "guest":
 		err = runGuest(args)
 	case "version", "--version", "-version":

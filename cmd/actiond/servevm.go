@@ -18,6 +18,7 @@ import (
 	"github.com/actiond/actiond/internal/units"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/qemu"
+	"github.com/actiond/actiond/vmhost/vmpayload/debian"
 	"github.com/actiond/actiond/vmhost/vz"
 )
 
@@ -35,10 +36,11 @@ func runServeVM(args []string) error {
 	memory := int64(vmhost.DefaultMemoryMiB << 20)
 	fs.Var(sizeFlag{&memory}, "memory", "guest memory (e.g. 4G)")
 	arch := fs.String("arch", runtime.GOARCH, "guest architecture: amd64 or arm64 (QEMU emulates a foreign one with TCG)")
-	payloadDir := fs.String("payload-dir", "", "directory of the guest payload built by tools/vmpayload (default "+vmhost.DefaultPayloadDir("<arch>")+")")
+	payloadDir := fs.String("payload-dir", "", "directory of the guest payload; built there on first start when missing (default "+vmhost.PayloadDirHelp+")")
+	mirror := fs.String("mirror", debian.MirrorFromEnv(), "Debian mirror a missing payload is built from (env "+debian.MirrorEnv+")")
 	kernel := fs.String("kernel", "", "guest kernel: uncompressed vmlinux (amd64) or Image (arm64) (default: from --payload-dir)")
 	initrd := fs.String("initrd", "", "guest initramfs with `actiond guest` as /init (default: from --payload-dir)")
-	runtimesImage := fs.String("runtimes-image", "", "runtimes SquashFS attached read-only (default: from --payload-dir; \"none\" attaches none)")
+	runtimesImage := fs.String("runtimes-image", "", "runtimes disk (runtimes.tar) attached read-only (default: from --payload-dir; \"none\" attaches none)")
 	backend := fs.String("backend", "auto", "hypervisor: auto (vz on macOS, qemu elsewhere), qemu or vz")
 	accel := fs.String("accel", qemu.AccelAuto, "qemu accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg")
 	transport := fs.String("transport", qemu.TransportAuto, "qemu host-guest transport: auto (vsock when /dev/vhost-vsock is usable), vsock or serial")
@@ -59,7 +61,16 @@ func runServeVM(args []string) error {
 		return err
 	}
 	slog.SetDefault(log)
+	if *backend == "vz" || (*backend == "auto" && runtime.GOOS == "darwin") {
+		// A go build / go run output lacks the virtualization
+		// entitlement: re-exec an ad-hoc signed copy (macOS only; a no-op
+		// elsewhere). First, before any lock or build.
+		if err := vz.ReexecEntitled(context.Background(), *root, log); err != nil {
+			return err
+		}
+	}
 
+	embedded := false
 	if *payloadDir == "" && *kernel == "" && *initrd == "" {
 		// A standalone binary boots the payload it carries.
 		dir, ok, err := embeddedPayloadDir(*root, *arch, log)
@@ -67,11 +78,21 @@ func runServeVM(args []string) error {
 			return err
 		}
 		if ok {
-			*payloadDir = dir
+			*payloadDir, embedded = dir, true
 		}
 	}
 	if *payloadDir == "" {
 		*payloadDir = vmhost.DefaultPayloadDir(*arch)
+	}
+	if !embedded && *kernel == "" && *initrd == "" {
+		// No payload named file by file: the payload directory's, built
+		// (or brought up to date) first when needed.
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+		_, err := ensurePayload(ctx, payloadRequest{Arch: *arch, Dir: *payloadDir, Mirror: *mirror}, log)
+		stop()
+		if err != nil {
+			return err
+		}
 	}
 	if *kernel == "" || *initrd == "" || *runtimesImage == "" {
 		p, err := vmhost.FindPayload(*payloadDir, *arch)

@@ -33,6 +33,12 @@ func embeddedRuntimes(root string, log *slog.Logger) (rts []sandbox.Runtime, unm
 	if m.Runtimes == "" {
 		return nil, nil, false, nil
 	}
+	if strings.HasSuffix(m.Runtimes, ".tar") {
+		// vmhost/vmpayload's runtimes.tar holds unconfigured first-stage
+		// trees that only the guest finishes; host mode cannot mount it.
+		log.Info("the embedded runtimes disk is for the VM only (runtimes.tar); use --runtime-dir for host runtimes", "runtimes", m.Runtimes)
+		return nil, nil, false, nil
+	}
 	dir := filepath.Join(root, "payload", m.Arch)
 	start := time.Now()
 	res, err := payload.Extract(dir, m.Runtimes)

@@ -18,7 +18,7 @@ import (
 )
 
 func main() {
-	dir := flag.String("payload-dir", vmhost.DefaultPayloadDir(runtime.GOARCH), "payload directory built by tools/vmpayload")
+	dir := flag.String("payload-dir", vmhost.DefaultPayloadDir(runtime.GOARCH), "payload directory built by `actiond vm payload`")
 	out := flag.String("out", payload.StageDir, "embed directory (run from the module root)")
 	flag.Parse()
 	start := time.Now()

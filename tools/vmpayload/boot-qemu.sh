@@ -42,7 +42,7 @@ cas=${cas:-$work/cas.img}
 sock=${sock:-$work/actiond.sock}
 mkdir -p "$work" "$(dirname "$cas")" "$(dirname "$sock")"
 manifest=$payload/manifest.json
-[[ -f $manifest ]] || { echo "boot-qemu: no $manifest; build it: go run ./tools/vmpayload -arch $arch" >&2; exit 1; }
+[[ -f $manifest ]] || { echo "boot-qemu: no $manifest; build it: go run ./cmd/actiond vm payload --arch $arch" >&2; exit 1; }
 
 field() { python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); v=m
 for k in sys.argv[2:]: v=v.get(k, "") if isinstance(v, dict) else ""

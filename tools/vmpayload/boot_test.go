@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,53 +26,47 @@ import (
 	"github.com/actiond/actiond/guest"
 	"github.com/actiond/actiond/internal/streammux"
 	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/vmhost"
+	"github.com/actiond/actiond/vmhost/vmpayload"
 )
 
 // payloadForTest builds (or finds up to date) the payload for arch in the
-// default cache directory, or uses ACTIOND_VM_PAYLOAD_<ARCH> if set.
-func payloadForTest(t *testing.T, arch string) (string, *Manifest) {
+// default payload directory, or uses ACTIOND_VM_PAYLOAD_<ARCH> if set.
+func payloadForTest(t *testing.T, arch string) (string, *vmpayload.Manifest) {
 	t.Helper()
 	testutil.SkipIfShort(t, "boots a VM under emulation (tens of seconds)")
-	testutil.RequireRoot(t)
 	_, err := exec.LookPath(qemuBinary[arch])
 	pkg := map[string]string{"amd64": "qemu-system-x86", "arm64": "qemu-system-arm"}[arch]
 	testutil.Require(t, err == nil, qemuBinary[arch]+" not installed (apt-get install "+pkg+")")
-	for _, tool := range []string{"apt-get", "dpkg-deb", "mksquashfs", "unsquashfs", "xz", "go"} {
-		_, err := lookPath(tool)
-		testutil.Require(t, err == nil, tool+" not installed")
-	}
-	src, err := moduleRoot(".")
+	_, err = exec.LookPath("go")
+	testutil.Require(t, err == nil, "go not on PATH")
+	src, err := vmpayload.ModuleRoot(".")
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := options{
-		Arch:        arch,
-		Out:         filepath.Join(defaultCacheDir, arch),
-		RuntimeDir:  defaultRuntimeDir(arch),
-		Compression: defaultCompression,
-		Src:         src,
-		Progress:    testWriter{t},
+	opts := vmpayload.Options{
+		Arch:   arch,
+		Dir:    vmhost.DefaultPayloadDir(arch),
+		Src:    src,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 	}
 	if d := os.Getenv("ACTIOND_VM_PAYLOAD_" + map[string]string{"amd64": "AMD64", "arm64": "ARM64"}[arch]); d != "" {
-		opts.Out = d
+		opts.Dir = d
 	}
-	if arch == "amd64" {
-		// The boot test runs actions in glibc2.36: the runtimes of `make runtimes`.
-		_, err := os.Stat(filepath.Join(opts.RuntimeDir, "glibc2.36.squashfs"))
-		testutil.Require(t, err == nil, "no runtime image glibc2.36.squashfs in "+opts.RuntimeDir+" (make runtimes)")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
 	t0 := time.Now()
-	m, err := build(ctx, opts)
+	m, err := vmpayload.Build(ctx, opts)
 	if err != nil {
 		t.Fatalf("build the %s payload: %v", arch, err)
 	}
 	t.Logf("payload %s ready in %s: kernel %s %s, initramfs %s %s (%s uncompressed), runtimes %v",
-		opts.Out, time.Since(t0).Round(time.Millisecond), m.Kernel, mib(m.Files[m.Kernel].Size),
+		opts.Dir, time.Since(t0).Round(time.Millisecond), m.Kernel, mib(m.Files[m.Kernel].Size),
 		m.Initramfs, mib(m.Files[m.Initramfs].Size), mib(m.InitramfsRawSize), m.RuntimeNames)
-	return opts.Out, m
+	return opts.Dir, m
 }
+
+func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 
 type testWriter struct{ t *testing.T }
 

@@ -21,6 +21,7 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/internal/streammux"
+	"github.com/actiond/actiond/vmhost/vmpayload"
 )
 
 // The QEMU side of the boot tests, kept in one place: vmhost/qemu will
@@ -32,12 +33,12 @@ var qemuBinary = map[string]string{"amd64": "qemu-system-x86_64", "arm64": "qemu
 // vmConfig is one boot.
 type vmConfig struct {
 	Arch     string
-	Payload  string    // payload directory
-	Manifest *Manifest // its manifest
-	CASImage string    // raw disk image for the CAS (created sparse by the caller)
-	Dir      string    // for the sockets
-	Extra    string    // more kernel command line
-	Accel    string    // QEMU accelerator: tcg (default) or kvm
+	Payload  string              // payload directory
+	Manifest *vmpayload.Manifest // its manifest
+	CASImage string              // raw disk image for the CAS (created sparse by the caller)
+	Dir      string              // for the sockets
+	Extra    string              // more kernel command line
+	Accel    string              // QEMU accelerator: tcg (default) or kvm
 }
 
 var (

@@ -25,7 +25,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// payload returns the amd64 guest payload built by tools/vmpayload, or
+// payload returns the amd64 guest payload built by `actiond vm payload`, or
 // skips (fails under CI) when it or QEMU is missing.
 func payload(t testing.TB) vmhost.Payload {
 	t.Helper()
@@ -34,7 +34,7 @@ func payload(t testing.TB) vmhost.Payload {
 	testutil.Require(t, runtime.GOOS == "linux", "the qemu backend runs on Linux")
 	dir := vmhost.DefaultPayloadDir("amd64")
 	p, err := vmhost.FindPayload(dir, "amd64")
-	testutil.Require(t, err == nil, "no guest payload: build it with `go run ./tools/vmpayload` ("+errString(err)+")")
+	testutil.Require(t, err == nil, "no guest payload: build it with `go run ./cmd/actiond vm payload` ("+errString(err)+")")
 	return p
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"reflect"
 	"sync"
+	"syscall"
 	"unsafe"
 
 	vzfw "github.com/Code-Hex/vz/v3"
@@ -272,4 +273,23 @@ func (m *Machine) Stop(ctx context.Context) error {
 		return vm.Stop()
 	}
 	return vmhost.GracefulStop(ctx, m.exit, ask, kill)
+}
+
+// ReexecEntitled makes sure this process may start a VM: when the binary
+// lacks com.apple.security.virtualization (a plain `go build` or `go run`
+// output), it re-executes an ad-hoc signed copy (see Entitle) with the
+// same arguments; it returns only when no re-exec was needed, or with an
+// error.
+func ReexecEntitled(ctx context.Context, cacheDir string, log *slog.Logger) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	signed, err := Entitle(ctx, EntitleOptions{Exe: exe, CacheDir: cacheDir, Env: os.Getenv, Run: ExecRunner, Log: log})
+	if err != nil || signed == "" {
+		return err
+	}
+	log.Info("re-executing the signed copy", "path", signed)
+	env := append(os.Environ(), EntitledEnv+"=1")
+	return fmt.Errorf("exec %s: %w", signed, syscall.Exec(signed, os.Args, env))
 }

@@ -3,7 +3,9 @@
 package vz
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 
 	"github.com/actiond/actiond/vmhost"
 )
@@ -17,3 +19,6 @@ type Config struct {
 func New(c Config) (vmhost.Machine, error) {
 	return nil, errors.New("vmhost/vz: Virtualization.framework needs macOS; use the qemu backend")
 }
+
+// ReexecEntitled does nothing: entitlements are a macOS matter.
+func ReexecEntitled(ctx context.Context, cacheDir string, log *slog.Logger) error { return nil }

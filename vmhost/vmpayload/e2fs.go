@@ -1,4 +1,4 @@
-package main
+package vmpayload
 
 import (
 	"context"
@@ -20,21 +20,25 @@ var e2fsTools = []string{"mke2fs", "e2fsck"}
 // debTriplet is the multiarch directory of a Debian architecture.
 var debTriplet = map[string]string{"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
 
-// e2fs downloads e2fsprogs for the target architecture (dpkg-deb -x, never
+// archMachine is the ELF machine of a Debian architecture's binaries.
+var archMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
+
+// e2fs downloads e2fsprogs for the target architecture (unpacked, never
 // installed) and returns the initramfs entries for mke2fs, e2fsck, the
 // shared libraries they need (DT_NEEDED, recursively) in /lib/<triplet>,
 // the dynamic loader at its PT_INTERP path, and /etc/mke2fs.conf.
 func (b *builder) e2fs(ctx context.Context) ([]entry, string, error) {
-	var pkgs []string
-	for _, p := range e2fsPackages {
-		pkgs = append(pkgs, p+":"+b.arch)
-	}
-	debs, err := b.download(ctx, b.work("debs"), pkgs...)
+	pkgs, paths, sums, err := b.fetch(ctx, KernelSuite, e2fsPackages)
 	if err != nil {
 		return nil, "", err
 	}
+	var ids []string
+	for _, p := range pkgs {
+		ids = append(ids, p.ID())
+	}
+	b.pkgs["initramfs"] = ids
 	tree := b.work("e2fsprogs")
-	if err := b.extractDebs(ctx, b.work("debs"), tree, debs); err != nil {
+	if err := extractDebs(tree, paths, sums, nil); err != nil {
 		return nil, "", err
 	}
 	triplet := debTriplet[b.arch]
@@ -65,7 +69,7 @@ func (b *builder) e2fs(ctx context.Context) ([]entry, string, error) {
 			return fmt.Errorf("%s: %w", treePath, err)
 		}
 		defer f.Close()
-		if want := map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}[b.arch]; f.Machine != want {
+		if f.Machine != archMachine[b.arch] {
 			return fmt.Errorf("%s is for %v, not %s", treePath, f.Machine, b.arch)
 		}
 		for _, p := range f.Progs {
@@ -120,7 +124,7 @@ func (b *builder) e2fs(ctx context.Context) ([]entry, string, error) {
 	if _, err := os.Stat(filepath.Join(tree, "etc", "mke2fs.conf")); err == nil {
 		entries = append(entries, entry{Path: "/etc/mke2fs.conf", Mode: 0o644, Source: filepath.Join(tree, "etc", "mke2fs.conf")})
 	}
-	return entries, debs[0].Version(), nil
+	return entries, pkgs[0].Version, nil
 }
 
 // resolveInTree follows symlinks of rel inside tree (absolute targets are

@@ -1,4 +1,4 @@
-package main
+package vmpayload
 
 import (
 	"bytes"
@@ -10,9 +10,10 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/actiond/actiond/vmhost/vmpayload/debian"
 )
 
 // kernelInfo is the kernel step's result.
@@ -20,37 +21,74 @@ type kernelInfo struct {
 	Package string // linux-image-6.1.0-56-amd64
 	Version string // 6.1.192-2
 	Release string // 6.1.0-56-amd64 (uname -r, the modules directory)
-	Tree    string // extracted package
+	Tree    string // extracted package (boot/ and lib/modules/)
+	ModDir  string // lib/modules/<release> in Tree
 	File    string // written kernel (vmlinux or Image), in the output directory
 	Format  string // "elf-pvh" or "arm64-image"
 }
 
-// kernel downloads the Debian kernel package, extracts it and writes the
-// kernel file the hypervisors boot directly: for amd64 the uncompressed
-// ELF vmlinux (with its PVH entry note, for QEMU -M microvm) taken from the
-// xz stream inside the bzImage; for arm64 the raw Image
-// (Virtualization.framework and QEMU -M virt take it as is).
-func (b *builder) kernel(ctx context.Context) (*kernelInfo, error) {
-	pkg := b.opts.KernelPackage
-	if pkg == "" {
-		var err error
-		if pkg, err = b.resolveKernelPackage(ctx); err != nil {
-			return nil, err
+// resolveKernelPackage returns the versioned kernel package the
+// linux-image-<arch> metapackage depends on, e.g. linux-image-6.1.0-56-amd64.
+func resolveKernelPackage(idx *debian.Index, arch string) (string, error) {
+	meta := "linux-image-" + arch
+	p, ok := idx.Packages[meta]
+	if !ok {
+		return "", fmt.Errorf("no package %s in the index", meta)
+	}
+	for _, rel := range strings.Split(p.Depends, ",") {
+		for _, alt := range strings.Split(rel, "|") {
+			name := strings.Fields(strings.TrimSpace(alt))
+			if len(name) > 0 && strings.HasPrefix(name[0], "linux-image-") {
+				if _, ok := idx.Packages[name[0]]; ok {
+					return name[0], nil
+				}
+			}
 		}
 	}
-	debs, err := b.download(ctx, b.work("debs"), pkg+":"+b.arch)
+	return "", fmt.Errorf("%s depends on no linux-image package (Depends: %s)", meta, p.Depends)
+}
+
+// kernel downloads the Debian kernel package, extracts its boot/ and
+// modules, and writes the kernel file the hypervisors boot directly: for
+// amd64 the uncompressed ELF vmlinux (with its PVH entry note, for QEMU -M
+// microvm) decoded from the xz stream inside the bzImage; for arm64 the raw
+// Image (Virtualization.framework and QEMU -M virt take it as is).
+func (b *builder) kernel(ctx context.Context) (*kernelInfo, error) {
+	a, err := b.archive(ctx, KernelSuite)
 	if err != nil {
 		return nil, err
 	}
-	ki := &kernelInfo{Package: pkg, Version: debs[0].Version(), Tree: b.work("kernel")}
-	b.progress("kernel: %s %s", pkg, ki.Version)
-	if err := b.extractDebs(ctx, b.work("debs"), ki.Tree, debs); err != nil {
+	pkg := b.opts.KernelPackage
+	if pkg == "" {
+		if pkg, err = resolveKernelPackage(a.Index, b.arch); err != nil {
+			return nil, err
+		}
+	}
+	pkgs, paths, sums, err := b.fetch(ctx, KernelSuite, []string{pkg})
+	if err != nil {
 		return nil, err
 	}
-	rels, err := filepath.Glob(filepath.Join(ki.Tree, "lib", "modules", "*"))
-	if err != nil || len(rels) != 1 {
+	ki := &kernelInfo{Package: pkg, Version: pkgs[0].Version, Tree: b.work("kernel")}
+	b.pkgs["kernel"] = []string{pkgs[0].ID()}
+	b.log.Info("payload: kernel package", "package", pkg, "version", ki.Version, "size", mib(pkgs[0].Size))
+	keep := func(rel string) bool {
+		return strings.HasPrefix(rel, "boot/vmlinuz") || strings.HasPrefix(rel, "lib/modules/") || strings.HasPrefix(rel, "usr/lib/modules/")
+	}
+	if !stampMatches(ki.Tree, "extract v1\n"+strings.Join(sums, "\n")+"\n") {
+		b.log.Info("payload: unpacking the kernel package (xz, in Go: takes a while)", "package", pkg)
+	}
+	if err := extractDebs(ki.Tree, paths, sums, keep); err != nil {
+		return nil, err
+	}
+	var rels []string
+	for _, d := range []string{"lib/modules", "usr/lib/modules"} {
+		m, _ := filepath.Glob(filepath.Join(ki.Tree, d, "*"))
+		rels = append(rels, m...)
+	}
+	if len(rels) != 1 {
 		return nil, fmt.Errorf("kernel package %s: want one lib/modules/<release> directory, found %v", pkg, rels)
 	}
+	ki.ModDir = rels[0]
 	ki.Release = filepath.Base(rels[0])
 	vmlinuz := filepath.Join(ki.Tree, "boot", "vmlinuz-"+ki.Release)
 
@@ -59,67 +97,65 @@ func (b *builder) kernel(ctx context.Context) (*kernelInfo, error) {
 		ki.File, ki.Format = "vmlinux", "elf-pvh"
 	case "arm64":
 		ki.File, ki.Format = "Image", "arm64-image"
-	default:
-		return nil, fmt.Errorf("unsupported architecture %s", b.arch)
 	}
-	out := filepath.Join(b.opts.Out, ki.File)
-	recipe := fmt.Sprintf("kernel %s %s %s\n", pkg, ki.Version, debs[0].SHA256)
+	out := filepath.Join(b.opts.Dir, ki.File)
+	recipe := fmt.Sprintf("kernel v2 %s %s %s\n", pkg, ki.Version, sums[0])
 	if stampMatches(out, recipe) {
-		b.progress("kernel: %s up to date", ki.File)
+		b.log.Info("payload: kernel up to date", "file", ki.File)
 		return ki, nil
 	}
 	var data []byte
 	switch b.arch {
 	case "amd64":
-		data, err = vmlinuxFromBzImage(ctx, vmlinuz)
+		data, err = vmlinuxFromBzImage(vmlinuz)
 	case "arm64":
 		data, err = arm64Image(vmlinuz)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("kernel %s: %w", vmlinuz, err)
 	}
+	if err := b.invalidate(); err != nil {
+		return nil, err
+	}
 	if err := writeFileAtomic(out, data, 0o644); err != nil {
 		return nil, err
 	}
-	b.progress("kernel: wrote %s (%s)", out, mib(int64(len(data))))
+	b.log.Info("payload: wrote the kernel", "file", out, "size", mib(int64(len(data))))
 	return ki, writeStamp(out, recipe)
 }
 
 var xzMagic = []byte{0xFD, '7', 'z', 'X', 'Z', 0x00}
 
 // vmlinuxFromBzImage finds the xz stream in a bzImage and returns the
-// uncompressed kernel, checked to be an x86-64 ELF with a PVH entry. The
-// stream uses xz's x86 BCJ filter, which pure-Go xz readers lack, so the
-// xz command (xz-utils, essential in Debian) decompresses it.
-func vmlinuxFromBzImage(ctx context.Context, path string) ([]byte, error) {
+// uncompressed kernel, checked to be an x86-64 ELF with a PVH entry.
+func vmlinuxFromBzImage(path string) ([]byte, error) {
 	bz, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	xzBin, err := exec.LookPath("xz")
-	if err != nil {
-		return nil, fmt.Errorf("the xz command is needed to unpack the kernel (apt-get install xz-utils): %w", err)
-	}
+	return kernelFromImage(bz, checkPVH)
+}
+
+// kernelFromImage tries each xz stream in img until one decodes to
+// something check accepts.
+func kernelFromImage(img []byte, check func([]byte) error) ([]byte, error) {
 	lastErr := errors.New("no xz stream (is this kernel compressed with something else?)")
 	for off := 0; ; off++ {
-		i := bytes.Index(bz[off:], xzMagic)
+		i := bytes.Index(img[off:], xzMagic)
 		if i < 0 {
 			break
 		}
 		off += i
-		cmd := exec.CommandContext(ctx, xzBin, "-dc", "--single-stream")
-		cmd.Stdin = bytes.NewReader(bz[off:])
-		var out, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &stderr
-		if err := cmd.Run(); err != nil {
-			lastErr = fmt.Errorf("xz at offset %d: %w: %s", off, err, strings.TrimSpace(stderr.String()))
+		out, err := decodeXZ(img[off:])
+		if err != nil {
+			lastErr = fmt.Errorf("xz at offset %d: %w", off, err)
 			continue
 		}
-		if err := checkPVH(out.Bytes()); err != nil {
+		if err := check(out); err != nil {
 			lastErr = fmt.Errorf("xz stream at offset %d: %w", off, err)
 			continue
 		}
-		return out.Bytes(), nil
+		return out, nil
 	}
 	return nil, fmt.Errorf("extract vmlinux: %w", lastErr)
 }
@@ -188,5 +224,3 @@ func arm64Image(path string) ([]byte, error) {
 	}
 	return data, nil
 }
-
-func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }

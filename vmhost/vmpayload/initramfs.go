@@ -1,10 +1,11 @@
-package main
+package vmpayload
 
 import (
 	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -39,19 +40,28 @@ type initramfsInfo struct {
 // buildActiond cross-compiles cmd/actiond: static (CGO_ENABLED=0),
 // stripped, for the target architecture.
 func (b *builder) buildActiond(ctx context.Context) (string, error) {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		return "", fmt.Errorf("the go command is needed to build the guest binary: %w", err)
+	goBin := b.opts.GoBin
+	if goBin == "" {
+		var err error
+		if goBin, err = exec.LookPath("go"); err != nil {
+			return "", fmt.Errorf("the go command is needed to build the guest binary (install Go from https://go.dev/dl): %w", err)
+		}
+	}
+	if b.opts.Src == "" {
+		return "", errors.New("no actiond source to build the guest binary from: run from a clone of actiond (go run ./cmd/actiond ...) or pass its path")
 	}
 	out := b.work("actiond")
 	t := time.Now()
-	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./cmd/actiond")
+	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out+".tmp", "./cmd/actiond")
 	cmd.Dir = b.opts.Src
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+b.arch)
 	if msg, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build ./cmd/actiond (GOARCH=%s) in %s: %w\n%s", b.arch, b.opts.Src, err, msg)
+		return "", fmt.Errorf("go build ./cmd/actiond (GOOS=linux GOARCH=%s) in %s: %w\n%s", b.arch, b.opts.Src, err, msg)
 	}
-	b.progress("initramfs: built actiond for linux/%s in %s", b.arch, time.Since(t).Round(100*time.Millisecond))
+	if err := os.Rename(out+".tmp", out); err != nil {
+		return "", err
+	}
+	b.log.Info("payload: built the guest actiond", "target", "linux/"+b.arch, "took", time.Since(t).Round(100*time.Millisecond))
 	return out, nil
 }
 
@@ -67,12 +77,12 @@ func (b *builder) initramfs(ctx context.Context, ki *kernelInfo) (*initramfsInfo
 		return nil, err
 	}
 	wanted := append(append([]string{}, guestModules["common"]...), guestModules[b.arch]...)
-	ms, err := selectModules(ki.Tree, ki.Release, wanted)
+	ms, err := selectModules(ki.ModDir, ki.Release, wanted)
 	if err != nil {
 		return nil, err
 	}
 	if len(ms.Missing) > 0 {
-		b.progress("initramfs: warning: modules neither in the package nor built in: %s", strings.Join(ms.Missing, " "))
+		b.log.Warn("payload: modules neither in the kernel package nor built in", "modules", strings.Join(ms.Missing, " "))
 	}
 	e2, e2ver, err := b.e2fs(ctx)
 	if err != nil {
@@ -122,15 +132,18 @@ func (b *builder) initramfs(ctx context.Context, ki *kernelInfo) (*initramfsInfo
 		E2fsprogs:   e2ver,
 		BinarySize:  fi.Size(),
 	}
-	out := filepath.Join(b.opts.Out, info.File)
+	out := filepath.Join(b.opts.Dir, info.File)
 	recipe := fmt.Sprintf("initramfs cpio-sha256=%s compression=%s\n", hex.EncodeToString(sum[:]), comp)
 	if stampMatches(out, recipe) {
-		b.progress("initramfs: %s up to date (%d modules, actiond %s)", info.File, len(names), mib(fi.Size()))
+		b.log.Info("payload: initramfs up to date", "file", info.File, "modules", len(names), "actiond", mib(fi.Size()))
 		return info, nil
 	}
 	t := time.Now()
 	var z bytes.Buffer
 	if err := compress(&z, raw.Bytes(), comp); err != nil {
+		return nil, err
+	}
+	if err := b.invalidate(); err != nil {
 		return nil, err
 	}
 	if err := writeFileAtomic(out, z.Bytes(), 0o644); err != nil {
@@ -139,12 +152,12 @@ func (b *builder) initramfs(ctx context.Context, ki *kernelInfo) (*initramfsInfo
 	// Only one compression at a time in the directory.
 	for c, ext := range compExt {
 		if c != comp {
-			os.Remove(filepath.Join(b.opts.Out, "initramfs.cpio."+ext))
-			os.Remove(filepath.Join(b.opts.Out, "initramfs.cpio."+ext+".stamp"))
+			os.Remove(filepath.Join(b.opts.Dir, "initramfs.cpio."+ext))
+			os.Remove(filepath.Join(b.opts.Dir, "initramfs.cpio."+ext+".stamp"))
 		}
 	}
-	b.progress("initramfs: wrote %s (%s, %s uncompressed; %d modules, actiond %s, e2fsprogs %s) in %s",
-		out, mib(int64(z.Len())), mib(int64(raw.Len())), len(names), mib(fi.Size()), e2ver, time.Since(t).Round(10*time.Millisecond))
+	b.log.Info("payload: wrote the initramfs", "file", out, "size", mib(int64(z.Len())), "uncompressed", mib(int64(raw.Len())),
+		"modules", len(names), "actiond", mib(fi.Size()), "e2fsprogs", e2ver, "took", time.Since(t).Round(10*time.Millisecond))
 	return info, writeStamp(out, recipe)
 }
 

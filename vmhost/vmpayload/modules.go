@@ -1,4 +1,4 @@
-package main
+package vmpayload
 
 import (
 	"bytes"
@@ -108,10 +108,9 @@ type moduleSet struct {
 }
 
 // selectModules resolves the wanted modules with their dependencies and
-// pre-softdeps from the kernel tree's .ko files (no depmod needed: Debian
+// pre-softdeps from the .ko files under dir (lib/modules/<release>) (no depmod needed: Debian
 // packages ship no modules.dep, it is made at install time).
-func selectModules(kernelTree, release string, wanted []string) (*moduleSet, error) {
-	dir := filepath.Join(kernelTree, "lib", "modules", release)
+func selectModules(dir, release string, wanted []string) (*moduleSet, error) {
 	byName := map[string]string{}
 	err := filepath.WalkDir(filepath.Join(dir, "kernel"), func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
