@@ -49,9 +49,12 @@ func TestEveryCommandIsDocumented(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	known := map[string]bool{"version": true, "help": true, "cas": true}
+	known := map[string]bool{"version": true, "help": true}
 	for _, c := range documented {
 		known[c.name] = true
+		if cmd, _, ok := strings.Cut(c.name, " "); ok { // "cas verify" documents "cas"
+			known[cmd] = true
+		}
 	}
 	for _, m := range regexp.MustCompile(`case "([a-z][a-z-]*)"`).FindAllStringSubmatch(string(src), -1) {
 		if !known[m[1]] {
