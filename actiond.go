@@ -45,6 +45,11 @@ type Options struct {
 	WrapStore func(local *cas.DiskStore) cas.Store
 	// Cache, if set, is the ActionCache instead of the bbolt file under Root.
 	Cache actioncache.Cache
+	// ActionCacheLimits bound the work of checking that a cached result is
+	// complete, at UpdateActionResult and at every lookup; a zero field is
+	// actioncache.DefaultLimits' value. They apply to the bbolt cache New
+	// opens; a Cache passed in keeps its own.
+	ActionCacheLimits actioncache.Limits
 	// DrainTimeout bounds how long Close waits for running actions to
 	// finish when Stop has not drained them; then they are cancelled
 	// (default 30s). Close returns only after every action has ended, so
@@ -158,10 +163,12 @@ func New(opts Options) (*Server, error) {
 			s.Close()
 			return nil, err
 		}
+		bolt.SetLimits(opts.ActionCacheLimits.OrDefault())
 		s.Cache, s.cache = bolt, bolt
 		s.closers = append(s.closers, bolt.Close)
 	}
 	s.ac = actioncache.NewService(s.cache, used, true)
+	s.ac.SetLimits(opts.ActionCacheLimits.OrDefault())
 	if opts.ScrubRate >= 0 {
 		// Every mode builds its server here, so the VM guest scrubs too.
 		pause := opts.ScrubPause

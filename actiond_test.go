@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -662,5 +663,28 @@ func TestFullDisk(t *testing.T) {
 	again := blobData(400, 1<<20)
 	if _, err := writeBlob(bg, c, "uploads/again/blobs/"+cas.DigestOf(again).String(), again, 256<<10, 0); err != nil {
 		t.Fatalf("write after freeing space: %v", err)
+	}
+}
+
+// TestActionCacheLimitsOption: Options.ActionCacheLimits reach the
+// ActionCache service; a result over them is refused with a message
+// naming the limit, one within them is stored.
+func TestActionCacheLimitsOption(t *testing.T) {
+	_, c := inProcess(t, actiond.Options{ActionCacheLimits: actioncache.Limits{MaxBlobs: 2}})
+	result := func(n int) *repb.ActionResult {
+		res := &repb.ActionResult{}
+		for i := range n {
+			data := blobData(100+i, 10)
+			res.OutputFiles = append(res.OutputFiles, &repb.OutputFile{Path: fmt.Sprintf("out%d", i), Digest: cas.DigestOf(data).Proto()})
+		}
+		return res
+	}
+	action := cas.DigestOf([]byte("action")).Proto()
+	_, err := c.ac.UpdateActionResult(bg, &repb.UpdateActionResultRequest{ActionDigest: action, ActionResult: result(3)})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "more than 2 distinct blobs") {
+		t.Fatalf("a result with 3 blobs over a limit of 2: %v, want INVALID_ARGUMENT naming the limit", err)
+	}
+	if _, err := c.ac.UpdateActionResult(bg, &repb.UpdateActionResultRequest{ActionDigest: action, ActionResult: result(2)}); err != nil {
+		t.Fatalf("a result with 2 blobs within a limit of 2: %v", err)
 	}
 }

@@ -170,6 +170,17 @@ type Limits struct {
 // server for other clients.
 var DefaultLimits = Limits{MaxBlobs: 1 << 20, MaxTreeBytes: 256 << 20}
 
+// OrDefault returns l with each zero field replaced by DefaultLimits'.
+func (l Limits) OrDefault() Limits {
+	if l.MaxBlobs == 0 {
+		l.MaxBlobs = DefaultLimits.MaxBlobs
+	}
+	if l.MaxTreeBytes == 0 {
+		l.MaxTreeBytes = DefaultLimits.MaxTreeBytes
+	}
+	return l
+}
+
 // ErrTooLarge is wrapped when a result references more than Limits allow.
 var ErrTooLarge = errors.New("action result is too large")
 

@@ -245,26 +245,40 @@ func (s *DiskStore) Dir() string { return s.dir }
 func (s *DiskStore) TempDir() string { return s.tmpDir }
 
 // FindMissing implements Store. Present blobs count as used.
-func (s *DiskStore) FindMissing(_ context.Context, ds []Digest) ([]Digest, error) {
+func (s *DiskStore) FindMissing(ctx context.Context, ds []Digest) ([]Digest, error) {
 	var missing []Digest
 	var touch []string
-	s.mu.Lock()
 	now := time.Now()
-	for _, d := range ds {
-		if d.Size == 0 && d.Hash == EmptyDigest.Hash {
-			continue
+	// The index lock is taken per chunk, not for the whole request, so a
+	// client asking about millions of digests does not stall every other
+	// client's lookups and writes; a cancelled request stops between chunks.
+	for len(ds) > 0 {
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
-		e, ok := s.index[d.Hash]
-		if !ok || e.size != d.Size {
-			missing = append(missing, d)
-			continue
+		chunk := ds[:min(len(ds), findMissingChunk)]
+		ds = ds[len(chunk):]
+		s.mu.Lock()
+		for _, d := range chunk {
+			if d.Size == 0 && d.Hash == EmptyDigest.Hash {
+				continue
+			}
+			e, ok := s.index[d.Hash]
+			if !ok || e.size != d.Size {
+				missing = append(missing, d)
+				continue
+			}
+			touch = s.useLocked(e, now, touch)
 		}
-		touch = s.useLocked(e, now, touch)
+		s.mu.Unlock()
 	}
-	s.mu.Unlock()
 	s.touchFiles(touch, now)
 	return missing, nil
 }
+
+// findMissingChunk is how many digests FindMissing checks per hold of the
+// index lock (about a millisecond's work).
+const findMissingChunk = 4096
 
 // useLocked marks e most recently used and collects it for an mtime
 // refresh when its mtime is stale.

@@ -258,6 +258,34 @@ func TestDiskFindMissing(t *testing.T) {
 	}
 }
 
+// TestDiskFindMissingLargeRequest: a request spanning many lock chunks
+// answers as one, in order; a cancelled one stops with the context's error.
+func TestDiskFindMissingLargeRequest(t *testing.T) {
+	s := newStore(t, "")
+	present := put(t, s, blob(1, 64))
+	var all, want []Digest
+	for i := range 3*findMissingChunk + 5 {
+		if i%1000 == 7 {
+			all = append(all, present)
+			continue
+		}
+		d := Digest{Hash: fmt.Sprintf("%064x", i+1), Size: int64(i + 1)}
+		all, want = append(all, d), append(want, d)
+	}
+	got, err := s.FindMissing(ctx, all)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) || got[0] != want[0] || got[len(got)-1] != want[len(want)-1] {
+		t.Fatalf("FindMissing over %d digests: %d missing, want %d", len(all), len(got), len(want))
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := s.FindMissing(cancelled, all); !errors.Is(err, context.Canceled) {
+		t.Fatalf("FindMissing with a cancelled context = %v, want context.Canceled", err)
+	}
+}
+
 func TestDiskInvalidDigests(t *testing.T) {
 	s := newStore(t, "")
 	for _, d := range []Digest{{"", 1}, {"ab", 1}, {"../../etc/passwd", 1}, {helloHash, -1}, {strings.ToUpper(helloHash), 5}} {

@@ -127,6 +127,20 @@ type Config struct {
 	TmpSize int64
 }
 
+// DefaultMaxProcs is each action's RLIMIT_NPROC when it sets no pids
+// limit: as many tasks as the systemd unit allows the whole server
+// (TasksMax), so a fork bomb stops there even where the pids cgroup
+// controller is unavailable.
+const DefaultMaxProcs = 16384
+
+// maxProcs is the RLIMIT_NPROC of an action with the pids limit pids.
+func maxProcs(pids int64) uint64 {
+	if pids > 0 {
+		return uint64(pids)
+	}
+	return DefaultMaxProcs
+}
+
 // DefaultTmpSize is the default Config.TmpSize: room for the scratch
 // files of compilers and tests, not enough for one action to fill the
 // host's memory through /tmp.

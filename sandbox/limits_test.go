@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/sandbox"
 )
 
 // enforced reports whether res.Enforced has an entry starting with prefix.
@@ -71,6 +72,26 @@ func TestPidsLimit(t *testing.T) {
 	// The host is unaffected.
 	if out, err := exec.Command("/bin/true").CombinedOutput(); err != nil {
 		t.Errorf("starting a process on the host after the fork bomb: %v %s", err, out)
+	}
+}
+
+// TestTasksRlimit: an action's RLIMIT_NPROC is its pids limit, or
+// DefaultMaxProcs without one, so its uid's tasks stay bounded where no pids
+// cgroup controller is enabled (the VM guest's hierarchy, a host without
+// delegation).
+func TestTasksRlimit(t *testing.T) {
+	sb := newSandbox(t)
+	root := newExecRoot(t, true)
+	for _, c := range []struct {
+		pids int64
+		want string
+	}{{37, "37"}, {0, strconv.Itoa(sandbox.DefaultMaxProcs)}} {
+		s := shSpec(t, root, "awk '/^Max processes/ {print $3}' /proc/self/limits")
+		s.Limits.Pids = c.pids
+		res, stdout, stderr := run(t, sb, s)
+		if res.ExitCode != 0 || strings.TrimSpace(stdout) != c.want {
+			t.Errorf("pids=%d: RLIMIT_NPROC is %q (exit %d, stderr %q), want %s", c.pids, stdout, res.ExitCode, stderr, c.want)
+		}
 	}
 }
 

@@ -304,6 +304,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		UID:              user.UID,
 		GID:              user.GID,
 		TmpSize:          tmpSize,
+		MaxProcs:         maxProcs(spec.Limits.Pids),
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/units"
 )
@@ -64,6 +65,10 @@ func runServe(args []string) error {
 	maxUploads := fs.Int("max-uploads", cas.DefaultMaxUploads, "resumable ByteStream uploads kept in progress at once; beyond it the longest idle are dropped, then new ones refused (RESOURCE_EXHAUSTED)")
 	maxUploadBytes := int64(cas.DefaultMaxUploadBytes)
 	fs.Var(sizeFlag{&maxUploadBytes}, "max-upload-bytes", "total size of the blobs of resumable uploads in progress (their bytes on disk count against --max-size)")
+	var acLimits actioncache.Limits
+	fs.IntVar(&acLimits.MaxBlobs, "max-result-blobs", actioncache.DefaultLimits.MaxBlobs, "distinct blobs (output files, every file of output trees, stdout, stderr) an ActionCache entry may reference; larger results are refused at UpdateActionResult (INVALID_ARGUMENT) and treated as misses at lookup, because each lookup re-checks them all")
+	acLimits.MaxTreeBytes = actioncache.DefaultLimits.MaxTreeBytes
+	fs.Var(sizeFlag{&acLimits.MaxTreeBytes}, "max-result-tree-bytes", "total size of the distinct Tree blobs an ActionCache entry's output directories may take (e.g. 256M)")
 	var web httpStatus
 	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics), e.g. 127.0.0.1:8981 (empty: off)")
 	var ex execFlags
@@ -80,7 +85,7 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes, ScrubRate: scrubRate}
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes, ScrubRate: scrubRate, ActionCacheLimits: acLimits}
 	if scrubRate == 0 {
 		opts.ScrubRate = -1
 	}

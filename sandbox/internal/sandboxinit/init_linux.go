@@ -69,6 +69,7 @@ type Spec struct {
 	Env              []string // the complete environment
 	UID, GID         int      // the command's ids
 	TmpSize          int64    // bytes of /tmp and of /dev/shm; <= 0: the kernel's default
+	MaxProcs         uint64   // RLIMIT_NPROC of the command (its uid's tasks); 0: inherited
 	// Files says what the descriptors sent with the spec are, in order:
 	// FileExecRoot and FileRuntime (detached mount trees of the execroot
 	// and of a directory runtime's root, from open_tree(2), used instead of
@@ -177,6 +178,15 @@ func runHelper() *Status {
 	}
 	if err := dropPrivileges(); err != nil {
 		return fail(err)
+	}
+	// Counted per uid, and each running action has a uid of its own: a
+	// bound on its tasks that holds where no pids cgroup controller does.
+	// The helper (root) is exempt when it forks; the command's setuid and
+	// every fork after it are not.
+	if spec.MaxProcs > 0 {
+		if err := unix.Setrlimit(unix.RLIMIT_NPROC, &unix.Rlimit{Cur: spec.MaxProcs, Max: spec.MaxProcs}); err != nil {
+			return fail(fmt.Errorf("RLIMIT_NPROC: %w", err))
+		}
 	}
 
 	start := time.Now()
