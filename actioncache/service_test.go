@@ -222,7 +222,7 @@ func TestActionCacheCompleteness(t *testing.T) {
 		if _, err := e.get(a); err != nil {
 			t.Fatal(err)
 		}
-		e.srv.Store.Evict(1) // everything goes
+		e.srv.DiskStore.Evict(1) // everything goes
 		_, err := e.get(a)
 		wantCode(t, err, codes.NotFound)
 	})

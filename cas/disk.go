@@ -77,20 +77,37 @@ type entry struct {
 	verified bool
 }
 
-// Option configures a DiskStore.
-type Option func(*DiskStore)
+// Option configures a DiskStore; one given a value it cannot use makes
+// NewDiskStore fail.
+type Option func(*DiskStore) error
 
 // WithMaxSize bounds the bytes stored; least recently used blobs that are not
 // pinned are evicted to stay under it. Zero means unbounded.
-func WithMaxSize(n int64) Option { return func(s *DiskStore) { s.maxSize = n } }
+func WithMaxSize(n int64) Option {
+	return func(s *DiskStore) error {
+		if n < 0 {
+			return fmt.Errorf("size limit %d is negative (0 means unbounded)", n)
+		}
+		s.maxSize = n
+		return nil
+	}
+}
 
 // WithLogger sets the logger for start-up and eviction messages.
-func WithLogger(l *slog.Logger) Option { return func(s *DiskStore) { s.log = l } }
+func WithLogger(l *slog.Logger) Option {
+	return func(s *DiskStore) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		s.log = l
+		return nil
+	}
+}
 
 // WithFsync controls whether each blob is fsynced before it is renamed into
 // place (default true). Without it a kill -9 is still safe, a power loss
 // may not be.
-func WithFsync(on bool) Option { return func(s *DiskStore) { s.fsync = on } }
+func WithFsync(on bool) Option { return func(s *DiskStore) error { s.fsync = on; return nil } }
 
 // copyBufSize is the buffer for hashing and copying files.
 const copyBufSize = 1 << 20
@@ -116,7 +133,9 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 		pending:   make(map[string]int),
 	}
 	for _, o := range opts {
-		o(s)
+		if err := o(s); err != nil {
+			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+		}
 	}
 	if err := os.RemoveAll(s.tmpDir); err != nil {
 		return nil, fmt.Errorf("remove leftover uploads in %s: %w", s.tmpDir, err)

@@ -4,6 +4,7 @@
 package cas
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -12,9 +13,14 @@ import (
 	"path/filepath"
 )
 
-// BlobPath implements LocalStore. The returned file may be evicted unless
-// the caller has pinned d.
+// BlobPath implements LocalStore: it is LocalPath.
 func (s *DiskStore) BlobPath(d Digest, executable bool) (string, error) {
+	return s.LocalPath(context.Background(), d, executable)
+}
+
+// LocalPath implements Store. The returned file may be evicted unless the
+// caller has pinned d.
+func (s *DiskStore) LocalPath(_ context.Context, d Digest, executable bool) (string, error) {
 	if err := d.Validate(); err != nil {
 		return "", err
 	}

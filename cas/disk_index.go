@@ -218,7 +218,7 @@ func (s *DiskStore) Evict(max int64) int64 {
 	return s.evictions - before
 }
 
-// Pin implements Pinner. Pinning a digest that is not stored yet protects
+// Pin implements Store. Pinning a digest that is not stored yet protects
 // it from the moment it is.
 func (s *DiskStore) Pin(ds []Digest) func() {
 	s.mu.Lock()

@@ -63,8 +63,10 @@ const pipelineMin = 2 << 20
 
 var chunkPool = sync.Pool{New: func() any { b := make([]byte, 0, 1<<20); return &b }}
 
-// NewWriter starts an upload of d.
-func (s *DiskStore) NewWriter(d Digest) (*Writer, error) {
+var _ Uploader = (*DiskStore)(nil)
+
+// NewWriter implements Uploader: it starts an upload of d, a *Writer.
+func (s *DiskStore) NewWriter(d Digest) (BlobWriter, error) {
 	if err := d.Validate(); err != nil {
 		return nil, err
 	}

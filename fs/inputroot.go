@@ -155,9 +155,10 @@ func NewInputRoot(store cas.LocalStore, stateDir string, opts ...Option) (*Input
 	if strings.ContainsAny(abs, ",:\\") {
 		r.overlayErr = fmt.Errorf("state dir %q contains a character overlayfs options cannot hold", abs)
 	}
-	if td, ok := store.(interface{ TempDir() string }); ok && !sameFS(td.TempDir(), abs) {
+	// The empty blob's file shows where the store keeps its files.
+	if p, err := store.BlobPath(cas.EmptyDigest, false); err == nil && !sameFS(filepath.Dir(p), abs) {
 		r.log.Warn("actiondfs state dir is not on the CAS's file system; outputs will be copied into the CAS instead of renamed",
-			"state_dir", abs, "cas_tmp", td.TempDir())
+			"state_dir", abs, "cas_dir", filepath.Dir(p))
 	}
 	r.mu.Lock()
 	r.refillLocked()

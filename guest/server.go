@@ -150,7 +150,7 @@ func serve(st serverState, log *slog.Logger) error {
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(l) }()
 
-	stats := srv.Store.Stats()
+	stats := srv.DiskStore.Stats()
 	log.Info("actiond guest ready",
 		"transport", transport,
 		"root", st.Root,
@@ -227,7 +227,7 @@ func (c *control) info(ctx context.Context) (*structpb.Struct, error) {
 		rts = append(rts, rt.Name)
 	}
 	m["runtimes"] = rts
-	stats := c.srv.Store.Stats()
+	stats := c.srv.DiskStore.Stats()
 	m["cas_blobs"] = float64(stats.Blobs)
 	m["cas_bytes"] = float64(stats.Bytes)
 	// Round-trip through JSON so that any value type becomes structpb's.
