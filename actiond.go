@@ -1,8 +1,45 @@
 // Package actiond wires actiond's parts into one REAPI server: the CAS and
-// ByteStream services over a disk store, the ActionCache, Capabilities,
-// gRPC health and, when a sandbox is configured, the Execution service.
-// The same Server runs on a Linux host (`actiond serve`), inside the VM
-// guest, and embedded in other Go programs.
+// ByteStream services over a cas.Store (a disk store by default), the
+// ActionCache, Capabilities, gRPC health and, when a sandbox is configured,
+// the Execution service. New is the one composition point: the same
+// Server runs on a Linux host (`actiond serve`), inside the VM guest, as a
+// farm worker, and embedded in other Go programs.
+//
+// # DESIGN notes
+//
+// Composition. Every mode builds its Server with New, so the root's lock,
+// the stage directory, the scrubber and the order of shutdown are the same
+// everywhere. A caller changes a part by setting an Options field: Store
+// (any cas.Store), WrapStore (a decorator over the store, applied once the
+// root is locked), Cache, Sandbox, InputRoot, ExtraServices. The pieces New
+// uses are exported for programs that assemble their own server:
+// NewInputRoot, NewCapabilities, cas.NewService, actioncache.NewService,
+// executor.New.
+//
+// Capabilities. What a cas.Store can do beyond reading and writing (pins,
+// local paths, verification) is part of the cas.Store interface, never
+// found by type assertion on the concrete type, so a decorator that embeds
+// the store it wraps keeps all of it; stores that lack a capability embed
+// cas.Base. Type assertions remain for optimisations and extras of the
+// disk store (cas.BatchPutter, cas.Uploader; DiskStore's Intact,
+// VerifyBlobsWithin and OnQuarantine): behind a decorator their absence
+// costs speed or a second line of defence, never pins or zero-copy staging.
+//
+// Configuration, one style per layer:
+//   - Storage engines opened on a directory take functional options that
+//     return an error when given a value they cannot use:
+//     cas.NewDiskStore(dir, cas.WithMaxSize(n)), actiondfs.NewInputRoot.
+//   - Everything assembled from parts takes one Options struct by value
+//     whose zero fields mean documented defaults: actiond.New(Options),
+//     cas.NewService, actioncache.NewService, executor.New,
+//     executor.NewService, remote.NewStore, worker.New, NewInputRoot,
+//     NewCapabilities. (sandbox.New and vmhost take a Config struct: the
+//     same style under an older name.)
+//   - No positional booleans or integers with meanings: a flag is a named
+//     field (actioncache.ServiceOptions.ReadOnly), not an argument.
+//   - Setters after construction (BoltCache.SetLimits) exist only where a
+//     value must change while the part runs, or where the constructor
+//     (actioncache.Open) has no options.
 package actiond
 
 import (
@@ -170,10 +207,13 @@ func New(opts Options) (*Server, error) {
 		Store:     used,
 		DiskStore: disk,
 		cache:     opts.Cache,
-		cas:       cas.NewService(used, 0, log),
-		health:    health.NewServer(),
+		cas: cas.NewService(used, cas.ServiceOptions{
+			Logger:         log,
+			MaxUploads:     opts.MaxUploads,
+			MaxUploadBytes: opts.MaxUploadBytes,
+		}),
+		health: health.NewServer(),
 	}
-	s.cas.SetUploadLimits(opts.MaxUploads, opts.MaxUploadBytes)
 	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil })
 	if s.cache == nil {
 		bolt, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), used)
@@ -185,8 +225,7 @@ func New(opts Options) (*Server, error) {
 		s.Cache, s.cache = bolt, bolt
 		s.closers = append(s.closers, bolt.Close)
 	}
-	s.ac = actioncache.NewService(s.cache, used, true)
-	s.ac.SetLimits(opts.ActionCacheLimits.OrDefault())
+	s.ac = actioncache.NewService(s.cache, used, actioncache.ServiceOptions{Limits: opts.ActionCacheLimits})
 	if opts.ScrubRate >= 0 && disk != nil {
 		// Every mode builds its server here, so the VM guest scrubs too.
 		pause := opts.ScrubPause

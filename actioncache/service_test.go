@@ -311,7 +311,7 @@ func TestReadOnlyService(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cache.Close()
-	svc := actioncache.NewService(cache, store, false)
+	svc := actioncache.NewService(cache, store, actioncache.ServiceOptions{ReadOnly: true})
 	_, err = svc.UpdateActionResult(bg, &repb.UpdateActionResultRequest{ActionDigest: actionDigest("x"), ActionResult: &repb.ActionResult{}})
 	wantCode(t, err, codes.PermissionDenied)
 }

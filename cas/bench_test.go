@@ -295,7 +295,7 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 	if _, err := e.cas.BatchUpdateBlobs(bg, upload); err != nil {
 		b.Fatal(err)
 	}
-	svc := cas.NewService(e.srv.Store, 0, quietLogger())
+	svc := cas.NewService(e.srv.Store, cas.ServiceOptions{Logger: quietLogger()})
 	for _, direct := range []bool{false, true} {
 		name := "grpc"
 		if direct {

@@ -143,7 +143,7 @@ type uploads struct {
 const uploadTTL = 10 * time.Minute
 
 // Defaults for the limits on resumable uploads in progress (see
-// Service.SetUploadLimits). Bazel opens at most --remote_max_connections
+// ServiceOptions.MaxUploads). Bazel opens at most --remote_max_connections
 // (100) streams at once; the byte limit bounds the disk abandoned uploads
 // can take before they expire.
 const (

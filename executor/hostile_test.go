@@ -62,7 +62,7 @@ func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas
 	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer()
 	repb.RegisterExecutionServer(g, svc)
-	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, 0, nil))
+	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, cas.ServiceOptions{}))
 	go g.Serve(lis)
 	t.Cleanup(g.Stop)
 	conn, err := grpc.NewClient("passthrough:///bufnet",
