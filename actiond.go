@@ -77,8 +77,8 @@ type Options struct {
 	NoFsync bool
 	// Store, if set, is the CAS instead of the disk store under Root. Its
 	// capabilities are used as they are: pins, and hardlinked or actiondfs
-	// input roots when its LocalPath works (cas.IsLocal); the background
-	// scrubber runs only on the disk store New opens.
+	// input roots when its LocalPath works (cas.IsLocal). MaxSize, NoFsync
+	// and the background scrubber apply only to the disk store New opens.
 	Store cas.Store
 	// WrapStore, if set, decorates the store (Store, or the disk store New
 	// opens under Root): a farm worker's remote CAS behind the disk as its
