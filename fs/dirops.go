@@ -40,6 +40,61 @@ func (afs *actionFS) addStaged(p *node, name string, n *node, uid, gid uint32) {
 	p.changed = p.changed || p.input
 }
 
+// newEntryParent returns the directory parent after checking that the
+// caller may create name there, and the caller's uid and gid: how every op
+// that creates an entry begins. The error is EEXIST when name exists.
+// Called with afs.mu held; may release it (see dirOf).
+func (afs *actionFS) newEntryParent(ctx context.Context, parent fuseops.InodeID, name string, oc fuseops.OpContext) (p *node, uid, gid uint32, err error) {
+	if p, err = afs.getDir(parent); err != nil {
+		return nil, 0, 0, err
+	}
+	uid, gid = creds(ctx, oc)
+	return p, uid, gid, afs.newEntryCheck(ctx, p, name, uid, gid)
+}
+
+// addStagedEntry links a new node into p and hands it to the kernel as
+// the entry e of the op that created it.
+func (afs *actionFS) addStagedEntry(ctx context.Context, p *node, name string, n *node, uid, gid uint32, e *fuseops.ChildInodeEntry) error {
+	afs.addStaged(p, name, n, uid, gid)
+	return afs.giveEntry(ctx, n, e)
+}
+
+// entryToRemove finds the entry name of directory parent that RmDir or
+// Unlink is asked to remove (ENOENT if there is none). Called with afs.mu
+// held; may release it (see dirOf).
+func (afs *actionFS) entryToRemove(ctx context.Context, parent fuseops.InodeID, name string) (p, c *node, err error) {
+	if afs.lower {
+		return nil, nil, syscall.EROFS
+	}
+	if p, err = afs.getDir(parent); err != nil {
+		return nil, nil, err
+	}
+	if c, err = afs.child(ctx, p, name); err == nil && c == nil {
+		err = syscall.ENOENT
+	}
+	return p, c, err
+}
+
+// removeStaged removes c, the staged entry name of p, for RmDir or Unlink
+// once the caller is found allowed to. Called with afs.mu held.
+func (afs *actionFS) removeStaged(ctx context.Context, oc fuseops.OpContext, p *node, name string, c *node) error {
+	uid, gid := creds(ctx, oc)
+	if err := mayRemove(p, c, uid, gid); err != nil {
+		return err
+	}
+	delete(p.staged, name)
+	if c.kind == kindDir {
+		p.subdirs--
+		c.removed = true
+	} else {
+		afs.dropLink(c)
+	}
+	afs.maybeDrop(c)
+	now := time.Now()
+	p.mtime, p.ctime = now, now
+	return nil
+}
+
 // dropLink removes one name of n.
 func (afs *actionFS) dropLink(n *node) {
 	n.ctime = time.Now()
@@ -60,33 +115,20 @@ func (afs *actionFS) dropLink(n *node) {
 func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	p, err := afs.getDir(op.Parent)
+	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
 	if err != nil {
 		return err
 	}
-	uid, gid := creds(ctx, op.OpContext)
-	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
-		return err
-	}
 	n := &node{kind: kindDir, mode: os.ModeDir | op.Mode&(os.ModePerm|specialBits)}
-	afs.addStaged(p, op.Name, n, uid, gid)
-	if op.Entry, err = afs.entry(ctx, n); err != nil {
-		return err
-	}
-	lookedUp(n)
-	return nil
+	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
 }
 
 // MkNode serves the op: regular files, FIFOs and sockets.
 func (afs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	p, err := afs.getDir(op.Parent)
+	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
 	if err != nil {
-		return err
-	}
-	uid, gid := creds(ctx, op.OpContext)
-	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		return err
 	}
 	perm := op.Mode & (os.ModePerm | specialBits)
@@ -104,24 +146,15 @@ func (afs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
 	default:
 		return syscall.EPERM
 	}
-	afs.addStaged(p, op.Name, n, uid, gid)
-	if op.Entry, err = afs.entry(ctx, n); err != nil {
-		return err
-	}
-	lookedUp(n)
-	return nil
+	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
 }
 
 // CreateFile serves the op.
 func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	p, err := afs.getDir(op.Parent)
+	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
 	if err != nil {
-		return err
-	}
-	uid, gid := creds(ctx, op.OpContext)
-	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
 		if err == syscall.EEXIST && uint32(op.OpenFlags)&unix.O_EXCL == 0 {
 			if c := p.staged[op.Name]; c == nil {
 				return afs.refuse("create over", joinPath(p, op.Name))
@@ -134,11 +167,9 @@ func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) e
 		return err
 	}
 	n := &node{kind: kindFile, backing: path, f: f, opens: 1, nlink: 1, mode: op.Mode & (os.ModePerm | specialBits)}
-	afs.addStaged(p, op.Name, n, uid, gid)
-	if op.Entry, err = afs.entry(ctx, n); err != nil {
+	if err := afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry); err != nil {
 		return err
 	}
-	lookedUp(n)
 	op.Handle = afs.newHandle(&handle{n: n})
 	return nil
 }
@@ -147,21 +178,12 @@ func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) e
 func (afs *actionFS) CreateSymlink(ctx context.Context, op *fuseops.CreateSymlinkOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	p, err := afs.getDir(op.Parent)
+	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
 	if err != nil {
 		return err
 	}
-	uid, gid := creds(ctx, op.OpContext)
-	if err := afs.newEntryCheck(ctx, p, op.Name, uid, gid); err != nil {
-		return err
-	}
 	n := &node{kind: kindSymlink, target: op.Target, nlink: 1, mode: os.ModeSymlink | 0o777}
-	afs.addStaged(p, op.Name, n, uid, gid)
-	if op.Entry, err = afs.entry(ctx, n); err != nil {
-		return err
-	}
-	lookedUp(n)
-	return nil
+	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
 }
 
 // CreateLink serves the op. A new name for an input is
@@ -192,11 +214,7 @@ func (afs *actionFS) CreateLink(ctx context.Context, op *fuseops.CreateLinkOp) e
 	now := time.Now()
 	t.ctime, p.mtime, p.ctime = now, now, now
 	p.changed = p.changed || p.input
-	if op.Entry, err = afs.entry(ctx, t); err != nil {
-		return err
-	}
-	lookedUp(t)
-	return nil
+	return afs.giveEntry(ctx, t, &op.Entry)
 }
 
 // Rename serves the op: staged entries move freely;
@@ -282,19 +300,10 @@ func (afs *actionFS) Rename(ctx context.Context, op *fuseops.RenameOp) error {
 func (afs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	if afs.lower {
-		return syscall.EROFS
-	}
-	p, err := afs.getDir(op.Parent)
-	if err != nil {
-		return err
-	}
-	c, err := afs.child(ctx, p, op.Name)
+	p, c, err := afs.entryToRemove(ctx, op.Parent, op.Name)
 	switch {
 	case err != nil:
 		return err
-	case c == nil:
-		return syscall.ENOENT
 	case c.kind != kindDir:
 		return syscall.ENOTDIR
 	case p.staged[op.Name] != c:
@@ -302,57 +311,23 @@ func (afs *actionFS) RmDir(ctx context.Context, op *fuseops.RmDirOp) error {
 	case len(c.staged) > 0:
 		return syscall.ENOTEMPTY
 	}
-	uid, gid := creds(ctx, op.OpContext)
-	if !allowed(p, uid, gid, wantW|wantX) {
-		return syscall.EACCES
-	}
-	if stickyDenied(p, c, uid) {
-		return syscall.EPERM
-	}
-	delete(p.staged, op.Name)
-	p.subdirs--
-	c.removed = true
-	afs.maybeDrop(c)
-	now := time.Now()
-	p.mtime, p.ctime = now, now
-	return nil
+	return afs.removeStaged(ctx, op.OpContext, p, op.Name, c)
 }
 
 // Unlink serves the op.
 func (afs *actionFS) Unlink(ctx context.Context, op *fuseops.UnlinkOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	if afs.lower {
-		return syscall.EROFS
-	}
-	p, err := afs.getDir(op.Parent)
-	if err != nil {
-		return err
-	}
-	c, err := afs.child(ctx, p, op.Name)
+	p, c, err := afs.entryToRemove(ctx, op.Parent, op.Name)
 	switch {
 	case err != nil:
 		return err
-	case c == nil:
-		return syscall.ENOENT
 	case c.kind == kindDir:
 		return syscall.EISDIR
 	case p.staged[op.Name] != c:
 		return afs.refuse("remove", joinPath(p, op.Name))
 	}
-	uid, gid := creds(ctx, op.OpContext)
-	if !allowed(p, uid, gid, wantW|wantX) {
-		return syscall.EACCES
-	}
-	if stickyDenied(p, c, uid) {
-		return syscall.EPERM
-	}
-	delete(p.staged, op.Name)
-	afs.dropLink(c)
-	afs.maybeDrop(c)
-	now := time.Now()
-	p.mtime, p.ctime = now, now
-	return nil
+	return afs.removeStaged(ctx, op.OpContext, p, op.Name, c)
 }
 
 // OpenDir serves the op; the listing is taken now, so

@@ -256,10 +256,10 @@ const maxReadBuf = 1 << 20
 // never open for writing).
 func (afs *actionFS) WriteFile(ctx context.Context, op *fuseops.WriteFileOp) error {
 	afs.mu.Lock()
-	h := afs.handles[op.Handle]
-	if h == nil || h.n.input || h.n.f == nil {
+	h, err := afs.stagedHandle(op.Handle)
+	if err != nil {
 		afs.mu.Unlock()
-		return syscall.EBADF
+		return err
 	}
 	n := h.n
 	f := n.f
@@ -277,13 +277,24 @@ func (afs *actionFS) WriteFile(ctx context.Context, op *fuseops.WriteFileOp) err
 	return nil
 }
 
+// stagedHandle returns the handle id of a staged file open for writing
+// (EBADF for anything else: inputs are never open for writing). Called
+// with afs.mu held.
+func (afs *actionFS) stagedHandle(id fuseops.HandleID) (*handle, error) {
+	h := afs.handles[id]
+	if h == nil || h.n.input || h.n.f == nil {
+		return nil, syscall.EBADF
+	}
+	return h, nil
+}
+
 // Fallocate serves the op.
 func (afs *actionFS) Fallocate(ctx context.Context, op *fuseops.FallocateOp) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	h := afs.handles[op.Handle]
-	if h == nil || h.n.input || h.n.f == nil {
-		return syscall.EBADF
+	h, err := afs.stagedHandle(op.Handle)
+	if err != nil {
+		return err
 	}
 	if err := unix.Fallocate(int(h.n.f.Fd()), op.Mode, int64(op.Offset), int64(op.Length)); err != nil {
 		return errnoOf(err)

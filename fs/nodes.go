@@ -124,6 +124,18 @@ func (afs *actionFS) entry(ctx context.Context, n *node) (fuseops.ChildInodeEntr
 	return fuseops.ChildInodeEntry{Child: n.id, Attributes: a, AttributesExpiration: afs.expire, EntryExpiration: afs.expire}, err
 }
 
+// giveEntry describes n to the kernel in e and counts the reference the
+// kernel then holds (see lookedUp). Called with afs.mu held; may release it
+// (see attrs).
+func (afs *actionFS) giveEntry(ctx context.Context, n *node, e *fuseops.ChildInodeEntry) error {
+	var err error
+	if *e, err = afs.entry(ctx, n); err != nil {
+		return err
+	}
+	lookedUp(n)
+	return nil
+}
+
 // pathOf is n's path relative to the root of the mount.
 func pathOf(n *node) string {
 	var parts []string

@@ -72,3 +72,15 @@ func (afs *actionFS) newEntryCheck(ctx context.Context, p *node, name string, ui
 	}
 	return nil
 }
+
+// mayRemove checks that the caller may remove child from dir: write and
+// search permission on dir (EACCES), and the sticky-directory rule (EPERM).
+func mayRemove(dir, child *node, uid, gid uint32) error {
+	if !allowed(dir, uid, gid, wantW|wantX) {
+		return syscall.EACCES
+	}
+	if stickyDenied(dir, child, uid) {
+		return syscall.EPERM
+	}
+	return nil
+}

@@ -129,11 +129,7 @@ func (afs *actionFS) LookUpInode(ctx context.Context, op *fuseops.LookUpInodeOp)
 		op.Entry = fuseops.ChildInodeEntry{EntryExpiration: afs.expire}
 		return nil
 	}
-	if op.Entry, err = afs.entry(ctx, c); err != nil {
-		return err
-	}
-	lookedUp(c)
-	return nil
+	return afs.giveEntry(ctx, c, &op.Entry)
 }
 
 // GetInodeAttributes serves the op.
