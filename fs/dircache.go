@@ -1,7 +1,6 @@
 package fs
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/lru"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/protobuf/proto"
 )
@@ -26,18 +26,11 @@ type dirCache struct {
 	max   int64
 
 	mu   sync.Mutex
-	m    map[cas.Digest]*list.Element // of *dirEntry
-	lru  *list.List                   // most recently used at the front
-	size int64
-}
-
-type dirEntry struct {
-	d   cas.Digest
-	dir *repb.Directory
+	dirs lru.Cache[cas.Digest, *repb.Directory] // cost: encoded size
 }
 
 func newDirCache(store cas.Store, max int64) *dirCache {
-	return &dirCache{store: store, max: max, m: make(map[cas.Digest]*list.Element), lru: list.New()}
+	return &dirCache{store: store, max: max}
 }
 
 // get returns the Directory with digest d, reading and validating it on a miss.
@@ -46,13 +39,11 @@ func (c *dirCache) get(ctx context.Context, d cas.Digest) (*repb.Directory, erro
 		return &repb.Directory{}, nil
 	}
 	c.mu.Lock()
-	if el, ok := c.m[d]; ok {
-		c.lru.MoveToFront(el)
-		dir := el.Value.(*dirEntry).dir
-		c.mu.Unlock()
+	dir, ok := c.dirs.Get(d)
+	c.mu.Unlock()
+	if ok {
 		return dir, nil
 	}
-	c.mu.Unlock()
 	if d.Size > maxDirectorySize {
 		return nil, fmt.Errorf("directory %s is larger than %d bytes", d, maxDirectorySize)
 	}
@@ -60,7 +51,7 @@ func (c *dirCache) get(ctx context.Context, d cas.Digest) (*repb.Directory, erro
 	if err != nil {
 		return nil, fmt.Errorf("read directory %s: %w", d, err)
 	}
-	dir := &repb.Directory{}
+	dir = &repb.Directory{}
 	if err := proto.Unmarshal(data, dir); err != nil {
 		return nil, fmt.Errorf("blob %s is not a Directory message: %w", d, err)
 	}
@@ -78,18 +69,11 @@ func (c *dirCache) add(d cas.Digest, dir *repb.Directory) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.m[d]; ok {
+	if c.dirs.Contains(d) {
 		return
 	}
-	c.m[d] = c.lru.PushFront(&dirEntry{d, dir})
-	c.size += d.Size
-	for c.size > c.max {
-		el := c.lru.Back()
-		e := el.Value.(*dirEntry)
-		c.lru.Remove(el)
-		delete(c.m, e.d)
-		c.size -= e.d.Size
-	}
+	c.dirs.Add(d, dir, d.Size)
+	c.dirs.TrimTo(c.max, nil)
 }
 
 // validateDirectory checks what lookups rely on: valid names, sorted and
