@@ -53,16 +53,12 @@ func (c *TreeCache) dir(d cas.Digest) *repb.Directory {
 
 // addDir remembers a validated Directory.
 func (c *TreeCache) addDir(d cas.Digest, dir *repb.Directory) {
-	if c == nil || d.Size > c.maxDirBytes {
+	if c == nil {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.dirs.Contains(d) {
-		return
-	}
-	c.dirs.Add(d, dir, d.Size)
-	c.dirs.TrimTo(c.maxDirBytes, nil)
+	c.dirs.Admit(d, dir, d.Size, c.maxDirBytes)
 }
 
 // tree returns the validated tree with root digest root, or nil.
@@ -78,14 +74,10 @@ func (c *TreeCache) tree(root cas.Digest) *InputTree {
 
 // addTree remembers a complete, validated tree.
 func (c *TreeCache) addTree(t *InputTree) {
-	if c == nil || len(t.Files) > c.maxTreeFiles {
+	if c == nil {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.trees.Contains(t.Root) {
-		return
-	}
-	c.trees.Add(t.Root, t, int64(len(t.Files)))
-	c.trees.TrimTo(int64(c.maxTreeFiles), nil)
+	c.trees.Admit(t.Root, t, int64(len(t.Files)), int64(c.maxTreeFiles))
 }

@@ -64,16 +64,12 @@ func (c *dirCache) get(ctx context.Context, d cas.Digest) (*repb.Directory, erro
 
 // add caches dir (already validated) under d.
 func (c *dirCache) add(d cas.Digest, dir *repb.Directory) {
-	if c.max <= 0 || d.Size > c.max {
+	if c.max <= 0 { // caching off
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.dirs.Contains(d) {
-		return
-	}
-	c.dirs.Add(d, dir, d.Size)
-	c.dirs.TrimTo(c.max, nil)
+	c.dirs.Admit(d, dir, d.Size, c.max)
 }
 
 // Lookups in a validated Directory: entries are sorted by name per kind.

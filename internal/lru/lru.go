@@ -69,6 +69,20 @@ func (c *Cache[K, V]) Add(k K, v V, cost int64) {
 	c.cost += cost
 }
 
+// Admit is Add for a cache of immutable values bounded by maxCost: it adds
+// k as the most recently used entry unless k is there already (which is
+// then left as it is, unmarked) or its cost alone is over maxCost, evicts
+// least recently used entries until the total cost is at most maxCost, and
+// reports whether k was added.
+func (c *Cache[K, V]) Admit(k K, v V, cost, maxCost int64) bool {
+	if cost > maxCost || c.Contains(k) {
+		return false
+	}
+	c.Add(k, v, cost)
+	c.TrimTo(maxCost, nil)
+	return true
+}
+
 // Remove removes k and returns its value, if it was there.
 func (c *Cache[K, V]) Remove(k K) (V, bool) {
 	el, ok := c.items[k]

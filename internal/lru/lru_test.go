@@ -97,6 +97,31 @@ func TestTrimTo(t *testing.T) {
 	}
 }
 
+func TestAdmit(t *testing.T) {
+	var c Cache[string, int]
+	if !c.Admit("a", 1, 4, 10) || !c.Admit("b", 2, 4, 10) {
+		t.Fatal("Admit refused entries that fit")
+	}
+	if c.Admit("a", 9, 1, 10) {
+		t.Fatal("Admit replaced an entry that was there")
+	}
+	if v, _ := c.Get("b"); v != 2 {
+		t.Fatalf("b = %d", v)
+	}
+	if got, want := keys(&c), []string{"a", "b"}; !slices.Equal(got, want) {
+		t.Fatalf("order %v, want %v (Admit of a present key must not mark it used)", got, want)
+	}
+	if c.Admit("huge", 3, 11, 10) || c.Contains("huge") || c.Len() != 2 {
+		t.Fatal("Admit took an entry costing more than the bound")
+	}
+	if !c.Admit("c", 3, 4, 10) {
+		t.Fatal("Admit refused c")
+	}
+	if got, want := keys(&c), []string{"b", "c"}; !slices.Equal(got, want) || c.Cost() != 8 {
+		t.Fatalf("left %v (cost %d), want %v (cost 8)", got, c.Cost(), want)
+	}
+}
+
 // A walk from the oldest may remove the entry it is given: how a cache
 // evicts what it may while skipping what it must keep (pinned blobs).
 func TestOldestRemovingAsItGoes(t *testing.T) {
