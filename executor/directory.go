@@ -28,7 +28,10 @@ const SymlinkAbsolutePathStrategy = repb.SymlinkAbsolutePathStrategy_DISALLOWED
 // allows them).
 func ValidateDirectory(dir *repb.Directory) error {
 	seen := make(map[string]string)
-	check := func(kind, name, prev string) error {
+	prev := "" // the name before, within the kind being checked
+	// entry checks an entry's name and, for files and directories, its
+	// digest.
+	entry := func(kind, name string, digest *repb.Digest) error {
 		if err := validName(name); err != nil {
 			return fmt.Errorf("%s %q: %v", kind, name, err)
 		}
@@ -38,32 +41,29 @@ func ValidateDirectory(dir *repb.Directory) error {
 		if other, ok := seen[name]; ok {
 			return fmt.Errorf("name %q is used by a %s and a %s", name, other, kind)
 		}
-		seen[name] = kind
+		seen[name], prev = kind, name
+		if kind == "symlink" {
+			return nil
+		}
+		if _, err := cas.FromProto(digest); err != nil {
+			return fmt.Errorf("%s %q: %v", kind, name, err)
+		}
 		return nil
 	}
-	prev := ""
 	for _, f := range dir.Files {
-		if err := check("file", f.Name, prev); err != nil {
+		if err := entry("file", f.Name, f.Digest); err != nil {
 			return err
 		}
-		if _, err := cas.FromProto(f.Digest); err != nil {
-			return fmt.Errorf("file %q: %v", f.Name, err)
-		}
-		prev = f.Name
 	}
 	prev = ""
 	for _, d := range dir.Directories {
-		if err := check("directory", d.Name, prev); err != nil {
+		if err := entry("directory", d.Name, d.Digest); err != nil {
 			return err
 		}
-		if _, err := cas.FromProto(d.Digest); err != nil {
-			return fmt.Errorf("directory %q: %v", d.Name, err)
-		}
-		prev = d.Name
 	}
 	prev = ""
 	for _, s := range dir.Symlinks {
-		if err := check("symlink", s.Name, prev); err != nil {
+		if err := entry("symlink", s.Name, nil); err != nil {
 			return err
 		}
 		if s.Target == "" {
@@ -72,7 +72,6 @@ func ValidateDirectory(dir *repb.Directory) error {
 		if strings.HasPrefix(s.Target, "/") && SymlinkAbsolutePathStrategy != repb.SymlinkAbsolutePathStrategy_ALLOWED {
 			return fmt.Errorf("symlink %q has absolute target %q (this server's symlink_absolute_path_strategy is %s)", s.Name, s.Target, SymlinkAbsolutePathStrategy)
 		}
-		prev = s.Name
 	}
 	return nil
 }
