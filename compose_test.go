@@ -12,6 +12,7 @@ import (
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/executor/executortest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -99,5 +100,33 @@ func TestDecoratedStoreKeepsPinsAndHardlinks(t *testing.T) {
 	}
 	if !pinned {
 		t.Error("the running action's input was evicted: the decorator lost the store's pins")
+	}
+}
+
+// TestExtraServicesAreRegistered: Options.ExtraServices add services next
+// to actiond's own wherever Register puts them, and get the Server.
+func TestExtraServicesAreRegistered(t *testing.T) {
+	extra := &grpc.ServiceDesc{ServiceName: "test.Extra", HandlerType: (*any)(nil)}
+	var got *actiond.Server
+	srv, err := actiond.New(actiond.Options{
+		Root: t.TempDir(),
+		ExtraServices: []func(grpc.ServiceRegistrar, *actiond.Server){
+			func(r grpc.ServiceRegistrar, s *actiond.Server) { got = s; r.RegisterService(extra, struct{}{}) },
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	g := srv.GRPCServer()
+	info := g.GetServiceInfo()
+	if _, ok := info["test.Extra"]; !ok {
+		t.Errorf("services %v lack test.Extra", info)
+	}
+	if _, ok := info["build.bazel.remote.execution.v2.ContentAddressableStorage"]; !ok {
+		t.Errorf("services %v lack the CAS", info)
+	}
+	if got != srv {
+		t.Error("the hook did not get the Server")
 	}
 }
