@@ -91,9 +91,12 @@ func TestStatusPageInBrowser(t *testing.T) {
 	e := start(t, actiond.Options{Root: root, Sandbox: sb, InputRootKind: "hardlink", Concurrency: 1})
 
 	casc := repb.NewContentAddressableStorageClient(e.conn)
+	// The browser first: it can take seconds to start on a loaded machine,
+	// longer than the first action runs.
+	b := startBrowser(t, bin)
 	// Concurrency 1: one sleep runs while the other waits in the queue.
 	done := make(chan *repb.ExecuteResponse, 2)
-	for _, secs := range []string{"3", "2"} {
+	for _, secs := range []string{"6", "2"} {
 		cmd := &repb.Command{Arguments: []string{"/bin/sleep", secs}}
 		actD := upload(t, casc, &repb.Action{CommandDigest: upload(t, casc, cmd), InputRootDigest: upload(t, casc, &repb.Directory{}), DoNotCache: true})
 		go execute(t, repb.NewExecutionClient(e.conn), actD, done)
@@ -101,7 +104,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 
 	// Wait until one action runs and the other waits (server side), then look.
 	deadline := time.Now().Add(10 * time.Second)
-	for p := getPage(t, e.web.URL+"/"); !strings.Contains(p, "/bin/sleep 3") || !strings.Contains(p, "/bin/sleep 2") || !strings.Contains(p, `id="queued"`); p = getPage(t, e.web.URL+"/") {
+	for p := getPage(t, e.web.URL+"/"); !strings.Contains(p, "/bin/sleep 6") || !strings.Contains(p, "/bin/sleep 2") || !strings.Contains(p, `id="queued"`); p = getPage(t, e.web.URL+"/") {
 		if time.Now().After(deadline) {
 			t.Fatalf("status page never showed the running action:\n%s", getPage(t, e.web.URL+"/"))
 		}
@@ -111,7 +114,6 @@ func TestStatusPageInBrowser(t *testing.T) {
 		t.Errorf("while one action runs and one waits: running %v, queued %v; want 1, 1", m["actiond_actions_running"], m["actiond_actions_queued"])
 	}
 
-	b := startBrowser(t, bin)
 	b.navigate(e.web.URL + "/")
 	if title := b.eval("document.title"); !strings.HasPrefix(title, "actiond") {
 		t.Errorf("title %q", title)
@@ -147,7 +149,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 
 	b.navigate(e.web.URL + "/")
 	finished := b.eval(`document.querySelector("#finished").innerText`)
-	if !strings.Contains(finished, "/bin/sleep 3") || !strings.Contains(finished, "/bin/sleep 2") || !strings.Contains(finished, "ok") {
+	if !strings.Contains(finished, "/bin/sleep 6") || !strings.Contains(finished, "/bin/sleep 2") || !strings.Contains(finished, "ok") {
 		t.Errorf("finished table does not show the sleep action:\n%s", finished)
 	}
 	if n := b.eval(`document.querySelectorAll("#running tr.action").length`); n != "0" {
@@ -177,8 +179,8 @@ func TestStatusPageInBrowser(t *testing.T) {
 			t.Errorf("%s = %v, want %v", name, m[name], want)
 		}
 	}
-	if s := m["actiond_action_duration_seconds_sum"]; s < 5 {
-		t.Errorf("action duration sum %vs, want >= 5s for sleep 3 and sleep 2", s)
+	if s := m["actiond_action_duration_seconds_sum"]; s < 8 {
+		t.Errorf("action duration sum %vs, want >= 8s for sleep 6 and sleep 2", s)
 	}
 	if s := m[`actiond_action_phase_seconds_sum{phase="queued"}`]; s < 1 {
 		t.Errorf("queued time sum %vs, want >= 1s: one sleep waited for the other", s)
