@@ -78,14 +78,14 @@ func PreparedCASImage(t testing.TB, arch string) string {
 		return img
 	}
 	t.Logf("preparing the %s runtimes on a CAS image (first boot with runtimes disk %s; cached as %s)", arch, key, img)
+	// An image left by an interrupted preparation is booted again: the
+	// guest keeps the runtimes it finished and redoes the rest.
 	tmp := img + ".tmp"
-	os.Remove(tmp)
 	if _, _, err := vmhost.EnsureDiskImage(tmp, ImageSize); err != nil {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
 	if err := prepare(t, p, arch, tmp); err != nil {
-		os.Remove(tmp)
 		t.Fatalf("prepare the %s runtimes: %v", arch, err)
 	}
 	if err := os.Rename(tmp, img); err != nil {
