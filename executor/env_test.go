@@ -95,9 +95,9 @@ func newFakeEnv(t *testing.T, sopts executor.ServiceOptions, sb *executortest.Sa
 // onBothSandboxes runs test on a fresh env over fake, then (as root) on
 // one over the real sandbox: what the executor and service do around a
 // run is checked everywhere, and with real commands where it can be.
-func onBothSandboxes(t *testing.T, sopts executor.ServiceOptions, fake *executortest.Sandbox, test func(t *testing.T, e *env)) {
-	t.Run("fake", func(t *testing.T) { test(t, newFakeEnv(t, sopts, fake, nil, nil)) })
-	t.Run("sandbox", func(t *testing.T) { test(t, newEnv(t, sopts)) })
+func onBothSandboxes(t *testing.T, o envOptions, fake *executortest.Sandbox, test func(t *testing.T, e *env)) {
+	t.Run("fake", func(t *testing.T) { test(t, newEnvOn(t, fake, o)) })
+	t.Run("sandbox", func(t *testing.T) { test(t, newEnvOn(t, hostSandbox(t), o)) })
 }
 
 // hostSandbox is the real sandbox with the host runtime, closed when t

@@ -9,18 +9,25 @@ import (
 
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/executor/executortest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// newHostileEnv is an env on the real sandbox (root only) with two
-// execution slots and executor and store options of the test's choosing;
+// hostileOptions are the env options of the hostile-request tests: two
+// execution slots and executor and store options of the test's choosing.
 // env's CAS service lets other clients' calls be made while a hostile
 // request runs.
+func hostileOptions(tweak func(*executor.Options), storeOpts ...cas.Option) envOptions {
+	return envOptions{service: executor.ServiceOptions{Concurrency: 2}, executor: tweak, storeOpts: storeOpts}
+}
+
+// newHostileEnv is an env with hostileOptions on the real sandbox; it
+// needs root.
 func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas.Option) *env {
 	t.Helper()
-	return newEnvOn(t, hostSandbox(t), envOptions{service: executor.ServiceOptions{Concurrency: 2}, executor: tweak, storeOpts: storeOpts})
+	return newEnvOn(t, hostSandbox(t), hostileOptions(tweak, storeOpts...))
 }
 
 // dagBomb stores levels+1 Directory messages, each naming the one below
@@ -83,7 +90,10 @@ func wantStatus(t *testing.T, resp *repb.ExecuteResponse, err error, code codes.
 // files. Hardlink staging would create every one of them; the expanded
 // tree is over the default entry limit and is refused at once.
 func TestDAGBombInputRootIsRefused(t *testing.T) {
-	e := newHostileEnv(t, nil)
+	onBothSandboxes(t, hostileOptions(nil), &executortest.Sandbox{}, testDAGBombInputRootIsRefused)
+}
+
+func testDAGBombInputRootIsRefused(t *testing.T, e *env) {
 	bomb := e.action(actionSpec{script: "find . | wc -l", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 10 * time.Second})
 	e.othersStayServed(t, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -97,7 +107,11 @@ func TestDAGBombInputRootIsRefused(t *testing.T) {
 // through 8 messages; with mutates_inputs (a private copy) that is 128 MiB
 // written, over the configured byte limit.
 func TestMutatesInputsBytesBombIsRefused(t *testing.T) {
-	e := newHostileEnv(t, func(o *executor.Options) { o.MaxInputBytes = 64 << 20 })
+	opts := hostileOptions(func(o *executor.Options) { o.MaxInputBytes = 64 << 20 })
+	onBothSandboxes(t, opts, &executortest.Sandbox{}, testMutatesInputsBytesBombIsRefused)
+}
+
+func testMutatesInputsBytesBombIsRefused(t *testing.T, e *env) {
 	big := e.put(make([]byte, 1<<20))
 	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(big, 7), platform: map[string]string{"mutates_inputs": "1"}, timeout: 10 * time.Second})
 	e.othersStayServed(t, func() {

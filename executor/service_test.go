@@ -193,7 +193,7 @@ func TestIdenticalActionsInFlightAreDeduplicated(t *testing.T) {
 	fake := &executortest.Sandbox{Func: sleepThen(time.Second, func(spec *executor.RunSpec) error {
 		return os.WriteFile(filepath.Join(spec.ExecRoot, spec.WorkingDirectory, "t"), fmt.Appendf(nil, "%d\n", time.Now().UnixNano()), 0o644)
 	})}
-	onBothSandboxes(t, executor.ServiceOptions{Concurrency: 2}, fake, testIdenticalActionsInFlightAreDeduplicated)
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{Concurrency: 2}}, fake, testIdenticalActionsInFlightAreDeduplicated)
 }
 
 func testIdenticalActionsInFlightAreDeduplicated(t *testing.T, e *env) {
@@ -224,7 +224,7 @@ func testIdenticalActionsInFlightAreDeduplicated(t *testing.T, e *env) {
 
 func TestWaitExecution(t *testing.T) {
 	fake := &executortest.Sandbox{Func: sleepThen(time.Second, nil), Stdout: "done\n"}
-	onBothSandboxes(t, executor.ServiceOptions{}, fake, testWaitExecution)
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{}}, fake, testWaitExecution)
 }
 
 func testWaitExecution(t *testing.T, e *env) {
@@ -257,7 +257,7 @@ func testWaitExecution(t *testing.T, e *env) {
 
 func TestCancelledClientKillsAction(t *testing.T) {
 	fake := &executortest.Sandbox{Func: sleepThen(30*time.Second, nil)}
-	onBothSandboxes(t, executor.ServiceOptions{CancelGrace: 100 * time.Millisecond}, fake, testCancelledClientKillsAction)
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{CancelGrace: 100 * time.Millisecond}}, fake, testCancelledClientKillsAction)
 }
 
 func testCancelledClientKillsAction(t *testing.T, e *env) {
