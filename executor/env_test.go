@@ -20,6 +20,8 @@ import (
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
@@ -225,6 +227,19 @@ func (e *env) execute(ctx context.Context, d cas.Digest, skipCache bool) (*repb.
 		return nil, "", err
 	}
 	return drain(stream)
+}
+
+// wantInvalidArgument executes the action a describes and fails t unless
+// it is refused with INVALID_ARGUMENT.
+func (e *env) wantInvalidArgument(t *testing.T, a actionSpec) {
+	t.Helper()
+	resp, _, err := e.execute(context.Background(), e.action(a), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := status.FromProto(resp.Status); st.Code() != codes.InvalidArgument {
+		t.Fatalf("status %v, want INVALID_ARGUMENT", st)
+	}
 }
 
 func drain(stream interface {

@@ -239,13 +239,7 @@ func TestBadRequestsAreInvalidArgument(t *testing.T) {
 	}
 	for name, a := range cases {
 		t.Run(name, func(t *testing.T) {
-			resp, _, err := e.execute(context.Background(), e.action(a), false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st := status.FromProto(resp.Status); st.Code() != codes.InvalidArgument {
-				t.Fatalf("status %v, want INVALID_ARGUMENT", st)
-			}
+			e.wantInvalidArgument(t, a)
 		})
 	}
 	resp, _, err := e.execute(context.Background(), e.action(cases["unknown runtime"]), false)
@@ -293,14 +287,9 @@ func TestBadRequestsAreRefusedBeforeStaging(t *testing.T) {
 	for name, a := range cases {
 		t.Run(name, func(t *testing.T) {
 			a.inputs = inputs
-			resp, _, err := e.execute(context.Background(), e.action(a), false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st := status.FromProto(resp.Status); st.Code() != codes.InvalidArgument {
-				t.Fatalf("status %v, want INVALID_ARGUMENT", st)
-			}
-			if n := ir.Stages(); n != 0 {
+			before := ir.Stages()
+			e.wantInvalidArgument(t, a)
+			if n := ir.Stages() - before; n != 0 {
 				t.Fatalf("the input root was staged %d times for a request refused before staging", n)
 			}
 		})
@@ -312,6 +301,6 @@ func TestBadRequestsAreRefusedBeforeStaging(t *testing.T) {
 	resp, _, err := e.execute(context.Background(), e.action(actionSpec{script: "true", inputs: inputs, timeout: time.Second}), false)
 	mustOK(t, resp, err)
 	if n := ir.Stages(); n != 1 {
-		t.Fatalf("a good request was staged %d times, want 1", n)
+		t.Fatalf("%d stagings in all after one good request, want 1", n)
 	}
 }

@@ -139,13 +139,7 @@ func TestEscapingOutputSymlinksAreInvalidArgument(t *testing.T) {
 	}
 	for name, a := range cases {
 		t.Run(name, func(t *testing.T) {
-			resp, _, err := e.execute(context.Background(), e.action(a), false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st := status.FromProto(resp.Status); st.Code() != codes.InvalidArgument {
-				t.Fatalf("status %v, want INVALID_ARGUMENT", st)
-			}
+			e.wantInvalidArgument(t, a)
 		})
 	}
 }
