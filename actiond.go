@@ -1,8 +1,45 @@
 // Package actiond wires actiond's parts into one REAPI server: the CAS and
-// ByteStream services over a disk store, the ActionCache, Capabilities,
-// gRPC health and, when a sandbox is configured, the Execution service.
-// The same Server runs on a Linux host (`actiond serve`), inside the VM
-// guest, and embedded in other Go programs.
+// ByteStream services over a cas.Store (a disk store by default), the
+// ActionCache, Capabilities, gRPC health and, when a sandbox is configured,
+// the Execution service. New is the one composition point: the same
+// Server runs on a Linux host (`actiond serve`), inside the VM guest, as a
+// farm worker, and embedded in other Go programs.
+//
+// # DESIGN notes
+//
+// Composition. Every mode builds its Server with New, so the root's lock,
+// the stage directory, the scrubber and the order of shutdown are the same
+// everywhere. A caller changes a part by setting an Options field: Store
+// (any cas.Store), WrapStore (a decorator over the store, applied once the
+// root is locked), Cache, Sandbox, InputRoot, ExtraServices. The pieces New
+// uses are exported for programs that assemble their own server:
+// NewInputRoot, NewCapabilities, cas.NewService, actioncache.NewService,
+// executor.New.
+//
+// Capabilities. What a cas.Store can do beyond reading and writing (pins,
+// local paths, verification) is part of the cas.Store interface, never
+// found by type assertion on the concrete type, so a decorator that embeds
+// the store it wraps keeps all of it; stores that lack a capability embed
+// cas.Base. Type assertions remain for optimisations and extras of the
+// disk store (cas.BatchPutter, cas.Uploader; DiskStore's Intact,
+// VerifyBlobsWithin and OnQuarantine): behind a decorator their absence
+// costs speed or a second line of defence, never pins or zero-copy staging.
+//
+// Configuration, one style per layer:
+//   - Storage engines opened on a directory take functional options that
+//     return an error when given a value they cannot use:
+//     cas.NewDiskStore(dir, cas.WithMaxSize(n)), actiondfs.NewInputRoot.
+//   - Everything assembled from parts takes one Options struct by value
+//     whose zero fields mean documented defaults: actiond.New(Options),
+//     cas.NewService, actioncache.NewService, executor.New,
+//     executor.NewService, remote.NewStore, worker.New, NewInputRoot,
+//     NewCapabilities. (sandbox.New and vmhost take a Config struct: the
+//     same style under an older name.)
+//   - No positional booleans or integers with meanings: a flag is a named
+//     field (actioncache.ServiceOptions.ReadOnly), not an argument.
+//   - Setters after construction (BoltCache.SetLimits) exist only where a
+//     value must change while the part runs, or where the constructor
+//     (actioncache.Open) has no options.
 package actiond
 
 import (
@@ -38,11 +75,18 @@ type Options struct {
 	Logger *slog.Logger
 	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
 	NoFsync bool
-	// WrapStore, if set, puts a store in front of the disk store that New
-	// opens under Root (while holding the root's lock): a farm worker's
-	// remote CAS with the disk as its read-through cache. The services and
-	// the executor use what it returns; Server.Store stays the disk store.
-	WrapStore func(local *cas.DiskStore) cas.Store
+	// Store, if set, is the CAS instead of the disk store under Root. Its
+	// capabilities are used as they are: pins, and hardlinked or actiondfs
+	// input roots when its LocalPath works (cas.IsLocal). MaxSize, NoFsync
+	// and the background scrubber apply only to the disk store New opens.
+	Store cas.Store
+	// WrapStore, if set, decorates the store (Store, or the disk store New
+	// opens under Root): a farm worker's remote CAS behind the disk as its
+	// read-through cache (remote.NewCachedStore). It exists beside Store
+	// because the disk store under Root may only be opened once New holds
+	// the root's lock, which a caller cannot do before calling New. The
+	// services and the executor use what it returns.
+	WrapStore func(local cas.Store) cas.Store
 	// Cache, if set, is the ActionCache instead of the bbolt file under Root.
 	Cache actioncache.Cache
 	// ActionCacheLimits bound the work of checking that a cached result is
@@ -93,17 +137,24 @@ type Options struct {
 	Observer executor.Observer
 	// GRPCOptions are added to the server Serve creates (e.g. interceptors).
 	GRPCOptions []grpc.ServerOption
+	// ExtraServices register more gRPC services next to actiond's own,
+	// wherever Register puts them (Serve, GRPCServer, another program's
+	// server); they get the Server to reach its store and executor.
+	ExtraServices []func(r grpc.ServiceRegistrar, s *Server)
 }
 
 // Server is a REAPI server over one root directory.
 type Server struct {
-	opts  Options
-	log   *slog.Logger
-	Store *cas.DiskStore
+	opts Options
+	log  *slog.Logger
+	// Store is the CAS the services and the executor use.
+	Store cas.Store
+	// DiskStore is the disk store under Root (for its statistics); nil
+	// when Options.Store replaced it.
+	DiskStore *cas.DiskStore
 	// Cache is the bbolt ActionCache; nil when Options.Cache replaced it.
 	Cache *actioncache.BoltCache
-	store cas.Store         // what the services and the executor use
-	cache actioncache.Cache // likewise
+	cache actioncache.Cache // what the services and the executor use
 	// drained is set by Stop once it has waited for the Execution
 	// service, so Close does not wait a second time.
 	drained bool
@@ -137,25 +188,32 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	store, err := cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithFsync(!opts.NoFsync))
-	if err != nil {
-		unlock()
-		return nil, fmt.Errorf("open CAS: %w", err)
+	var disk *cas.DiskStore
+	used := opts.Store
+	if used == nil {
+		disk, err = cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithFsync(!opts.NoFsync))
+		if err != nil {
+			unlock()
+			return nil, fmt.Errorf("open CAS: %w", err)
+		}
+		used = disk
 	}
-	var used cas.Store = store
 	if opts.WrapStore != nil {
-		used = opts.WrapStore(store)
+		used = opts.WrapStore(used)
 	}
 	s := &Server{
-		opts:   opts,
-		log:    log,
-		Store:  store,
-		store:  used,
-		cache:  opts.Cache,
-		cas:    cas.NewService(used, 0, log),
+		opts:      opts,
+		log:       log,
+		Store:     used,
+		DiskStore: disk,
+		cache:     opts.Cache,
+		cas: cas.NewService(used, cas.ServiceOptions{
+			Logger:         log,
+			MaxUploads:     opts.MaxUploads,
+			MaxUploadBytes: opts.MaxUploadBytes,
+		}),
 		health: health.NewServer(),
 	}
-	s.cas.SetUploadLimits(opts.MaxUploads, opts.MaxUploadBytes)
 	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil })
 	if s.cache == nil {
 		bolt, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), used)
@@ -167,9 +225,8 @@ func New(opts Options) (*Server, error) {
 		s.Cache, s.cache = bolt, bolt
 		s.closers = append(s.closers, bolt.Close)
 	}
-	s.ac = actioncache.NewService(s.cache, used, true)
-	s.ac.SetLimits(opts.ActionCacheLimits.OrDefault())
-	if opts.ScrubRate >= 0 {
+	s.ac = actioncache.NewService(s.cache, used, actioncache.ServiceOptions{Limits: opts.ActionCacheLimits})
+	if opts.ScrubRate >= 0 && disk != nil {
 		// Every mode builds its server here, so the VM guest scrubs too.
 		pause := opts.ScrubPause
 		if pause <= 0 {
@@ -177,18 +234,27 @@ func New(opts Options) (*Server, error) {
 		}
 		sctx, stop := context.WithCancel(context.Background())
 		done := make(chan struct{})
-		go func() { defer close(done); store.Scrub(sctx, opts.ScrubRate, pause) }()
+		go func() { defer close(done); disk.Scrub(sctx, opts.ScrubRate, pause) }()
 		// Stopped before the store's users go away (closers run last first).
 		s.closers = append(s.closers, func() error { stop(); <-done; return nil })
 	}
 	if opts.Sandbox != nil {
 		inputRoot := opts.InputRoot
 		if inputRoot == nil {
-			r, err := s.builtinInputRoot(opts.InputRootKind)
+			// Before the executor is created: actiondfs clears stale
+			// mounts from a crashed run, which must be gone before the
+			// stage directory is emptied.
+			r, closeRoot, err := NewInputRoot(InputRootOptions{
+				Kind:         opts.InputRootKind,
+				Store:        used,
+				FUSEStateDir: filepath.Join(opts.Root, "cas", "fs"),
+				Logger:       log,
+			})
 			if err != nil {
 				s.Close()
 				return nil, err
 			}
+			s.closers = append(s.closers, closeRoot)
 			inputRoot = r
 		}
 		ex, err := executor.New(executor.Options{
@@ -241,39 +307,58 @@ func PrivateRoot(dir string, log *slog.Logger) error {
 	return nil
 }
 
-// builtinInputRoot returns the input root strategy named kind. It runs
-// before the executor is created: actiondfs clears stale mounts from a
-// crashed run, which must be gone before the stage directory is emptied.
-func (s *Server) builtinInputRoot(kind string) (executor.InputRoot, error) {
-	local, isLocal := s.store.(cas.LocalStore)
+// InputRootOptions choose one of the built-in input root strategies.
+type InputRootOptions struct {
+	// Kind is "auto" (or ""; actiondfs when FUSE works, else hardlinks),
+	// "fuse", "hardlink" or "copy". Only "copy" works over a store that
+	// keeps no local files (cas.IsLocal), and auto picks it there.
+	Kind string
+	// Store is the CAS the inputs come from.
+	Store cas.Store
+	// FUSEStateDir is where actiondfs keeps its mounts; it must be on the
+	// store's file system for outputs to move in by rename.
+	FUSEStateDir string
+	// Logger receives structured logs (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// NewInputRoot returns the input root strategy o names, and the function
+// that closes it once the executor using it is done (never nil).
+func NewInputRoot(o InputRootOptions) (root executor.InputRoot, closeRoot func() error, err error) {
+	log := o.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	noClose := func() error { return nil }
+	kind := o.Kind
+	local, isLocal := cas.LocalFiles(o.Store)
 	if !isLocal {
 		// Blobs are not local files: nothing to link or to serve from.
 		if kind == "fuse" || kind == "hardlink" {
-			return nil, fmt.Errorf("input root %s needs a store of local files (a cas.LocalStore); use copy", kind)
+			return nil, nil, fmt.Errorf("input root %s needs a store of local files (cas.IsLocal); use copy", kind)
 		}
-		return executor.CopyInputRoot{Store: s.store}, nil
+		return executor.CopyInputRoot{Store: o.Store}, noClose, nil
 	}
 	switch kind {
 	case "", "auto", "fuse":
 		if err := actiondfs.Available(); err != nil {
 			if kind == "fuse" {
-				return nil, fmt.Errorf("input root fuse: %w", err)
+				return nil, nil, fmt.Errorf("input root fuse: %w", err)
 			}
-			s.log.Info("actiondfs unavailable; staging inputs with hardlinks", "reason", err)
-			return executor.LinkInputRoot{Store: local}, nil
+			log.Info("actiondfs unavailable; staging inputs with hardlinks", "reason", err)
+			return executor.LinkInputRoot{Store: local}, noClose, nil
 		}
-		r, err := actiondfs.NewInputRoot(local, filepath.Join(s.opts.Root, "cas", "fs"), actiondfs.WithLogger(s.log))
+		r, err := actiondfs.NewInputRoot(local, o.FUSEStateDir, actiondfs.WithLogger(log))
 		if err != nil {
-			return nil, fmt.Errorf("start actiondfs: %w", err)
+			return nil, nil, fmt.Errorf("start actiondfs: %w", err)
 		}
-		s.closers = append(s.closers, r.Close)
-		return r, nil
+		return r, r.Close, nil
 	case "hardlink":
-		return executor.LinkInputRoot{Store: local}, nil
+		return executor.LinkInputRoot{Store: local}, noClose, nil
 	case "copy":
-		return executor.CopyInputRoot{Store: s.store}, nil
+		return executor.CopyInputRoot{Store: o.Store}, noClose, nil
 	}
-	return nil, fmt.Errorf("input root %q: want auto, fuse, hardlink or copy", kind)
+	return nil, nil, fmt.Errorf("input root %q: want auto, fuse, hardlink or copy", kind)
 }
 
 // stopExecution ends the Execution service before the stores close: it
@@ -310,10 +395,16 @@ func (s *Server) Register(r grpc.ServiceRegistrar) {
 	repb.RegisterContentAddressableStorageServer(r, s.cas)
 	cas.RegisterByteStream(r, s.cas.ByteStream())
 	repb.RegisterActionCacheServer(r, s.ac)
-	repb.RegisterCapabilitiesServer(r, &capabilities{s})
+	repb.RegisterCapabilitiesServer(r, NewCapabilities(CapabilitiesOptions{
+		MaxBatchSize: s.cas.MaxBatchSize(),
+		Execution:    s.Execution != nil,
+	}))
 	healthpb.RegisterHealthServer(r, s.health)
 	if s.Execution != nil {
 		repb.RegisterExecutionServer(r, s.Execution)
+	}
+	for _, register := range s.opts.ExtraServices {
+		register(r, s)
 	}
 }
 
@@ -371,16 +462,30 @@ func (s *Server) Close() error {
 	return first
 }
 
-type capabilities struct{ s *Server }
+// CapabilitiesOptions describe the server a Capabilities service speaks for.
+type CapabilitiesOptions struct {
+	// MaxBatchSize is the largest total of blob bytes in one batch request
+	// (cas.Service.MaxBatchSize).
+	MaxBatchSize int64
+	// Execution says whether the Execution service is served.
+	Execution bool
+}
 
-func (c *capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesRequest) (*repb.ServerCapabilities, error) {
+// NewCapabilities returns the REAPI Capabilities service of an actiond
+// server: SHA-256, zstd, an updatable ActionCache and, with o.Execution,
+// remote execution.
+func NewCapabilities(o CapabilitiesOptions) repb.CapabilitiesServer { return capabilities(o) }
+
+type capabilities CapabilitiesOptions
+
+func (c capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesRequest) (*repb.ServerCapabilities, error) {
 	caps := &repb.ServerCapabilities{
 		CacheCapabilities: &repb.CacheCapabilities{
 			DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
 			ActionCacheUpdateCapabilities: &repb.ActionCacheUpdateCapabilities{
 				UpdateEnabled: true,
 			},
-			MaxBatchTotalSizeBytes:          c.s.cas.MaxBatchSize(),
+			MaxBatchTotalSizeBytes:          c.MaxBatchSize,
 			SymlinkAbsolutePathStrategy:     repb.SymlinkAbsolutePathStrategy_DISALLOWED,
 			SupportedCompressors:            []repb.Compressor_Value{repb.Compressor_ZSTD},
 			SupportedBatchUpdateCompressors: []repb.Compressor_Value{repb.Compressor_ZSTD},
@@ -389,17 +494,12 @@ func (c *capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabil
 		LowApiVersion:  &smpb.SemVer{Major: 2, Minor: 0},
 		HighApiVersion: &smpb.SemVer{Major: 2, Minor: 3},
 	}
-	c.s.addExecutionCapabilities(caps)
+	if c.Execution {
+		caps.ExecutionCapabilities = &repb.ExecutionCapabilities{
+			DigestFunction:  repb.DigestFunction_SHA256,
+			DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
+			ExecEnabled:     true,
+		}
+	}
 	return caps, nil
-}
-
-func (s *Server) addExecutionCapabilities(caps *repb.ServerCapabilities) {
-	if s.Execution == nil {
-		return
-	}
-	caps.ExecutionCapabilities = &repb.ExecutionCapabilities{
-		DigestFunction:  repb.DigestFunction_SHA256,
-		DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
-		ExecEnabled:     true,
-	}
 }

@@ -629,7 +629,7 @@ func TestFullDisk(t *testing.T) {
 	if m, _ := srv.Store.FindMissing(bg, []cas.Digest{failed, bd}); len(m) != 2 {
 		t.Fatal("a refused blob is present")
 	}
-	if left, _ := os.ReadDir(srv.Store.TempDir()); len(left) != 0 {
+	if left, _ := os.ReadDir(srv.DiskStore.TempDir()); len(left) != 0 {
 		t.Fatalf("%d files left in tmp/", len(left))
 	}
 	for i, d := range earlyDs {
@@ -652,7 +652,7 @@ func TestFullDisk(t *testing.T) {
 		t.Fatalf("health on a full disk: %v %v", h, err)
 	}
 	// Once space is freed, writes work again.
-	srv.Store.Evict(1 << 20)
+	srv.DiskStore.Evict(1 << 20)
 	again := blobData(400, 1<<20)
 	if _, err := writeBlob(bg, c, "uploads/again/blobs/"+cas.DigestOf(again).String(), again, 256<<10, 0); err != nil {
 		t.Fatalf("write after freeing space: %v", err)

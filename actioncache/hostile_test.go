@@ -65,11 +65,11 @@ func newHostileEnv(t *testing.T) *hostileEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := NewService(cache, store, true)
+	svc := NewService(cache, store, ServiceOptions{})
 	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer(grpc.MaxRecvMsgSize(64 << 20))
 	repb.RegisterActionCacheServer(g, svc)
-	repb.RegisterContentAddressableStorageServer(g, cas.NewService(ds, 0, nil))
+	repb.RegisterContentAddressableStorageServer(g, cas.NewService(ds, cas.ServiceOptions{}))
 	go g.Serve(lis)
 	conn, err := grpc.NewClient("passthrough:///bufconn",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),

@@ -17,23 +17,33 @@ const maxInline = 1 << 20
 // Service implements the REAPI ActionCache service.
 type Service struct {
 	repb.UnimplementedActionCacheServer
-	cache Cache
-	store cas.Store
-	// Writable is false for servers where only executions may populate the
-	// cache; UpdateActionResult is then refused.
-	writable bool
+	cache    Cache
+	store    cas.Store
+	readOnly bool
 	// limits refuse results at UpdateActionResult that would be costly to
 	// check at every GetActionResult (DefaultLimits unless set).
 	limits Limits
 }
 
-// SetLimits changes the limits UpdateActionResult enforces; use the same
+// SetLimits changes the limits UpdateActionResult enforces after
+// construction (see ServiceOptions.Limits); use the same
 // as the cache's (BoltCache.SetLimits).
 func (s *Service) SetLimits(l Limits) { s.limits = l }
 
+// ServiceOptions configure a Service; a zero field is its default.
+type ServiceOptions struct {
+	// ReadOnly refuses UpdateActionResult, for servers where only
+	// executions may populate the cache.
+	ReadOnly bool
+	// Limits refuse results at UpdateActionResult that would be costly to
+	// check at every GetActionResult; a zero field is DefaultLimits'. Use
+	// the same as the cache's (BoltCache.SetLimits).
+	Limits Limits
+}
+
 // NewService serves cache; store is used to inline outputs.
-func NewService(cache Cache, store cas.Store, writable bool) *Service {
-	return &Service{cache: cache, store: store, writable: writable, limits: DefaultLimits}
+func NewService(cache Cache, store cas.Store, o ServiceOptions) *Service {
+	return &Service{cache: cache, store: store, readOnly: o.ReadOnly, limits: o.Limits.OrDefault()}
 }
 
 func toStatus(err error) error {
@@ -94,7 +104,7 @@ func (s *Service) GetActionResult(ctx context.Context, req *repb.GetActionResult
 
 // UpdateActionResult implements the REAPI method.
 func (s *Service) UpdateActionResult(ctx context.Context, req *repb.UpdateActionResultRequest) (*repb.ActionResult, error) {
-	if !s.writable {
+	if s.readOnly {
 		return nil, status.Error(codes.PermissionDenied, "this server does not accept action results from clients")
 	}
 	if err := cas.CheckDigestFunction(req.DigestFunction); err != nil {

@@ -222,7 +222,7 @@ func TestActionCacheCompleteness(t *testing.T) {
 		if _, err := e.get(a); err != nil {
 			t.Fatal(err)
 		}
-		e.srv.Store.Evict(1) // everything goes
+		e.srv.DiskStore.Evict(1) // everything goes
 		_, err := e.get(a)
 		wantCode(t, err, codes.NotFound)
 	})
@@ -311,7 +311,7 @@ func TestReadOnlyService(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cache.Close()
-	svc := actioncache.NewService(cache, store, false)
+	svc := actioncache.NewService(cache, store, actioncache.ServiceOptions{ReadOnly: true})
 	_, err = svc.UpdateActionResult(bg, &repb.UpdateActionResultRequest{ActionDigest: actionDigest("x"), ActionResult: &repb.ActionResult{}})
 	wantCode(t, err, codes.PermissionDenied)
 }

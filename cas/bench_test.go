@@ -295,7 +295,7 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 	if _, err := e.cas.BatchUpdateBlobs(bg, upload); err != nil {
 		b.Fatal(err)
 	}
-	svc := cas.NewService(e.srv.Store, 0, quietLogger())
+	svc := cas.NewService(e.srv.Store, cas.ServiceOptions{Logger: quietLogger()})
 	for _, direct := range []bool{false, true} {
 		name := "grpc"
 		if direct {
@@ -401,8 +401,8 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		for j := range modes {
 			k := (i + j) % len(modes) // rotate which goes first
-			cas.SetVerifyReads(e.srv.Store, modes[k].verify)
-			cas.SetInlineHash(e.srv.Store, modes[k].inline)
+			cas.SetVerifyReads(e.srv.DiskStore, modes[k].verify)
+			cas.SetInlineHash(e.srv.DiskStore, modes[k].inline)
 			start, c0 := time.Now(), processCPU()
 			if got := readAll(); got != n {
 				b.Fatalf("read %d bytes", got)
@@ -412,8 +412,8 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	cas.SetVerifyReads(e.srv.Store, true)
-	cas.SetInlineHash(e.srv.Store, false)
+	cas.SetVerifyReads(e.srv.DiskStore, true)
+	cas.SetInlineHash(e.srv.DiskStore, false)
 	rate := func(k int) float64 { return float64(n) * float64(b.N) / 1e6 / took[k].Seconds() }
 	b.ReportMetric(rate(0), "bare-MB/s")
 	for k := 1; k < len(modes); k++ {

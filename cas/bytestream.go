@@ -20,7 +20,7 @@ import (
 // throughput, well under clients' 4 MiB default message limit.
 const readChunk = 1 << 20
 
-// BlobWriter is an upload in progress; see DiskStore.NewWriter.
+// BlobWriter is an upload in progress; see Uploader.
 type BlobWriter interface {
 	io.Writer
 	Written() int64
@@ -143,7 +143,7 @@ type uploads struct {
 const uploadTTL = 10 * time.Minute
 
 // Defaults for the limits on resumable uploads in progress (see
-// Service.SetUploadLimits). Bazel opens at most --remote_max_connections
+// ServiceOptions.MaxUploads). Bazel opens at most --remote_max_connections
 // (100) streams at once; the byte limit bounds the disk abandoned uploads
 // can take before they expire.
 const (
@@ -399,13 +399,6 @@ func (b *byteStream) stored(ctx context.Context, d Digest) bool {
 func (b *byteStream) newWriter(d Digest) (BlobWriter, error) {
 	if u, ok := b.store.(Uploader); ok {
 		return u.NewWriter(d)
-	}
-	if ds, ok := b.store.(*DiskStore); ok {
-		w, err := ds.NewWriter(d)
-		if err != nil {
-			return nil, err
-		}
-		return w, nil
 	}
 	return newPipeWriter(b.store, d), nil
 }

@@ -187,7 +187,7 @@ func uploadName(d cas.Digest) string {
 
 func assertNoUploadsLeft(t testing.TB, e *env) {
 	t.Helper()
-	ents, err := os.ReadDir(e.srv.Store.TempDir())
+	ents, err := os.ReadDir(e.srv.DiskStore.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}

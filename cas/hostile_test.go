@@ -78,7 +78,7 @@ func TestPutFileHashingHonoursContext(t *testing.T) {
 // before decoding; they fail as mismatches and good entries still land.
 func TestZstdBatchEntryDoesNotPreallocate(t *testing.T) {
 	s := newStore(t, "", WithFsync(false))
-	svc := NewService(s, 0, nil)
+	svc := NewService(s, ServiceOptions{})
 	small := zstdEncoder.EncodeAll([]byte("tiny"), nil)
 	good := []byte("a good blob")
 	req := &repb.BatchUpdateBlobsRequest{}
@@ -163,8 +163,7 @@ func abandonUpload(t *testing.T, bs bspb.ByteStreamClient, data []byte, n int) (
 // buffers or a descriptor; the oldest make room for new ones.
 func TestAbandonedUploadsAreBounded(t *testing.T) {
 	s := newStore(t, "", WithFsync(false))
-	svc := NewService(s, 0, nil)
-	svc.SetUploadLimits(4, 1<<30)
+	svc := NewService(s, ServiceOptions{MaxUploads: 4, MaxUploadBytes: 1 << 30})
 	bs := byteStreamClient(t, svc)
 	var names []string
 	for i := range 10 {
@@ -203,7 +202,7 @@ func TestAbandonedUploadsAreBounded(t *testing.T) {
 func TestUploadsCountAgainstMaxSize(t *testing.T) {
 	const limit = 16 << 20
 	s := newStore(t, "", WithFsync(false), WithMaxSize(limit))
-	svc := NewService(s, 0, nil)
+	svc := NewService(s, ServiceOptions{})
 	bs := byteStreamClient(t, svc)
 	put(t, s, blob(1, 6<<20))
 	put(t, s, blob(2, 6<<20))

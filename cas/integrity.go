@@ -21,13 +21,9 @@ import (
 // nothing more, and the CAS services answer DATA_LOSS.
 var ErrCorrupt = errors.New("stored blob does not match its digest")
 
-// Verifier is implemented by stores that can prove a stored blob still
-// matches its digest before it is used.
+// Verifier is the verifying part of Store (see Store.VerifyBlobs), for
+// callers that need no more.
 type Verifier interface {
-	// VerifyBlobs makes sure every blob of ds that is stored has been
-	// hashed since the store was opened or since it was written, hashing
-	// those that have not (once: the result is remembered). It returns the
-	// blobs found corrupt, which are quarantined (missing) when it returns.
 	VerifyBlobs(ctx context.Context, ds []Digest) (corrupt []Digest, err error)
 }
 
@@ -324,7 +320,7 @@ func (r *verifyingReader) Close() error {
 // they stream; see verifyingReader.VerifyRest.
 type RestVerifier interface{ VerifyRest() error }
 
-// VerifyBlobs implements Verifier. Blobs are hashed a few at a time; a blob
+// VerifyBlobs implements Store. Blobs are hashed a few at a time; a blob
 // this process wrote, or hashed before, costs a map lookup.
 func (s *DiskStore) VerifyBlobs(ctx context.Context, ds []Digest) ([]Digest, error) {
 	return s.VerifyBlobsWithin(ctx, ds, -1)

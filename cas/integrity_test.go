@@ -95,7 +95,7 @@ func TestCorruptBlobByteStreamRead(t *testing.T) {
 				if len(got) >= size {
 					t.Fatalf("a DATA_LOSS read still delivered %d bytes, the whole blob", len(got))
 				}
-				if n := e.srv.Store.Stats().Quarantined; n != 1 {
+				if n := e.srv.DiskStore.Stats().Quarantined; n != 1 {
 					t.Errorf("Stats().Quarantined = %d, want 1", n)
 				}
 				e.checkHealed(t, root, d, good)

@@ -57,15 +57,33 @@ func (c *Counters) Snapshot() (in, out int64) {
 	return c.BytesIn, c.BytesOut
 }
 
-// NewService serves store. maxBatchSize <= 0 means DefaultMaxBatchSize.
-func NewService(store Store, maxBatchSize int64, log *slog.Logger) *Service {
-	if maxBatchSize <= 0 {
-		maxBatchSize = DefaultMaxBatchSize
+// ServiceOptions configure a Service; a zero field is its default.
+type ServiceOptions struct {
+	// MaxBatchSize is the advertised limit of batch requests
+	// (DefaultMaxBatchSize when <= 0).
+	MaxBatchSize int64
+	// Logger receives structured logs (default slog.Default()).
+	Logger *slog.Logger
+	// MaxUploads and MaxUploadBytes bound the resumable uploads kept in
+	// progress: at most MaxUploads of them, for blobs of at most
+	// MaxUploadBytes in all (DefaultMaxUploads and DefaultMaxUploadBytes
+	// when <= 0). Beyond them the idle uploads touched longest ago are
+	// dropped, then new uploads are refused with RESOURCE_EXHAUSTED.
+	MaxUploads     int
+	MaxUploadBytes int64
+}
+
+// NewService serves store.
+func NewService(store Store, o ServiceOptions) *Service {
+	if o.MaxBatchSize <= 0 {
+		o.MaxBatchSize = DefaultMaxBatchSize
 	}
-	if log == nil {
-		log = slog.Default()
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
-	return &Service{store: store, maxBatchSize: maxBatchSize, log: log, uploads: newUploads(), stats: &Counters{}}
+	s := &Service{store: store, maxBatchSize: o.MaxBatchSize, log: o.Logger, uploads: newUploads(), stats: &Counters{}}
+	s.uploads.setLimits(o.MaxUploads, o.MaxUploadBytes)
+	return s
 }
 
 // MaxBatchSize is the advertised batch limit.
@@ -73,13 +91,6 @@ func (s *Service) MaxBatchSize() int64 { return s.maxBatchSize }
 
 // Counters returns the service's byte counters.
 func (s *Service) Counters() *Counters { return s.stats }
-
-// SetUploadLimits bounds the resumable uploads kept in progress: at most
-// count of them, for blobs of at most bytes in all (zero or less: keep the
-// current limit; the defaults are DefaultMaxUploads and
-// DefaultMaxUploadBytes). Beyond them the idle uploads touched longest ago
-// are dropped, then new uploads are refused with RESOURCE_EXHAUSTED.
-func (s *Service) SetUploadLimits(count int, bytes int64) { s.uploads.setLimits(count, bytes) }
 
 // Close releases unfinished resumable uploads.
 func (s *Service) Close() { s.uploads.closeAll() }

@@ -66,7 +66,7 @@ func TestGetTreeResumesWithoutReadingFromTheRoot(t *testing.T) {
 
 	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer()
-	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, 0, quietLogger()))
+	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, cas.ServiceOptions{Logger: quietLogger()}))
 	go g.Serve(lis)
 	defer g.Stop()
 	conn, err := grpc.NewClient("passthrough:///bufconn",

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/internal/vmtest"
 	"github.com/actiond/actiond/vmhost"
 )
 
@@ -352,4 +353,21 @@ func CheckBlobs(t testing.TB, addr string, blobs map[string]BlobRef) (present, m
 		present++
 	}
 	return present, missing, errors.Join(errs...)
+}
+
+// seedPreparedCASImage puts a copy of the CAS image with arch's runtimes
+// prepared (internal/vmtest) where serve-vm --root root looks for its CAS
+// image, owned by owner ("uid:gid", or "" for root).
+func seedPreparedCASImage(t *testing.T, arch, root, owner string) {
+	t.Helper()
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(root, "cas.ext4")
+	vmtest.CopyPreparedCASImage(t, arch, img)
+	if owner != "" {
+		if out, err := exec.Command("chown", owner, img).CombinedOutput(); err != nil {
+			t.Fatalf("chown %s: %v %s", img, err, out)
+		}
+	}
 }

@@ -195,6 +195,10 @@ func userServeVM(t *testing.T, arch string) *VMServer {
 	t.Cleanup(func() { os.RemoveAll(root) })
 	os.Chmod(root, 0o755)
 	exec.Command("chown", userID+":"+userID, root).Run()
+	// The runtimes prepared once (internal/vmtest, from root's payload of
+	// the same runtimes): the guest reuses them when the user's runtimes
+	// disk has the same runtimes, else prepares them on this first boot.
+	seedPreparedCASImage(t, arch, root, userID+":"+userID)
 	args := []string{"--memory", "2G"}
 	if arch != "amd64" {
 		args = append(args, "--arch", arch)

@@ -73,7 +73,7 @@ func newEnvOn(t *testing.T, sb executor.Sandbox, o envOptions) *env {
 	t.Cleanup(func() { svc.Stop(); ex.Wait() })
 	conn := executortest.Dial(t, func(r grpc.ServiceRegistrar) {
 		repb.RegisterExecutionServer(r, svc)
-		repb.RegisterContentAddressableStorageServer(r, cas.NewService(disk, 0, nil))
+		repb.RegisterContentAddressableStorageServer(r, cas.NewService(disk, cas.ServiceOptions{}))
 	})
 	return &env{t: t, store: disk, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn),
 		cas: repb.NewContentAddressableStorageClient(conn), ex: ex, stage: stage}

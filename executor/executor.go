@@ -36,8 +36,8 @@ type Options struct {
 	Cache actioncache.Cache
 	// Sandbox runs commands.
 	Sandbox Sandbox
-	// InputRoot materialises input trees. Default: hardlinks when Store is
-	// a cas.LocalStore, copies otherwise.
+	// InputRoot materialises input trees. Default: hardlinks when Store
+	// keeps local files (cas.IsLocal), copies otherwise.
 	InputRoot InputRoot
 	// StageDir holds per-action directories; it must be on the same file
 	// system as the CAS so outputs move in by rename.
@@ -98,7 +98,7 @@ func New(opts Options) (*Executor, error) {
 		}
 	}
 	if opts.InputRoot == nil {
-		if ls, ok := opts.Store.(cas.LocalStore); ok {
+		if ls, ok := cas.LocalFiles(opts.Store); ok {
 			opts.InputRoot = LinkInputRoot{Store: ls}
 		} else {
 			opts.InputRoot = CopyInputRoot{Store: opts.Store}

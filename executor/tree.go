@@ -187,7 +187,7 @@ func (c *TreeCache) LoadInputTree(ctx context.Context, store cas.Store, root cas
 				if err := proto.Unmarshal(data, dir); err != nil {
 					return nil, invalidf("blob %s in the input root is not a Directory message: %v", d, err)
 				}
-				if err := validateDirectory(dir); err != nil {
+				if err := ValidateDirectory(dir); err != nil {
 					return nil, invalidf("input directory %s: %v", d, err)
 				}
 				c.addDir(d, dir)
@@ -245,74 +245,6 @@ func findMissing(ctx context.Context, store cas.Store, ds []cas.Digest) ([]cas.D
 		ds = ds[n:]
 	}
 	return missing, nil
-}
-
-// validateDirectory enforces the REAPI rules: names are single path
-// components, entries are sorted by name within each kind and no name is
-// used twice across files, directories and symlinks.
-func validateDirectory(dir *repb.Directory) error {
-	seen := make(map[string]string)
-	check := func(kind, name, prev string) error {
-		if err := validName(name); err != nil {
-			return fmt.Errorf("%s %q: %v", kind, name, err)
-		}
-		if prev != "" && name <= prev {
-			return fmt.Errorf("%s %q is not sorted after %q (entries must be sorted and unique)", kind, name, prev)
-		}
-		if other, ok := seen[name]; ok {
-			return fmt.Errorf("name %q is used by a %s and a %s", name, other, kind)
-		}
-		seen[name] = kind
-		return nil
-	}
-	prev := ""
-	for _, f := range dir.Files {
-		if err := check("file", f.Name, prev); err != nil {
-			return err
-		}
-		if _, err := cas.FromProto(f.Digest); err != nil {
-			return fmt.Errorf("file %q: %v", f.Name, err)
-		}
-		prev = f.Name
-	}
-	prev = ""
-	for _, d := range dir.Directories {
-		if err := check("directory", d.Name, prev); err != nil {
-			return err
-		}
-		if _, err := cas.FromProto(d.Digest); err != nil {
-			return fmt.Errorf("directory %q: %v", d.Name, err)
-		}
-		prev = d.Name
-	}
-	prev = ""
-	for _, s := range dir.Symlinks {
-		if err := check("symlink", s.Name, prev); err != nil {
-			return err
-		}
-		if s.Target == "" {
-			return fmt.Errorf("symlink %q has an empty target", s.Name)
-		}
-		if strings.HasPrefix(s.Target, "/") {
-			return fmt.Errorf("symlink %q has absolute target %q (this server's symlink_absolute_path_strategy is DISALLOWED)", s.Name, s.Target)
-		}
-		prev = s.Name
-	}
-	return nil
-}
-
-func validName(name string) error {
-	switch {
-	case name == "":
-		return errors.New("empty name")
-	case name == "." || name == "..":
-		return errors.New("not a valid file name")
-	case strings.ContainsRune(name, '/'):
-		return errors.New("contains '/'")
-	case strings.ContainsRune(name, 0):
-		return errors.New("contains a NUL byte")
-	}
-	return nil
 }
 
 // cleanRelPath checks a path relative to the execroot or working directory:

@@ -1,10 +1,10 @@
 package executor
 
 import (
-	"container/list"
 	"sync"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/lru"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 )
 
@@ -22,29 +22,16 @@ type TreeCache struct {
 	maxDirBytes  int64
 	maxTreeFiles int
 
-	mu        sync.Mutex
-	dirs      map[cas.Digest]*list.Element // of *cachedDir
-	dirLRU    *list.List                   // most recently used at the front
-	dirBytes  int64
-	trees     map[cas.Digest]*list.Element // of *InputTree
-	treeLRU   *list.List
-	treeFiles int
-}
-
-type cachedDir struct {
-	d   cas.Digest
-	dir *repb.Directory
+	mu    sync.Mutex
+	dirs  lru.Cache[cas.Digest, *repb.Directory] // cost: encoded size
+	trees lru.Cache[cas.Digest, *InputTree]      // cost: distinct files
 }
 
 // NewTreeCache returns a cache holding at most maxDirBytes of (encoded)
 // Directory messages and whole trees referencing at most maxTreeFiles
 // distinct files in all.
 func NewTreeCache(maxDirBytes int64, maxTreeFiles int) *TreeCache {
-	return &TreeCache{
-		maxDirBytes: maxDirBytes, maxTreeFiles: maxTreeFiles,
-		dirs: make(map[cas.Digest]*list.Element), dirLRU: list.New(),
-		trees: make(map[cas.Digest]*list.Element), treeLRU: list.New(),
-	}
+	return &TreeCache{maxDirBytes: maxDirBytes, maxTreeFiles: maxTreeFiles}
 }
 
 // Defaults for the executor's TreeCache.
@@ -60,32 +47,18 @@ func (c *TreeCache) dir(d cas.Digest) *repb.Directory {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if el, ok := c.dirs[d]; ok {
-		c.dirLRU.MoveToFront(el)
-		return el.Value.(*cachedDir).dir
-	}
-	return nil
+	dir, _ := c.dirs.Get(d)
+	return dir
 }
 
 // addDir remembers a validated Directory.
 func (c *TreeCache) addDir(d cas.Digest, dir *repb.Directory) {
-	if c == nil || d.Size > c.maxDirBytes {
+	if c == nil {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.dirs[d]; ok {
-		return
-	}
-	c.dirs[d] = c.dirLRU.PushFront(&cachedDir{d, dir})
-	c.dirBytes += d.Size
-	for c.dirBytes > c.maxDirBytes {
-		el := c.dirLRU.Back()
-		old := el.Value.(*cachedDir)
-		c.dirLRU.Remove(el)
-		delete(c.dirs, old.d)
-		c.dirBytes -= old.d.Size
-	}
+	c.dirs.Admit(d, dir, d.Size, c.maxDirBytes)
 }
 
 // tree returns the validated tree with root digest root, or nil.
@@ -95,30 +68,16 @@ func (c *TreeCache) tree(root cas.Digest) *InputTree {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if el, ok := c.trees[root]; ok {
-		c.treeLRU.MoveToFront(el)
-		return el.Value.(*InputTree)
-	}
-	return nil
+	t, _ := c.trees.Get(root)
+	return t
 }
 
 // addTree remembers a complete, validated tree.
 func (c *TreeCache) addTree(t *InputTree) {
-	if c == nil || len(t.Files) > c.maxTreeFiles {
+	if c == nil {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.trees[t.Root]; ok {
-		return
-	}
-	c.trees[t.Root] = c.treeLRU.PushFront(t)
-	c.treeFiles += len(t.Files)
-	for c.treeFiles > c.maxTreeFiles {
-		el := c.treeLRU.Back()
-		old := el.Value.(*InputTree)
-		c.treeLRU.Remove(el)
-		delete(c.trees, old.Root)
-		c.treeFiles -= len(old.Files)
-	}
+	c.trees.Admit(t.Root, t, int64(len(t.Files)), int64(c.maxTreeFiles))
 }

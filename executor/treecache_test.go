@@ -86,7 +86,7 @@ func TestTreeCacheBounds(t *testing.T) {
 		c.addDir(d, &repb.Directory{})
 		c.addTree(&InputTree{Root: d, Files: []cas.Digest{d}})
 	}
-	if c.dirBytes > 100 || len(c.dirs) != 2 || c.treeFiles > 3 || len(c.trees) != 3 {
-		t.Errorf("cache holds %d dirs (%d bytes), %d trees (%d files)", len(c.dirs), c.dirBytes, len(c.trees), c.treeFiles)
+	if c.dirs.Cost() > 100 || c.dirs.Len() != 2 || c.trees.Cost() > 3 || c.trees.Len() != 3 {
+		t.Errorf("cache holds %d dirs (%d bytes), %d trees (%d files)", c.dirs.Len(), c.dirs.Cost(), c.trees.Len(), c.trees.Cost())
 	}
 }

@@ -1,12 +1,12 @@
 package fs
 
 import (
-	"container/list"
 	"fmt"
 	"os"
 	"sync"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/lru"
 )
 
 // blobFiles keeps CAS blob files open for reads, shared by all mounts: a
@@ -23,19 +23,18 @@ type blobFiles struct {
 
 	mu    sync.Mutex
 	files map[cas.Digest]*blobFile
-	idle  *list.List // of *blobFile with refs == 0, most recent at the front
+	idle  lru.Cache[cas.Digest, *blobFile] // the files with refs == 0; cost 1 each
 }
 
 type blobFile struct {
 	d    cas.Digest
 	f    *os.File
 	refs int
-	elem *list.Element // in idle while refs == 0
-	gone bool          // quarantined: close when the last user releases it
+	gone bool // quarantined: close when the last user releases it
 }
 
 func newBlobFiles(store cas.LocalStore, max int) *blobFiles {
-	b := &blobFiles{store: store, max: max, files: make(map[cas.Digest]*blobFile), idle: list.New()}
+	b := &blobFiles{store: store, max: max, files: make(map[cas.Digest]*blobFile)}
 	if q, ok := store.(interface{ OnQuarantine(func(cas.Digest)) }); ok {
 		q.OnQuarantine(b.dropQuarantined)
 	}
@@ -52,8 +51,7 @@ func (b *blobFiles) dropQuarantined(d cas.Digest) {
 	}
 	delete(b.files, d)
 	if bf.refs == 0 {
-		b.idle.Remove(bf.elem)
-		bf.elem = nil
+		b.idle.Remove(d)
 		bf.f.Close()
 		return
 	}
@@ -64,11 +62,7 @@ func (b *blobFiles) dropQuarantined(d cas.Digest) {
 func (b *blobFiles) acquire(d cas.Digest) (*blobFile, error) {
 	b.mu.Lock()
 	if bf, ok := b.files[d]; ok {
-		if bf.refs == 0 {
-			b.idle.Remove(bf.elem)
-			bf.elem = nil
-		}
-		bf.refs++
+		b.use(bf)
 		b.mu.Unlock()
 		return bf, nil
 	}
@@ -85,11 +79,7 @@ func (b *blobFiles) acquire(d cas.Digest) (*blobFile, error) {
 	defer b.mu.Unlock()
 	if bf, ok := b.files[d]; ok { // opened concurrently
 		f.Close()
-		if bf.refs == 0 {
-			b.idle.Remove(bf.elem)
-			bf.elem = nil
-		}
-		bf.refs++
+		b.use(bf)
 		return bf, nil
 	}
 	bf := &blobFile{d: d, f: f, refs: 1}
@@ -109,24 +99,29 @@ func (b *blobFiles) release(bf *blobFile) {
 		bf.f.Close()
 		return
 	}
-	bf.elem = b.idle.PushFront(bf)
-	for b.idle.Len() > b.max {
-		el := b.idle.Back()
-		old := el.Value.(*blobFile)
-		b.idle.Remove(el)
-		delete(b.files, old.d)
-		old.f.Close()
+	b.idle.Add(bf.d, bf, 1)
+	b.idle.TrimTo(int64(b.max), b.closeIdleFile)
+}
+
+// use counts a new user of bf, which is no longer idle. Called with b.mu
+// held.
+func (b *blobFiles) use(bf *blobFile) {
+	if bf.refs == 0 {
+		b.idle.Remove(bf.d)
 	}
+	bf.refs++
+}
+
+// closeIdleFile closes an idle file evicted from b.idle. Called with b.mu
+// held.
+func (b *blobFiles) closeIdleFile(d cas.Digest, bf *blobFile) {
+	delete(b.files, d)
+	bf.f.Close()
 }
 
 // closeIdle closes every file nobody uses.
 func (b *blobFiles) closeIdle() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for el := b.idle.Front(); el != nil; el = el.Next() {
-		bf := el.Value.(*blobFile)
-		delete(b.files, bf.d)
-		bf.f.Close()
-	}
-	b.idle.Init()
+	b.idle.TrimTo(0, b.closeIdleFile)
 }

@@ -339,6 +339,9 @@ type runtimesResult struct {
 	Info map[string]any
 	// CASBytes is the space the runtimes take on the CAS disk.
 	CASBytes int64
+	// Pending are the runtimes of a tar disk that this boot prepares in
+	// the background (listed in Runtimes too, sealed when ready).
+	Pending []pendingRuntime
 }
 
 // setupRuntimes makes the runtimes disk's runtimes available under
@@ -346,7 +349,8 @@ type runtimesResult struct {
 // top-level directory that looks like a root file system (has usr/ or
 // bin/) is a runtime named after it. A tar disk (the Go payload builder's
 // first stage) is extracted, configured and sealed on the CAS disk mounted
-// at casMount, once per runtime version (prepareTarRuntimes).
+// at casMount, once per runtime version: this only plans (planTarRuntimes);
+// the server prepares what is pending in the background.
 func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Logger) (runtimesResult, error) {
 	var res runtimesResult
 	if cfg.RuntimesDevice == "none" {
@@ -374,8 +378,18 @@ func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Lo
 		if casMount == "" {
 			return res, fmt.Errorf("runtimes disk %s is a tar stream, which needs the CAS disk to extract to", d)
 		}
-		tr, err := prepareTarRuntimes(d.Dev, casMount, mountPoint, log)
+		first := cfg.DefaultRuntime
+		if first == "" {
+			first = DefaultRuntimeName
+		}
+		tr, pending, err := planTarRuntimes(d.Dev, casMount, mountPoint, first, log)
 		res.Runtimes, res.Failed, res.Mounts, res.Info, res.CASBytes = tr.Runtimes, tr.Failed, tr.Mounts, tr.Info, tr.Bytes
+		res.Pending = pending
+		for _, p := range pending {
+			// Sealed later by the server; unmounted at shutdown like the rest.
+			res.Mounts = append(res.Mounts, p.Target)
+			res.CASBytes += p.Entry.treeBytes()
+		}
 		return res, err
 	default:
 		return res, fmt.Errorf("runtimes disk %s is neither SquashFS nor a tar stream", d)

@@ -183,6 +183,17 @@ func (b *boot) run() {
 			b.log.Error("runtime unavailable; actions naming it fail", "runtime", name, "reason", reason)
 		}
 		b.state.Runtimes = res.Runtimes
+		b.state.PendingRuntimes = res.Pending
+		if len(res.Pending) > 0 {
+			b.state.RuntimesDisk = res.Disk.Dev
+			b.state.RuntimesDir = filepath.Join(DefaultCASMountPoint, casRuntimesDir)
+			var names []string
+			for _, p := range res.Pending {
+				names = append(names, p.Entry.Name)
+			}
+			b.log.Info("runtimes to prepare on this first boot with them: the server prepares them in the background; actions naming one wait for it",
+				"runtimes", names)
+		}
 		b.state.FailedRuntimes = res.Failed
 		b.state.RuntimesCASBytes = res.CASBytes
 		return nil

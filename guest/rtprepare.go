@@ -5,6 +5,7 @@ package guest
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -15,7 +16,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -82,101 +82,31 @@ type tarRuntimes struct {
 }
 
 // prepareTarRuntimes makes the runtimes of the tar runtimes disk dev
-// available: each runtime already prepared on the CAS disk (same SHA-256)
-// is reused without reading its member; the others are extracted,
-// configured by their second stage and sealed. A runtime that fails is
-// reported in Failed and the others still serve. Each runtime ends up
-// read-only at mountPoint/<name>.
+// available, all before it returns: each runtime already prepared on the
+// CAS disk (same SHA-256) is reused without reading its member; the others
+// are extracted, configured by their second stage and sealed. A runtime
+// that fails is reported in Failed and the others still serve. Each
+// runtime ends up read-only at mountPoint/<name>. (A booting guest plans
+// with planTarRuntimes and prepares in the background instead.)
 func prepareTarRuntimes(dev, casMount, mountPoint string, log *slog.Logger) (tarRuntimes, error) {
-	res := tarRuntimes{Failed: map[string]string{}, Info: map[string]any{}}
-	dir := filepath.Join(casMount, casRuntimesDir)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	res, pending, err := planTarRuntimes(dev, casMount, mountPoint, "", log)
+	if err != nil || len(pending) == 0 {
 		return res, err
 	}
-	removeInterrupted(dir, log)
-
-	f, err := os.Open(dev)
-	if err != nil {
-		return res, err
-	}
-	defer f.Close()
-	// The *os.File is a Seeker: tar skips members it is not asked to read
-	// with a seek, so reused runtimes cost no I/O.
-	tr := tar.NewReader(f)
-	m, err := readRuntimesManifest(tr, runtime.GOARCH)
-	if err != nil {
-		return res, fmt.Errorf("runtimes disk %s: %w", dev, err)
-	}
-	byMember := map[string]runtimeEntry{}
-	keep := map[string]bool{}
-	ready := map[string]readyMarker{}
-	for _, e := range m.Runtimes {
-		final := filepath.Join(dir, runtimeDirName(e))
-		keep[filepath.Base(final)] = true
-		if rm, ok := readReady(final, e); ok {
-			ready[e.Name] = rm
-			continue
-		}
-		byMember[e.Member] = e
-	}
-	prepared := map[string]readyMarker{}
-	for len(byMember) > 0 {
-		hdr, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
+	// Pending runtimes are listed as runtimes by the plan; only the
+	// prepared ones stay.
+	res.Runtimes = res.Runtimes[:len(res.Runtimes)-len(pending)]
+	prepareRuntimes(context.Background(), dev, filepath.Join(casMount, casRuntimesDir), pending, 1, log, func(p pendingRuntime, rm readyMarker, err error) {
 		if err != nil {
-			// The rest of the disk is unreadable: the runtimes read so
-			// far still serve.
-			log.Error("runtimes disk: cannot read the next member", "disk", dev, "err", err)
-			break
+			res.Failed[p.Entry.Name] = err.Error()
+			res.Info[p.Entry.Name] = map[string]any{"failed": err.Error()}
+			return
 		}
-		e, ok := byMember[filepath.Clean(hdr.Name)]
-		if !ok {
-			continue // a reused runtime's member, or one the manifest does not list
-		}
-		delete(byMember, e.Member)
-		rm, err := prepareRuntime(e, hdr, tr, dir, log)
-		if err != nil {
-			log.Error("runtime unavailable: preparing it failed; the other runtimes still serve", "runtime", e.Name, "err", err)
-			res.Failed[e.Name] = err.Error()
-			res.Info[e.Name] = map[string]any{"failed": err.Error()}
-			continue
-		}
-		prepared[e.Name] = rm
-	}
-	for _, e := range byMember {
-		msg := fmt.Sprintf("member %s is not on the runtimes disk (or could not be read)", e.Member)
-		log.Error("runtime unavailable", "runtime", e.Name, "err", msg)
-		res.Failed[e.Name] = msg
-		res.Info[e.Name] = map[string]any{"failed": msg}
-	}
-	removeStale(dir, keep, log)
-
-	for _, e := range m.Runtimes {
-		rm, reused := ready[e.Name]
-		if !reused {
-			var ok bool
-			if rm, ok = prepared[e.Name]; !ok {
-				continue
-			}
-		}
-		final := filepath.Join(dir, runtimeDirName(e))
-		if reused {
-			log.Info("runtime ready from an earlier boot (not extracted)", "runtime", e.Name, "dir", final, "prepared", rm.Prepared.Format(time.RFC3339))
-		}
-		target := filepath.Join(mountPoint, e.Name)
-		if err := sealBind(filepath.Join(final, "tree"), target); err != nil {
-			log.Error("runtime unavailable", "runtime", e.Name, "err", err)
-			res.Failed[e.Name] = err.Error()
-			continue
-		}
-		res.Mounts = append(res.Mounts, target)
-		res.Runtimes = append(res.Runtimes, sandbox.Runtime{Name: e.Name, Root: target})
+		res.Mounts = append(res.Mounts, p.Target)
+		res.Runtimes = append(res.Runtimes, sandbox.Runtime{Name: p.Entry.Name, Root: p.Target})
 		res.Bytes += rm.Bytes
-		res.Info[e.Name] = map[string]any{"dir": final, "reused": reused, "extract_s": rm.ExtractS,
-			"configure_s": rm.ConfigureS, "bytes": float64(rm.Bytes), "sha256": e.SHA256}
-	}
+		res.Info[p.Entry.Name] = rm.info(p.Dir, false)
+	})
 	return res, nil
 }
 
@@ -249,7 +179,7 @@ func removeTree(p string) error {
 // prepareRuntime extracts the member (hdr, r) of runtime e into a new .tmp
 // directory under dir, checks it against the manifest, runs the second
 // stage and renames the result to its final name.
-func prepareRuntime(e runtimeEntry, hdr *tar.Header, r io.Reader, dir string, log *slog.Logger) (rm readyMarker, err error) {
+func prepareRuntime(ctx context.Context, e runtimeEntry, hdr *tar.Header, r io.Reader, dir string, log *slog.Logger) (rm readyMarker, err error) {
 	rm = readyMarker{Name: e.Name, Member: e.Member, SHA256: strings.ToLower(e.SHA256)}
 	if e.Size > 0 && hdr.Size != e.Size {
 		return rm, fmt.Errorf("member %s is %d bytes, the manifest says %d (the runtimes disk is damaged or was changed after it was built)", e.Member, hdr.Size, e.Size)
@@ -271,7 +201,7 @@ func prepareRuntime(e runtimeEntry, hdr *tar.Header, r io.Reader, dir string, lo
 	}
 	log.Info("runtime: extracting (first boot with this version)", "runtime", e.Name, "member", e.Member, "size", formatSize(hdr.Size), "into", tmp)
 	h := sha256.New()
-	tee := io.TeeReader(r, h)
+	tee := io.TeeReader(ctxReader{ctx, r}, h)
 	st, xerr := extractTree(tee, tree)
 	if _, err := io.Copy(io.Discard, tee); err != nil && xerr == nil {
 		xerr = err
@@ -285,9 +215,12 @@ func prepareRuntime(e runtimeEntry, hdr *tar.Header, r io.Reader, dir string, lo
 	rm.Bytes, rm.Entries, rm.ExtractS = st.Bytes, st.Entries, st.Took.Seconds()
 	log.Info("runtime: extracted", "runtime", e.Name, "entries", st.Entries, "bytes", formatSize(st.Bytes), "took", st.Took.Round(time.Millisecond))
 
+	if err := ctx.Err(); err != nil {
+		return rm, fmt.Errorf("stopped after extracting: %w", err)
+	}
 	t0 := time.Now()
 	logPath := filepath.Join(tmp, "second-stage.log")
-	out, err := runSecondStage(tree, e.Name, logPath, log)
+	out, err := runSecondStage(ctx, tree, e.Name, logPath, log)
 	rm.ConfigureS = time.Since(t0).Seconds()
 	if err != nil {
 		failed := filepath.Join(dir, ".failed-"+e.Name+".log")
@@ -418,7 +351,7 @@ var secondStageEnv = []string{
 // stderr) going to logPath; it returns the end of that output. It runs in a
 // cgroup of its own, so that nothing it started (a daemon a maintainer
 // script forgot to stop) survives it and keeps the mounts busy.
-func runSecondStage(tree, name, logPath string, log *slog.Logger) ([]byte, error) {
+func runSecondStage(ctx context.Context, tree, name, logPath string, log *slog.Logger) ([]byte, error) {
 	fi, err := os.Lstat(filepath.Join(tree, secondStagePath))
 	if err != nil || !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("the runtime has no %s (was it built for this guest?)", secondStagePath)
@@ -469,6 +402,15 @@ func runSecondStage(tree, name, logPath string, log *slog.Logger) ([]byte, error
 		_ = cmd.Process.Kill()
 		<-done
 		err = fmt.Errorf("timed out after %s", secondStageTimeout)
+	case <-ctx.Done():
+		// The guest is shutting down: the preparation is redone on the
+		// next boot.
+		if cg != nil {
+			cg.kill()
+		}
+		_ = cmd.Process.Kill()
+		<-done
+		err = fmt.Errorf("stopped: %w", context.Cause(ctx))
 	}
 	if cg != nil {
 		cg.kill()

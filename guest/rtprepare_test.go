@@ -366,3 +366,45 @@ func TestFailedRuntimeStatus(t *testing.T) {
 		t.Errorf("default %q %v: a failed default runtime must stay the default (no silent fallback)", def, err)
 	}
 }
+
+// TestRuntimeGateWaitsForPending: an action naming a runtime still being
+// prepared waits until it is resolved (here: failed, so it gets
+// FAILED_PRECONDITION with the reason), or until its own deadline.
+func TestRuntimeGateWaitsForPending(t *testing.T) {
+	g := newRuntimeGate(nil, nil, []string{"glibc2.36", "glibc2.41"}, nil)
+	if got := g.Runtimes(); len(got) != 0 {
+		t.Fatalf("Runtimes() = %v with no sandbox", got)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err := g.Run(ctx, &executor.RunSpec{Runtime: "glibc2.41"})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), `runtime "glibc2.41" is still being prepared`) {
+		t.Fatalf("Run past its deadline while the runtime is pending: %v", err)
+	}
+	res := make(chan error, 1)
+	go func() {
+		_, err := g.Run(context.Background(), &executor.RunSpec{Runtime: "glibc2.36"})
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		t.Fatalf("Run returned before the runtime was resolved: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	g.resolve("glibc2.36", nil, errors.New("second stage failed: exit status 3"))
+	select {
+	case err := <-res:
+		if st := status.Convert(executor.ToStatus(err)); st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), "exit status 3") {
+			t.Errorf("after the runtime failed: %v", st)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run still waiting after the runtime was resolved")
+	}
+	info := g.runtimesInfo()
+	if m, _ := info["glibc2.41"].(map[string]any); m["state"] != "pending" {
+		t.Errorf("info %v: glibc2.41 should still be pending", info)
+	}
+	if m, _ := info["glibc2.36"].(map[string]any); m["failed"] == nil {
+		t.Errorf("info %v: glibc2.36 should be failed", info)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
@@ -14,11 +15,13 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/actiond/actiond"
+	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/internal/units"
 	"github.com/actiond/actiond/sandbox"
 )
@@ -42,8 +45,14 @@ type serverState struct {
 	// FailedRuntimes are runtimes of the disk that could not be prepared,
 	// with the reason an action naming one gets.
 	FailedRuntimes map[string]string
-	// RuntimesCASBytes is the space prepared runtimes take on the CAS disk.
+	// RuntimesCASBytes is the space prepared runtimes take on the CAS disk
+	// (pending ones estimated).
 	RuntimesCASBytes int64
+	// PendingRuntimes are runtimes of the tar disk RuntimesDisk that the
+	// server prepares in RuntimesDir (listed in Runtimes too).
+	PendingRuntimes []pendingRuntime
+	RuntimesDisk    string
+	RuntimesDir     string
 }
 
 func init() {
@@ -108,6 +117,7 @@ func serve(st serverState, log *slog.Logger) error {
 		opts.ScrubRate = -1 // actiond.scrub_rate=0: off
 	}
 	var names []string
+	var gate *preparingGate
 	if len(st.Runtimes) > 0 || len(st.FailedRuntimes) > 0 {
 		var sb *sandbox.Sandbox
 		if len(st.Runtimes) > 0 {
@@ -119,7 +129,16 @@ func serve(st serverState, log *slog.Logger) error {
 			defer sb.Close()
 			names = sb.Runtimes()
 		}
-		wrapped := withFailedRuntimes(sb, st.FailedRuntimes)
+		var wrapped executor.Sandbox = withFailedRuntimes(sb, st.FailedRuntimes)
+		if len(st.PendingRuntimes) > 0 {
+			prepCtx, stopPreparing := context.WithCancel(ctx)
+			gate = startPreparing(prepCtx, st, sb, log)
+			defer func() {
+				stopPreparing()
+				gate.wait()
+			}()
+			wrapped = gate
+		}
 		def, err := pickDefaultRuntime(cfg.DefaultRuntime, names, wrapped.Runtimes())
 		if err != nil {
 			return err
@@ -144,13 +163,13 @@ func serve(st serverState, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	ctl := &control{st: st, transport: transport, srv: srv}
+	ctl := &control{st: st, transport: transport, srv: srv, gate: gate}
 	g := srv.GRPCServer()
 	g.RegisterService(&controlDesc, ctl)
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(l) }()
 
-	stats := srv.Store.Stats()
+	stats := srv.DiskStore.Stats()
 	log.Info("actiond guest ready",
 		"transport", transport,
 		"root", st.Root,
@@ -197,6 +216,7 @@ type control struct {
 	st        serverState
 	transport string
 	srv       *actiond.Server
+	gate      *preparingGate // nil unless runtimes are prepared in the background
 	once      sync.Once
 }
 
@@ -219,6 +239,15 @@ func (c *control) info(ctx context.Context) (*structpb.Struct, error) {
 	for k, v := range c.st.Info {
 		m[k] = v
 	}
+	if c.gate != nil {
+		prepared, _ := m["runtimes_prepared"].(map[string]any)
+		prepared = maps.Clone(prepared)
+		if prepared == nil {
+			prepared = map[string]any{}
+		}
+		maps.Copy(prepared, c.gate.runtimesInfo())
+		m["runtimes_prepared"] = prepared
+	}
 	m["transport"] = c.transport
 	m["uptime_s"] = bootClock().Seconds()
 	m["version"] = actiond.Version
@@ -227,7 +256,7 @@ func (c *control) info(ctx context.Context) (*structpb.Struct, error) {
 		rts = append(rts, rt.Name)
 	}
 	m["runtimes"] = rts
-	stats := c.srv.Store.Stats()
+	stats := c.srv.DiskStore.Stats()
 	m["cas_blobs"] = float64(stats.Blobs)
 	m["cas_bytes"] = float64(stats.Bytes)
 	// Round-trip through JSON so that any value type becomes structpb's.
@@ -244,3 +273,41 @@ func (c *control) info(ctx context.Context) (*structpb.Struct, error) {
 
 // sandboxStateDir is the sandbox's scratch space (tmpfs).
 var sandboxStateDir = filepath.Join("/run", "actiond")
+
+// preparingGate is the runtime gate of a first boot, with the background
+// preparation that resolves it.
+type preparingGate struct {
+	*runtimeGate
+	done chan struct{}
+}
+
+// startPreparing prepares st's pending runtimes in the background (as many
+// at once as there are CPUs, the default runtime first) and returns the
+// gate that makes actions wait for them. When ctx ends (SIGTERM) running
+// preparations are stopped; wait returns once they have cleaned up.
+func startPreparing(ctx context.Context, st serverState, sb *sandbox.Sandbox, log *slog.Logger) *preparingGate {
+	var names []string
+	for _, p := range st.PendingRuntimes {
+		names = append(names, p.Entry.Name)
+	}
+	g := &preparingGate{runtimeGate: newRuntimeGate(sb, st.FailedRuntimes, names, log), done: make(chan struct{})}
+	workers := runtime.NumCPU()
+	log.Info("preparing runtimes in the background (first boot with them: extract, configure, seal; kept on the CAS disk for later boots)",
+		"runtimes", names, "at_once", min(workers, len(names)))
+	go func() {
+		defer close(g.done)
+		t0 := time.Now()
+		prepareRuntimes(ctx, st.RuntimesDisk, st.RuntimesDir, st.PendingRuntimes, workers, log, func(p pendingRuntime, rm readyMarker, err error) {
+			g.resolve(p.Entry.Name, rm.info(p.Dir, false), err)
+			if err == nil {
+				log.Info("runtime ready", "runtime", p.Entry.Name, "extract_s", round3(rm.ExtractS), "configure_s", round3(rm.ConfigureS),
+					"since_start", time.Since(t0).Round(time.Millisecond))
+			}
+		})
+		log.Info("runtime preparation done", "took", time.Since(t0).Round(time.Millisecond))
+	}()
+	return g
+}
+
+// wait waits for the background preparation to end.
+func (g *preparingGate) wait() { <-g.done }

@@ -9,6 +9,7 @@ package guest
 // in the payload builder's format.
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -33,6 +34,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/internal/vmtest"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/qemu"
 )
@@ -44,11 +46,9 @@ func vmPayload(t *testing.T, arch string) vmhost.Payload {
 	testutil.RequireRoot(t)
 	_, err := exec.LookPath(qemu.Binary(arch))
 	testutil.Require(t, err == nil, qemu.Binary(arch)+" not installed (Debian: qemu-system-x86 / qemu-system-arm)")
-	_, err = exec.LookPath("unsquashfs")
-	testutil.Require(t, err == nil, "unsquashfs not installed (apt-get install squashfs-tools)")
 	dir := vmhost.DefaultPayloadDir(arch)
 	p, err := vmhost.FindPayload(dir, arch)
-	testutil.Require(t, err == nil && p.Runtimes != "", fmt.Sprintf("no VM payload with runtimes in %s (make vm-payloads): %v", dir, err))
+	testutil.Require(t, err == nil && p.Runtimes != "", fmt.Sprintf("no VM payload with runtimes in %s (go run ./cmd/actiond vm payload --arch %s): %v", dir, arch, err))
 	return p
 }
 
@@ -103,22 +103,56 @@ func writeNewc(b *bytes.Buffer, name string, mode uint32, data []byte) {
 	}
 }
 
-// payloadRuntimeTree unpacks runtime name from the payload's runtimes
-// SquashFS (one directory per runtime) into a temporary directory.
+// payloadRuntimeTree extracts runtime name from the payload's tar
+// runtimes disk (the builder's first stage: unpacked, not configured) into
+// a temporary directory, the way the guest does.
 func payloadRuntimeTree(t *testing.T, p vmhost.Payload, name string) string {
 	t.Helper()
-	dir := filepath.Join(t.TempDir(), "sq")
-	out, err := exec.Command("unsquashfs", "-no-progress", "-q", "-d", dir, p.Runtimes, name).CombinedOutput()
+	f, err := os.Open(p.Runtimes)
 	if err != nil {
-		t.Fatalf("unsquashfs %s %s: %v\n%s", p.Runtimes, name, err, out)
+		t.Fatal(err)
 	}
-	tree := filepath.Join(dir, name)
-	if _, err := os.Stat(filepath.Join(tree, "usr")); err != nil {
-		t.Fatalf("runtime %s not in %s: %v", name, p.Runtimes, err)
+	defer f.Close()
+	tr := tar.NewReader(f)
+	if _, err := readRuntimesManifest(tr, ""); err != nil {
+		t.Fatalf("%s: %v", p.Runtimes, err)
 	}
-	// What the payload builder's first stage would not ship.
-	os.RemoveAll(filepath.Join(tree, "var/cache/apt/archives"))
-	return tree
+	for {
+		hdr, err := tr.Next()
+		if err != nil {
+			t.Fatalf("runtime %s not in %s: %v", name, p.Runtimes, err)
+		}
+		if filepath.Clean(hdr.Name) != name+".tar.zst" {
+			continue
+		}
+		tree := filepath.Join(t.TempDir(), name)
+		if err := os.Mkdir(tree, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := extractTree(tr, tree); err != nil {
+			t.Fatalf("extract %s from %s: %v", name, p.Runtimes, err)
+		}
+		// The builder's second stage is replaced by the test's.
+		os.RemoveAll(filepath.Join(tree, ".actiond"))
+		return tree
+	}
+}
+
+// squashfsRuntimesDisk makes a SquashFS runtimes disk (a directory per
+// runtime) holding tree as runtime name.
+func squashfsRuntimesDisk(t *testing.T, tree, name string) string {
+	t.Helper()
+	_, err := exec.LookPath("mksquashfs")
+	testutil.Require(t, err == nil, "mksquashfs not installed (apt-get install squashfs-tools)")
+	parent := t.TempDir()
+	if err := os.Rename(tree, filepath.Join(parent, name)); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "runtimes.squashfs")
+	if out, err := exec.Command("mksquashfs", parent, img, "-noappend", "-quiet", "-no-progress").CombinedOutput(); err != nil {
+		t.Fatalf("mksquashfs: %v\n%s", err, out)
+	}
+	return img
 }
 
 // testVM is one boot.
@@ -342,12 +376,14 @@ echo "second stage: done"
 `
 
 // TestVMTarRuntimes boots the amd64 guest with a tar runtimes disk four
-// times on one CAS disk: (1) killed in the middle of glibc2.36's second
-// stage, after the broken runtime failed; (2) the interrupted preparation
-// is redone and actions run in the configured, sealed runtime, while the
-// broken one gives FAILED_PRECONDITION; (3) the same disk is reused with
-// no extraction; (4) the SquashFS runtimes disk still boots on the same CAS
-// disk.
+// times on one CAS disk, with a disk holding the payload's glibc2.36 tree
+// (its second stage replaced by a quick one) and a broken runtime: (1)
+// killed in the middle of glibc2.36's second stage, after the broken
+// runtime failed; (2) the interrupted preparation is redone in the
+// background while the guest serves, an action naming glibc2.36 waits for
+// it and runs in the configured, sealed runtime, while the broken one gives
+// FAILED_PRECONDITION; (3) the same disk is reused with no extraction; (4)
+// a SquashFS runtimes disk still boots on the same CAS disk.
 func TestVMTarRuntimes(t *testing.T) {
 	testVMTarRuntimes(t, "amd64")
 }
@@ -453,8 +489,8 @@ func testVMTarRuntimes(t *testing.T, arch string) {
 	}
 	v.stop()
 
-	// Boot 4: the SquashFS runtimes disk on the same CAS disk.
-	v = bootTestVM(t, arch, initrd, p.Kernel, cas, p.Runtimes, "", true)
+	// Boot 4: a SquashFS runtimes disk on the same CAS disk.
+	v = bootTestVM(t, arch, initrd, p.Kernel, cas, squashfsRuntimesDisk(t, tree, "glibc2.36"), "", true)
 	if r := v.run(ctx, "ldd --version | head -1", "libc", "glibc2.36"); r.Code != codes.OK || !strings.Contains(r.Stdout, "2.36") {
 		t.Errorf("boot 4 (SquashFS runtimes): %+v", r)
 	}
@@ -466,10 +502,9 @@ func testVMTarRuntimes(t *testing.T, arch string) {
 func TestVMCgroupLimits(t *testing.T) {
 	p := vmPayload(t, "amd64")
 	initrd := testInitrd(t, p, "amd64")
+	// The payload's runtimes, prepared once (see internal/vmtest).
 	cas := filepath.Join(t.TempDir(), "cas.img")
-	if _, _, err := vmhost.EnsureDiskImage(cas, 2<<30); err != nil {
-		t.Fatal(err)
-	}
+	vmtest.CopyPreparedCASImage(t, "amd64", cas)
 	v := bootTestVM(t, "amd64", initrd, p.Kernel, cas, p.Runtimes, "", true)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()

@@ -148,12 +148,14 @@ func (o *Observer) snapshot() statusData {
 		return d
 	}
 	d.HasServer = true
-	st := srv.Store.Stats()
-	d.Blobs, d.Stored, d.Evictions = st.Blobs, units.Format(st.Bytes), st.Evictions
-	d.Limit = "unlimited"
-	if st.MaxBytes > 0 {
-		d.Limit = units.Format(st.MaxBytes)
-		d.UsedPercent = 100 * float64(st.Bytes) / float64(st.MaxBytes)
+	if srv.DiskStore != nil { // nil when Options.Store replaced it
+		st := srv.DiskStore.Stats()
+		d.Blobs, d.Stored, d.Evictions = st.Blobs, units.Format(st.Bytes), st.Evictions
+		d.Limit = "unlimited"
+		if st.MaxBytes > 0 {
+			d.Limit = units.Format(st.MaxBytes)
+			d.UsedPercent = 100 * float64(st.Bytes) / float64(st.MaxBytes)
+		}
 	}
 	ac := srv.Cache.Stats()
 	d.Hits, d.Misses, d.Entries = ac.Hits, ac.Misses, int64(ac.Entries)

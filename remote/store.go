@@ -1,20 +1,24 @@
 // Package remote reaches a build farm's REAPI services (CAS, ByteStream,
 // ActionCache) as a cas.Store and an actioncache.Cache, so the executor runs
 // against a farm exactly as it runs against the local disk: it never knows
-// the difference. The Store keeps a local cas.DiskStore in front of the
-// remote CAS as a read-through cache (blobs are fetched once, and input
-// roots hardlink from it); everything written goes to both.
+// the difference. A worker puts a local store in front of the remote CAS as
+// a read-through cache (NewCachedStore, a cas.ReadThrough): blobs are
+// fetched once, input roots hardlink from the local copies, and everything
+// written goes to both.
 package remote
 
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"log/slog"
-	"slices"
-	"sync"
+	"os"
+	"syscall"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -47,34 +51,19 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Store is a cas.Store over a remote CAS with a local read-through DiskStore.
-// It implements cas.LocalStore (blobs are fetched into the local store
-// first) and cas.Pinner (pins apply to the local copies).
+// Store is a cas.Store over a remote CAS alone: it keeps no local files
+// and pins nothing (cas.Base). Small blobs travel in batch requests, larger
+// ones through ByteStream; what is read from offset 0 and what is written
+// is verified against its digest on this side too.
 type Store struct {
-	local *cas.DiskStore
-	cas   repb.ContentAddressableStorageClient
-	bs    bytestream.ByteStreamClient
-	opts  Options
-	log   *slog.Logger
-
-	mu       sync.Mutex
-	fetching map[cas.Digest]*fetch // in-flight downloads, shared by callers
+	cas.Base
+	cas  repb.ContentAddressableStorageClient
+	bs   bytestream.ByteStreamClient
+	opts Options
 }
 
-// fetch is one download of a blob into the local store that every caller
-// wanting the blob meanwhile waits for.
-type fetch struct {
-	done chan struct{}
-	err  error
-}
-
-var (
-	_ cas.LocalStore = (*Store)(nil)
-	_ cas.Pinner     = (*Store)(nil)
-)
-
-// NewStore returns a Store reaching the CAS over conn, caching in local.
-func NewStore(conn grpc.ClientConnInterface, local *cas.DiskStore, opts Options) *Store {
+// NewStore returns a Store reaching the CAS over conn.
+func NewStore(conn grpc.ClientConnInterface, opts Options) *Store {
 	if opts.MaxBatchSize <= 0 {
 		opts.MaxBatchSize = DefaultMaxBatchSize
 	}
@@ -82,20 +71,19 @@ func NewStore(conn grpc.ClientConnInterface, local *cas.DiskStore, opts Options)
 		opts.Logger = slog.Default()
 	}
 	return &Store{
-		local:    local,
-		cas:      repb.NewContentAddressableStorageClient(conn),
-		bs:       bytestream.NewByteStreamClient(conn),
-		opts:     opts,
-		log:      opts.Logger,
-		fetching: make(map[cas.Digest]*fetch),
+		cas:  repb.NewContentAddressableStorageClient(conn),
+		bs:   bytestream.NewByteStreamClient(conn),
+		opts: opts,
 	}
 }
 
-// Local is the read-through cache.
-func (s *Store) Local() *cas.DiskStore { return s.local }
+// NewCachedStore returns the remote CAS over conn behind local as its
+// read-through cache: what a farm worker uses.
+func NewCachedStore(conn grpc.ClientConnInterface, local cas.Store, opts Options) *cas.ReadThrough {
+	return cas.NewReadThrough(local, NewStore(conn, opts))
+}
 
-// FindMissing implements cas.Store by asking the remote CAS, the source of
-// truth: a blob only in the local cache is missing for the farm.
+// FindMissing implements cas.Store.
 func (s *Store) FindMissing(ctx context.Context, ds []cas.Digest) ([]cas.Digest, error) {
 	var missing []cas.Digest
 	for start := 0; start < len(ds); start += maxFindMissing {
@@ -134,197 +122,185 @@ func (s *Store) FindMissing(ctx context.Context, ds []cas.Digest) ([]cas.Digest,
 	return missing, nil
 }
 
-// Get implements cas.Store: from the local cache, fetching the blob from
-// the remote CAS first when it is not there.
+// Get implements cas.Store. A read from offset 0 is verified: a blob
+// that does not hash to d fails with cas.ErrDigestMismatch at its end.
 func (s *Store) Get(ctx context.Context, d cas.Digest, offset int64) (io.ReadCloser, error) {
-	if err := s.ensureLocal(ctx, d); err != nil {
+	if err := d.Validate(); err != nil {
 		return nil, err
 	}
-	return s.local.Get(ctx, d, offset)
-}
-
-// BlobPath implements cas.LocalStore, fetching the blob first if needed.
-func (s *Store) BlobPath(d cas.Digest, executable bool) (string, error) {
-	if err := s.ensureLocal(context.Background(), d); err != nil {
-		return "", err
-	}
-	return s.local.BlobPath(d, executable)
-}
-
-// Pin implements cas.Pinner on the local copies.
-func (s *Store) Pin(ds []cas.Digest) func() { return s.local.Pin(ds) }
-
-// VerifyBlobs implements cas.Verifier on the local copies: one that went
-// bad is quarantined locally and fetched again from the farm when staging
-// asks for it (BlobPath), so it is never reported corrupt: the farm's copy
-// is the one that counts.
-func (s *Store) VerifyBlobs(ctx context.Context, ds []cas.Digest) ([]cas.Digest, error) {
-	_, err := s.local.VerifyBlobs(ctx, ds)
-	return nil, err
-}
-
-// Put implements cas.Store: the blob is verified and stored locally, then
-// uploaded unless the remote CAS has it.
-func (s *Store) Put(ctx context.Context, d cas.Digest, r io.Reader) error {
-	if err := s.local.Put(ctx, d, r); err != nil {
-		return err
-	}
-	return s.upload(ctx, d)
-}
-
-// PutFile implements cas.Store: the file moves into the local store by
-// rename and is then uploaded.
-func (s *Store) PutFile(ctx context.Context, path string) (cas.Digest, error) {
-	d, err := s.local.PutFile(ctx, path)
-	if err != nil {
-		return d, err
-	}
-	return d, s.upload(ctx, d)
-}
-
-// ensureLocal fetches d into the local store unless it is there.
-func (s *Store) ensureLocal(ctx context.Context, d cas.Digest) error {
-	if err := d.Validate(); err != nil {
-		return err
+	if offset < 0 || offset > d.Size {
+		return nil, fmt.Errorf("read %s at offset %d: offset out of range", d, offset)
 	}
 	if d.IsEmpty() {
-		return nil
-	}
-	missing, err := s.local.FindMissing(ctx, []cas.Digest{d})
-	if err != nil {
-		return err
-	}
-	if len(missing) == 0 {
-		return nil
-	}
-	// Runners staging the same inputs download each blob once.
-	s.mu.Lock()
-	f, ok := s.fetching[d]
-	if !ok {
-		f = &fetch{done: make(chan struct{})}
-		s.fetching[d] = f
-	}
-	s.mu.Unlock()
-	if ok {
-		select {
-		case <-f.done:
-		case <-ctx.Done():
-			return fmt.Errorf("wait for download of %s: %w", d, ctx.Err())
-		}
-		if f.err == nil {
-			return nil
-		}
-		// The other download may have failed for its own reasons (its
-		// context ended): try ourselves.
+		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
 	if d.Size <= s.opts.MaxBatchSize {
-		err = s.fetchBatch(ctx, d)
-	} else {
-		err = s.fetchStream(ctx, d)
+		data, err := s.readBatch(ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		return io.NopCloser(bytes.NewReader(data[offset:])), nil
 	}
-	if !ok {
-		f.err = err
-		s.mu.Lock()
-		delete(s.fetching, d)
-		s.mu.Unlock()
-		close(f.done)
-	}
-	return err
+	return s.readStream(ctx, d, offset)
 }
 
-func (s *Store) fetchBatch(ctx context.Context, d cas.Digest) error {
+func (s *Store) readBatch(ctx context.Context, d cas.Digest) ([]byte, error) {
 	resp, err := s.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{
 		InstanceName: s.opts.InstanceName,
 		Digests:      []*repb.Digest{d.Proto()},
 	})
 	if err != nil {
-		return remoteErr(d, "BatchReadBlobs", err)
+		return nil, remoteErr(d, "BatchReadBlobs", err)
 	}
 	if len(resp.Responses) != 1 {
-		return fmt.Errorf("remote BatchReadBlobs of %s: got %d responses, want 1", d, len(resp.Responses))
+		return nil, fmt.Errorf("remote BatchReadBlobs of %s: got %d responses, want 1", d, len(resp.Responses))
 	}
 	r := resp.Responses[0]
 	if err := status.FromProto(r.Status).Err(); err != nil {
-		return remoteErr(d, "BatchReadBlobs", err)
+		return nil, remoteErr(d, "BatchReadBlobs", err)
 	}
-	if err := s.local.Put(ctx, d, bytes.NewReader(r.Data)); err != nil {
-		return fmt.Errorf("cache blob %s fetched from the remote CAS: %w", d, err)
+	if got := cas.DigestOf(r.Data); got != d {
+		return nil, fmt.Errorf("blob %s from the remote CAS hashes to %s: %w", d, got, cas.ErrDigestMismatch)
 	}
-	return nil
+	return r.Data, nil
 }
 
-func (s *Store) fetchStream(ctx context.Context, d cas.Digest) error {
+func (s *Store) readStream(ctx context.Context, d cas.Digest, offset int64) (io.ReadCloser, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	stream, err := s.bs.Read(ctx, &bytestream.ReadRequest{
 		ResourceName: cas.Resource{InstanceName: s.opts.InstanceName, Digest: d}.String(),
+		ReadOffset:   offset,
 	})
 	if err != nil {
-		return remoteErr(d, "ByteStream.Read", err)
+		cancel()
+		return nil, remoteErr(d, "ByteStream.Read", err)
 	}
-	w, err := s.local.NewWriter(d)
-	if err != nil {
-		return fmt.Errorf("cache blob %s: %w", d, err)
+	r := &streamReader{d: d, stream: stream, cancel: cancel, off: offset}
+	if offset == 0 {
+		r.h = sha256.New()
 	}
-	defer w.Abort()
-	for {
-		msg, err := stream.Recv()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return remoteErr(d, "ByteStream.Read", err)
-		}
-		if _, err := w.Write(msg.Data); err != nil {
-			return fmt.Errorf("cache blob %s: %w", d, err)
-		}
-	}
-	if err := w.Commit(); err != nil {
-		return fmt.Errorf("cache blob %s fetched from the remote CAS: %w", d, err)
-	}
-	return nil
+	return r, nil
 }
 
-// upload sends the locally stored d to the remote CAS unless it has it.
-func (s *Store) upload(ctx context.Context, d cas.Digest) error {
-	if d.IsEmpty() {
-		return nil
+// streamReader reads a ByteStream.Read stream, hashing what it reads from
+// offset 0 and checking it at the end.
+type streamReader struct {
+	d      cas.Digest
+	stream bytestream.ByteStream_ReadClient
+	cancel context.CancelFunc
+	buf    []byte
+	off    int64
+	h      hash.Hash // nil: not verified (read from an offset)
+}
+
+func (r *streamReader) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		msg, err := r.stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return 0, r.end()
+		}
+		if err != nil {
+			return 0, remoteErr(r.d, "ByteStream.Read", err)
+		}
+		r.buf = msg.Data
 	}
-	missing, err := s.FindMissing(ctx, []cas.Digest{d})
-	if err != nil {
+	n := copy(p, r.buf)
+	if r.off+int64(n) > r.d.Size {
+		return 0, fmt.Errorf("blob %s: the remote CAS sent more than %d bytes: %w", r.d, r.d.Size, cas.ErrDigestMismatch)
+	}
+	if r.h != nil {
+		r.h.Write(p[:n])
+	}
+	r.buf = r.buf[n:]
+	r.off += int64(n)
+	return n, nil
+}
+
+// end checks a complete read.
+func (r *streamReader) end() error {
+	if r.off != r.d.Size {
+		return fmt.Errorf("blob %s: the remote CAS sent %d bytes, want %d: %w", r.d, r.off, r.d.Size, cas.ErrDigestMismatch)
+	}
+	if r.h != nil {
+		if got := hex.EncodeToString(r.h.Sum(nil)); got != r.d.Hash {
+			return fmt.Errorf("blob %s from the remote CAS hashes to %s: %w", r.d, got, cas.ErrDigestMismatch)
+		}
+	}
+	return io.EOF
+}
+
+func (r *streamReader) Close() error { r.cancel(); return nil }
+
+// Put implements cas.Store: the blob is written to the remote CAS (which
+// may already have it).
+func (s *Store) Put(ctx context.Context, d cas.Digest, r io.Reader) error {
+	if err := d.Validate(); err != nil {
 		return err
 	}
-	if !slices.Contains(missing, d) {
-		return nil
-	}
 	if d.Size <= s.opts.MaxBatchSize {
-		data, err := cas.ReadAll(ctx, s.local, d)
+		data, err := io.ReadAll(io.LimitReader(r, d.Size+1))
 		if err != nil {
 			return fmt.Errorf("upload %s: %w", d, err)
 		}
-		resp, err := s.cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{
-			InstanceName: s.opts.InstanceName,
-			Requests:     []*repb.BatchUpdateBlobsRequest_Request{{Digest: d.Proto(), Data: data}},
-		})
-		if err != nil {
-			return remoteErr(d, "BatchUpdateBlobs", err)
+		if got := cas.DigestOf(data); got != d {
+			return fmt.Errorf("blob %s: data hashes to %s: %w", d, got, cas.ErrDigestMismatch)
 		}
-		for _, r := range resp.Responses {
-			if err := status.FromProto(r.Status).Err(); err != nil {
-				return remoteErr(d, "BatchUpdateBlobs", err)
-			}
+		if d.IsEmpty() {
+			return nil
 		}
-		return nil
+		return s.writeBatch(ctx, d, data)
 	}
-	return s.uploadStream(ctx, d)
+	return s.uploadStream(ctx, d, r)
 }
 
-func (s *Store) uploadStream(ctx context.Context, d cas.Digest) error {
-	r, err := s.local.Get(ctx, d, 0)
+// PutFile implements cas.Store: the file is written to the remote CAS and
+// removed.
+func (s *Store) PutFile(ctx context.Context, path string) (cas.Digest, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
-		return fmt.Errorf("upload %s: %w", d, err)
+		return cas.Digest{}, fmt.Errorf("open %s: %w", path, err)
 	}
-	defer r.Close()
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return cas.Digest{}, fmt.Errorf("%s is not a regular file (%v)", path, err)
+	}
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return cas.Digest{}, fmt.Errorf("hash %s: %w", path, err)
+	}
+	d := cas.Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return cas.Digest{}, fmt.Errorf("read %s: %w", path, err)
+	}
+	if err := s.Put(ctx, d, f); err != nil {
+		return cas.Digest{}, fmt.Errorf("store %s: %w", path, err)
+	}
+	os.Remove(path)
+	return d, nil
+}
+
+func (s *Store) writeBatch(ctx context.Context, d cas.Digest, data []byte) error {
+	resp, err := s.cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{
+		InstanceName: s.opts.InstanceName,
+		Requests:     []*repb.BatchUpdateBlobsRequest_Request{{Digest: d.Proto(), Data: data}},
+	})
+	if err != nil {
+		return remoteErr(d, "BatchUpdateBlobs", err)
+	}
+	for _, r := range resp.Responses {
+		if err := status.FromProto(r.Status).Err(); err != nil {
+			return remoteErr(d, "BatchUpdateBlobs", err)
+		}
+	}
+	return nil
+}
+
+// uploadStream writes the content r yields as d through ByteStream; the
+// stream is abandoned before its last chunk if r does not hash to d.
+func (s *Store) uploadStream(ctx context.Context, d cas.Digest, r io.Reader) error {
+	h := sha256.New()
+	r = io.TeeReader(r, h)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := s.bs.Write(ctx)
@@ -337,9 +313,14 @@ func (s *Store) uploadStream(ctx context.Context, d cas.Digest) error {
 	for {
 		n, rerr := io.ReadFull(r, buf)
 		if rerr != nil && !errors.Is(rerr, io.ErrUnexpectedEOF) && !errors.Is(rerr, io.EOF) {
-			return fmt.Errorf("upload %s: read local copy: %w", d, rerr)
+			return fmt.Errorf("upload %s: read: %w", d, rerr)
 		}
 		last := off+int64(n) >= d.Size
+		if last {
+			if got := hex.EncodeToString(h.Sum(nil)); got != d.Hash || off+int64(n) != d.Size {
+				return fmt.Errorf("blob %s: data hashes to %s: %w", d, got, cas.ErrDigestMismatch)
+			}
+		}
 		req := &bytestream.WriteRequest{WriteOffset: off, Data: buf[:n], FinishWrite: last}
 		if off == 0 {
 			req.ResourceName = name
@@ -357,7 +338,7 @@ func (s *Store) uploadStream(ctx context.Context, d cas.Digest) error {
 			break
 		}
 		if n == 0 {
-			return fmt.Errorf("upload %s: local copy ended at %d of %d bytes", d, off, d.Size)
+			return fmt.Errorf("upload %s: data ended at %d of %d bytes: %w", d, off, d.Size, cas.ErrDigestMismatch)
 		}
 	}
 	resp, err := stream.CloseAndRecv()

@@ -46,18 +46,25 @@ func newFarm(t *testing.T) *farm {
 	return &farm{srv: srv, conn: conn}
 }
 
-func newRemoteStore(t *testing.T, f *farm) *remote.Store {
+func newRemoteStore(t *testing.T, f *farm) *cas.ReadThrough {
 	t.Helper()
 	local, err := cas.NewDiskStore(filepath.Join(t.TempDir(), "cache"), cas.WithFsync(false))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return remote.NewStore(f.conn, local, remote.Options{})
+	return remote.NewCachedStore(f.conn, local, remote.Options{})
 }
 
 func TestStoreConformance(t *testing.T) {
 	castest.TestStore(t, func(t *testing.T) cas.Store {
 		return newRemoteStore(t, newFarm(t))
+	})
+}
+
+// The remote CAS alone, without a local cache, is a whole cas.Store too.
+func TestUncachedStoreConformance(t *testing.T) {
+	castest.TestStore(t, func(t *testing.T) cas.Store {
+		return remote.NewStore(newFarm(t).conn, remote.Options{})
 	})
 }
 
@@ -85,14 +92,14 @@ func TestStoreWritesReachTheFarm(t *testing.T) {
 		if err := f.srv.Store.Put(ctx, d, bytes.NewReader(data)); err != nil {
 			t.Fatal(err)
 		}
-		p, err := s.BlobPath(d, false)
+		p, err := s.LocalPath(ctx, d, false)
 		if err != nil {
 			t.Fatalf("BlobPath of a farm-only blob: %v", err)
 		}
 		if filepath.Dir(filepath.Dir(filepath.Dir(p))) == "" {
 			t.Fatalf("odd blob path %q", p)
 		}
-		if missing, _ := s.Local().FindMissing(ctx, []cas.Digest{d}); len(missing) != 0 {
+		if missing, _ := s.Cache().FindMissing(ctx, []cas.Digest{d}); len(missing) != 0 {
 			t.Fatalf("blob %s not cached locally after BlobPath", d)
 		}
 	}
@@ -138,7 +145,7 @@ func TestStoreRefetchesCorruptLocalCopy(t *testing.T) {
 	}
 	data := castest.Blob(3, 5000)
 	d := cas.DigestOf(data)
-	if err := remote.NewStore(f.conn, local, remote.Options{}).Put(ctx, d, bytes.NewReader(data)); err != nil {
+	if err := remote.NewCachedStore(f.conn, local, remote.Options{}).Put(ctx, d, bytes.NewReader(data)); err != nil {
 		t.Fatal(err)
 	}
 	p := filepath.Join(dir, "sha256", d.Hash[:2], d.Hash)
@@ -151,11 +158,11 @@ func TestStoreRefetchesCorruptLocalCopy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := remote.NewStore(f.conn, local, remote.Options{})
+	s := remote.NewCachedStore(f.conn, local, remote.Options{})
 	if bad, err := s.VerifyBlobs(ctx, []cas.Digest{d}); err != nil || len(bad) != 0 {
 		t.Fatalf("VerifyBlobs = %v, %v; want nothing reported (the farm has it)", bad, err)
 	}
-	bp, err := s.BlobPath(d, false)
+	bp, err := s.LocalPath(ctx, d, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -87,10 +87,31 @@ func (c *Console) Flush() {
 
 func (c *Console) emit(line []byte) {
 	line = bytes.TrimRight(line, "\r")
-	if len(line) == 0 || !c.log.Enabled(context.Background(), slog.LevelDebug) {
+	if len(line) == 0 {
 		return
 	}
-	c.log.Debug(string(line), "source", c.attr)
+	level := slog.LevelDebug
+	if isProgressLine(line) {
+		level = slog.LevelInfo
+	}
+	if !c.log.Enabled(context.Background(), level) {
+		return
+	}
+	c.log.Log(context.Background(), level, string(line), "source", c.attr)
+}
+
+// progressMarkers start the messages of the guest's long first-boot work
+// (preparing runtimes: minutes under emulation), which the console logs at
+// info rather than debug, so that a user sees what the VM is doing.
+var progressMarkers = [][]byte{[]byte(`msg="runtime`), []byte(`msg="preparing runtimes`), []byte(`msg="action waits for its runtime`)}
+
+func isProgressLine(line []byte) bool {
+	for _, m := range progressMarkers {
+		if bytes.Contains(line, m) {
+			return true
+		}
+	}
+	return false
 }
 
 // Ring is the console's tail buffer.

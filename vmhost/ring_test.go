@@ -131,3 +131,20 @@ func TestConsoleLogsLinesAndKeepsTail(t *testing.T) {
 		t.Fatalf("a %d-byte line without newline was not logged in pieces (%d records)", len(long), n)
 	}
 }
+
+// TestConsoleProgressAtInfo: the guest's runtime-preparation lines reach a
+// logger at info level; the rest of the console stays at debug.
+func TestConsoleProgressAtInfo(t *testing.T) {
+	var out bytes.Buffer
+	c := NewConsole(slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelInfo})), "guest", 0)
+	io.WriteString(c, "up=7.2s level=INFO msg=\"modules loaded\" proc=init\n")
+	io.WriteString(c, "up=7.3s level=INFO msg=\"runtime: extracting (first boot with this version)\" runtime=glibc2.36\n")
+	io.WriteString(c, "up=9.1s level=INFO msg=\"preparing runtimes in the background\" runtimes=[glibc2.36]\n")
+	got := out.String()
+	if strings.Contains(got, "modules loaded") {
+		t.Errorf("an ordinary console line was logged at info:\n%s", got)
+	}
+	if !strings.Contains(got, "runtime: extracting") || !strings.Contains(got, "preparing runtimes") {
+		t.Errorf("runtime preparation lines not logged at info:\n%s", got)
+	}
+}

@@ -219,7 +219,11 @@ func newEnv(t *testing.T, concurrency int) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store := remote.NewStore(casConn, local, remote.Options{})
+	store := remote.NewCachedStore(casConn, local, remote.Options{})
+	linkable, ok := cas.LocalFiles(store)
+	if !ok {
+		t.Fatal("the worker's read-through cache keeps no local files")
+	}
 	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: filepath.Join(root, "sandbox")})
 	if err != nil {
 		t.Fatal(err)
@@ -231,7 +235,7 @@ func newEnv(t *testing.T, concurrency int) *env {
 		Sandbox:   sb,
 		StageDir:  filepath.Join(root, "cas", "stage"),
 		Worker:    "test-worker",
-		InputRoot: executor.LinkInputRoot{Store: store},
+		InputRoot: executor.LinkInputRoot{Store: linkable},
 	})
 	if err != nil {
 		t.Fatal(err)

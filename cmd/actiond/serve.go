@@ -109,7 +109,7 @@ func runServe(args []string) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *listen, err)
 	}
-	st := srv.Store.Stats()
+	st := srv.DiskStore.Stats()
 	log.Info("actiond serving",
 		"listen", l.Addr().String(),
 		"root", *root,

@@ -106,10 +106,8 @@ func runWorker(args []string) error {
 		return fmt.Errorf("scheduler %s: %w", *schedAddr, err)
 	}
 	defer schedConn.Close()
-	var store *remote.Store
-	opts.WrapStore = func(local *cas.DiskStore) cas.Store {
-		store = remote.NewStore(casConn, local, remote.Options{InstanceName: *instance, Logger: log})
-		return store
+	opts.WrapStore = func(local cas.Store) cas.Store {
+		return remote.NewCachedStore(casConn, local, remote.Options{InstanceName: *instance, Logger: log})
 	}
 	opts.Cache = remote.NewActionCache(casConn, *instance)
 	// Workers default to hardlinks from the local cache: "auto" does not
@@ -128,7 +126,7 @@ func runWorker(args []string) error {
 	w, err := worker.New(worker.Options{
 		Scheduler:          rwpb.NewOperationQueueClient(schedConn),
 		Executor:           srv.Executor,
-		Store:              store,
+		Store:              srv.Store,
 		WorkerID:           map[string]string{"hostname": hostname},
 		InstanceNamePrefix: *instance,
 		Platform:           plat.platform(),

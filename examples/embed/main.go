@@ -1,6 +1,6 @@
-// Command embed runs one action with actiond's executor embedded in the
-// process: a disk CAS, a bbolt ActionCache and the Linux sandbox with the
-// host runtime, no gRPC anywhere. Run it as root:
+// Command embed runs one action with actiond embedded in the process: a
+// disk CAS, a bbolt ActionCache and the Linux sandbox with the host
+// runtime, put together by actiond.New, no gRPC anywhere. Run it as root:
 //
 //	go run ./examples/embed 'echo hello from the sandbox > out.txt; uname -a'
 package main
@@ -13,7 +13,7 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/actiond/actiond/actioncache"
+	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/sandbox"
@@ -39,15 +39,6 @@ func run(ctx context.Context, script string) error {
 	}
 	defer os.RemoveAll(root)
 
-	store, err := cas.NewDiskStore(filepath.Join(root, "cas"))
-	if err != nil {
-		return fmt.Errorf("open CAS: %w", err)
-	}
-	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), store)
-	if err != nil {
-		return err
-	}
-	defer cache.Close()
 	sb, err := sandbox.New(sandbox.Config{
 		Runtimes: []sandbox.Runtime{sandbox.HostRuntime()},
 		StateDir: filepath.Join(root, "sandbox"),
@@ -56,17 +47,14 @@ func run(ctx context.Context, script string) error {
 		return fmt.Errorf("sandbox (needs root on Linux): %w", err)
 	}
 	defer sb.Close()
-	ex, err := executor.New(executor.Options{
-		Store:    store,
-		Cache:    cache,
-		Sandbox:  sb,
-		StageDir: filepath.Join(root, "cas", "stage"),
-		Logger:   slog.Default(),
-	})
+	// A disk CAS and a bbolt ActionCache under root; no gRPC server is
+	// started, actions run on srv.Executor.
+	srv, err := actiond.New(actiond.Options{Root: root, Sandbox: sb, InputRootKind: "hardlink", Logger: slog.Default()})
 	if err != nil {
 		return err
 	}
-	defer ex.Wait() // finished actions' stages are removed in the background
+	defer srv.Close() // waits for the stages of finished actions to be removed
+	store, ex := srv.Store, srv.Executor
 
 	// What a REAPI client would upload: Command, input root, Action.
 	put := func(m proto.Message) (cas.Digest, error) {

@@ -18,8 +18,8 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
-	"github.com/actiond/actiond/executor"
 	rwpb "github.com/actiond/actiond/proto/buildbarn/remoteworker"
 	"github.com/actiond/actiond/remote"
 	"github.com/actiond/actiond/sandbox"
@@ -40,10 +40,6 @@ func main() {
 }
 
 func run(schedAddr, casAddr, root string) error {
-	local, err := cas.NewDiskStore(filepath.Join(root, "cas"))
-	if err != nil {
-		return err
-	}
 	casConn, err := grpc.NewClient(casAddr, worker.DialOptions()...)
 	if err != nil {
 		return err
@@ -54,7 +50,6 @@ func run(schedAddr, casAddr, root string) error {
 		return err
 	}
 	defer schedConn.Close()
-	store := remote.NewStore(casConn, local, remote.Options{})
 
 	sb, err := sandbox.New(sandbox.Config{
 		Runtimes: []sandbox.Runtime{sandbox.HostRuntime()},
@@ -64,20 +59,26 @@ func run(schedAddr, casAddr, root string) error {
 		return fmt.Errorf("sandbox (needs root on Linux): %w", err)
 	}
 	defer sb.Close()
-	ex, err := executor.New(executor.Options{
-		Store:    store,
-		Cache:    remote.NewActionCache(casConn, ""),
-		Sandbox:  sb,
-		StageDir: filepath.Join(root, "cas", "stage"),
+	// actiond.New takes root's lock, opens the local disk store under it
+	// and puts the farm's CAS behind it; actions run on the executor it
+	// builds (Server.Executor), no gRPC server is started.
+	srv, err := actiond.New(actiond.Options{
+		Root: root,
+		WrapStore: func(local cas.Store) cas.Store {
+			return remote.NewCachedStore(casConn, local, remote.Options{})
+		},
+		Cache:         remote.NewActionCache(casConn, ""),
+		Sandbox:       sb,
+		InputRootKind: "hardlink",
 	})
 	if err != nil {
 		return err
 	}
-	defer ex.Wait() // finished actions' stages are removed in the background
+	defer srv.Close() // waits for the stages of finished actions to be removed
 	w, err := worker.New(worker.Options{
 		Scheduler: rwpb.NewOperationQueueClient(schedConn),
-		Executor:  ex,
-		Store:     store,
+		Executor:  srv.Executor,
+		Store:     srv.Store,
 		WorkerID:  map[string]string{"example": "farmworker"},
 		Platform: &repb.Platform{Properties: []*repb.Platform_Property{
 			{Name: "OSFamily", Value: "linux"},

@@ -26,6 +26,7 @@ import (
 	"github.com/actiond/actiond/guest"
 	"github.com/actiond/actiond/internal/streammux"
 	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/internal/vmtest"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/vmpayload"
 )
@@ -87,6 +88,17 @@ func newCASImage(t *testing.T, dir string, size int64) string {
 		t.Fatal(err)
 	}
 	f.Close()
+	return p
+}
+
+// preparedCASImage copies the CAS image with the payload's runtimes
+// prepared (internal/vmtest) into dir: these tests are about booting and
+// serving, not about the first boot's runtime preparation (package guest
+// tests that).
+func preparedCASImage(t *testing.T, arch, dir string) string {
+	t.Helper()
+	p := filepath.Join(dir, "cas.img")
+	vmtest.CopyPreparedCASImage(t, arch, p)
 	return p
 }
 
@@ -284,7 +296,8 @@ func (c *client) checkExecute(ctx context.Context, runtime string) *repb.Digest 
 }
 
 // TestBootAmd64 boots the amd64 payload under QEMU (microvm, TCG) three
-// times on one CAS image: the first boot formats it and runs REAPI calls
+// times on one CAS image (its runtimes prepared): the first boot reuses
+// the runtimes and runs REAPI calls
 // over the virtio-serial transport (Capabilities, ByteStream upload and
 // download, an Execute in glibc2.36) and powers off through the guest
 // control service; the second finds the blob and the action result on the
@@ -294,14 +307,14 @@ func (c *client) checkExecute(ctx context.Context, runtime string) *repb.Digest 
 func TestBootAmd64(t *testing.T) {
 	payload, m := payloadForTest(t, "amd64")
 	dir := t.TempDir()
-	cfg := vmConfig{Arch: "amd64", Payload: payload, Manifest: m, CASImage: newCASImage(t, dir, 2<<30), Dir: dir}
+	cfg := vmConfig{Arch: "amd64", Payload: payload, Manifest: m, CASImage: preparedCASImage(t, "amd64", dir), Dir: dir}
 	cfg.Accel = pickAccel(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	// Boot 1: fresh disk.
+	// Boot 1: a disk with the runtimes prepared and an empty CAS.
 	v, guestBoot, hostBoot := bootReady(t, cfg, 2*time.Minute)
-	t.Logf("boot 1 (mkfs): ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
+	t.Logf("boot 1: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
 	c := newClient(t, v)
 	caps, err := repb.NewCapabilitiesClient(c.cc).GetCapabilities(ctx, &repb.GetCapabilitiesRequest{})
 	if err != nil {
@@ -315,8 +328,13 @@ func TestBootAmd64(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("guest info: %v", info)
-	if info["cas_formatted"] != true {
-		t.Errorf("first boot did not format the CAS disk: %v", info)
+	if info["cas_formatted"] != false {
+		t.Errorf("boot 1 formatted a CAS disk that has a file system: %v", info)
+	}
+	for _, name := range m.RuntimeNames {
+		if rt, _ := info["runtimes_prepared"].(map[string]any)[name].(map[string]any); rt["reused"] != true {
+			t.Errorf("runtime %s was not reused from the prepared disk: %v", name, rt)
+		}
 	}
 	blob := make([]byte, 3<<20)
 	rand.Read(blob)
@@ -456,12 +474,12 @@ func (c *client) checkBlob(ctx context.Context, d *repb.Digest, blob []byte) {
 func TestBootArm64(t *testing.T) {
 	payload, m := payloadForTest(t, "arm64")
 	dir := t.TempDir()
-	cfg := vmConfig{Arch: "arm64", Payload: payload, Manifest: m, CASImage: newCASImage(t, dir, 1<<30), Dir: dir}
+	cfg := vmConfig{Arch: "arm64", Payload: payload, Manifest: m, CASImage: preparedCASImage(t, "arm64", dir), Dir: dir}
 	cfg.Accel = pickAccel(t, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	v, guestBoot, hostBoot := bootReady(t, cfg, 3*time.Minute)
-	t.Logf("arm64 boot (mkfs): ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
+	t.Logf("arm64 boot: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
 	c := newClient(t, v)
 	info, err := guest.Info(ctx, c.cc)
 	if err != nil {

@@ -94,6 +94,9 @@ func bootVM(t testing.TB, casDir string) (*Machine, time.Duration) {
 func TestBootServeStop(t *testing.T) {
 	m, took := bootVM(t, t.TempDir())
 	t.Logf("boot to ready: %v (plan: accel=%s transport=%s)", took.Round(time.Millisecond), m.Plan().Accel, m.Plan().Transport)
+	if !strings.Contains(m.Console().Tail(400), `msg="formatted the CAS disk"`) {
+		t.Errorf("the guest did not format the blank CAS image:\n%s", m.Console().Tail(60))
+	}
 	if !strings.Contains(m.Plan().Cmdline, "tsc_early_khz=") {
 		t.Errorf("TCG x86 command line lacks tsc_early_khz: %q", m.Plan().Cmdline)
 	}
