@@ -2,84 +2,38 @@ package executor_test
 
 import (
 	"context"
-	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
-	"github.com/actiond/actiond/internal/testutil"
-	"github.com/actiond/actiond/sandbox"
+	"github.com/actiond/actiond/executor/executortest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
-// hostileEnv is env with the CAS service too (so other clients' calls can
-// be made while a hostile request runs) and executor options of the test's
-// choosing.
-type hostileEnv struct {
-	*env
-	cas repb.ContentAddressableStorageClient
+// hostileOptions are the env options of the hostile-request tests: two
+// execution slots and executor and store options of the test's choosing.
+// env's CAS service lets other clients' calls be made while a hostile
+// request runs.
+func hostileOptions(tweak func(*executor.Options), storeOpts ...cas.Option) envOptions {
+	return envOptions{service: executor.ServiceOptions{Concurrency: 2}, executor: tweak, storeOpts: storeOpts}
 }
 
-func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas.Option) *hostileEnv {
+// newHostileEnv is an env with hostileOptions on the real sandbox; it
+// needs root.
+func newHostileEnv(t *testing.T, tweak func(*executor.Options), storeOpts ...cas.Option) *env {
 	t.Helper()
-	testutil.RequireRoot(t)
-	root := t.TempDir()
-	store, err := cas.NewDiskStore(filepath.Join(root, "cas"), append([]cas.Option{cas.WithFsync(false)}, storeOpts...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cache.Close() })
-	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: filepath.Join(root, "sandbox")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
-	stage := filepath.Join(root, "cas", "stage")
-	opts := executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage}
-	if tweak != nil {
-		tweak(&opts)
-	}
-	ex, err := executor.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ex.Wait)
-	svc := executor.NewService(ex, executor.ServiceOptions{Concurrency: 2})
-	lis := bufconn.Listen(1 << 20)
-	g := grpc.NewServer()
-	repb.RegisterExecutionServer(g, svc)
-	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, cas.ServiceOptions{}))
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	e := &env{t: t, store: store, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
-	return &hostileEnv{env: e, cas: repb.NewContentAddressableStorageClient(conn)}
+	return newEnvOn(t, hostSandbox(t), hostileOptions(tweak, storeOpts...))
 }
 
 // dagBomb stores levels+1 Directory messages, each naming the one below
 // twice ("a" and "b"), over a bottom directory holding file: 2^levels
 // copies of file once expanded.
-func (e *hostileEnv) dagBomb(file cas.Digest, levels int) *repb.Directory {
+func (e *env) dagBomb(file cas.Digest, levels int) *repb.Directory {
 	dir := &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: file.Proto()}}}
 	for range levels {
 		d := e.putProto(dir).Proto()
@@ -92,7 +46,7 @@ func (e *hostileEnv) dagBomb(file cas.Digest, levels int) *repb.Directory {
 // trivial action and FindMissingBlobs of a stored blob. Both must complete
 // (not within any time: that would be a timing assertion), and the blob
 // must still be stored afterwards.
-func (e *hostileEnv) othersStayServed(t *testing.T, hostile func()) {
+func (e *env) othersStayServed(t *testing.T, hostile func()) {
 	t.Helper()
 	kept := e.put([]byte("stored before the hostile request\n"))
 	trivial := e.action(actionSpec{script: "echo ok", timeout: time.Minute})
@@ -136,7 +90,10 @@ func wantStatus(t *testing.T, resp *repb.ExecuteResponse, err error, code codes.
 // files. Hardlink staging would create every one of them; the expanded
 // tree is over the default entry limit and is refused at once.
 func TestDAGBombInputRootIsRefused(t *testing.T) {
-	e := newHostileEnv(t, nil)
+	onBothSandboxes(t, hostileOptions(nil), &executortest.Sandbox{}, testDAGBombInputRootIsRefused)
+}
+
+func testDAGBombInputRootIsRefused(t *testing.T, e *env) {
 	bomb := e.action(actionSpec{script: "find . | wc -l", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 10 * time.Second})
 	e.othersStayServed(t, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -150,7 +107,11 @@ func TestDAGBombInputRootIsRefused(t *testing.T) {
 // through 8 messages; with mutates_inputs (a private copy) that is 128 MiB
 // written, over the configured byte limit.
 func TestMutatesInputsBytesBombIsRefused(t *testing.T) {
-	e := newHostileEnv(t, func(o *executor.Options) { o.MaxInputBytes = 64 << 20 })
+	opts := hostileOptions(func(o *executor.Options) { o.MaxInputBytes = 64 << 20 })
+	onBothSandboxes(t, opts, &executortest.Sandbox{}, testMutatesInputsBytesBombIsRefused)
+}
+
+func testMutatesInputsBytesBombIsRefused(t *testing.T, e *env) {
 	big := e.put(make([]byte, 1<<20))
 	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(big, 7), platform: map[string]string{"mutates_inputs": "1"}, timeout: 10 * time.Second})
 	e.othersStayServed(t, func() {

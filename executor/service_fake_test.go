@@ -4,10 +4,11 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
-	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/executor/executortest"
@@ -15,45 +16,9 @@ import (
 	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
-
-// newFakeEnv is newEnv with executortest's Sandbox: the Execution service
-// over a real executor, disk CAS and bbolt AC, with no command run, so it
-// needs no root. wrap, if set, puts a store in front of the disk store;
-// opts adjusts the executor's options.
-func newFakeEnv(t *testing.T, sopts executor.ServiceOptions, sb *executortest.Sandbox, wrap func(*cas.DiskStore) cas.Store, opts func(*executor.Options)) *env {
-	t.Helper()
-	root := t.TempDir()
-	disk, err := cas.NewDiskStore(filepath.Join(root, "cas"), cas.WithFsync(false))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var store cas.Store = disk
-	if wrap != nil {
-		store = wrap(disk)
-	}
-	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), disk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cache.Close() })
-	stage := filepath.Join(root, "cas", "stage")
-	o := executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage}
-	if opts != nil {
-		opts(&o)
-	}
-	ex, err := executor.New(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc := executor.NewService(ex, sopts)
-	t.Cleanup(func() { svc.Stop(); ex.Wait() })
-	conn := executortest.Dial(t, func(r grpc.ServiceRegistrar) { repb.RegisterExecutionServer(r, svc) })
-	return &env{t: t, store: disk, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
-}
 
 // firstOp starts an Execute of d and returns its stream and the name of
 // its operation.
@@ -219,5 +184,123 @@ func TestInputEvictedBeforePinIsMissing(t *testing.T) {
 				t.Fatalf("MISSING violations %v, want exactly blobs/%s", subjects, gone)
 			}
 		})
+	}
+}
+
+// TestMissingInputsNameEveryBlob: inputs (and an Action) not in the CAS
+// are FAILED_PRECONDITION with a MISSING violation for each.
+func TestMissingInputsNameEveryBlob(t *testing.T) {
+	e := newFakeEnv(t, executor.ServiceOptions{}, &executortest.Sandbox{}, nil, nil)
+	absent := cas.DigestOf([]byte("never uploaded"))
+	d := e.action(actionSpec{script: "cat f", inputs: &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: absent.Proto()}}}})
+	resp, _, err := e.execute(context.Background(), d, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := status.FromProto(resp.Status)
+	if st.Code() != codes.FailedPrecondition {
+		t.Fatalf("status %v, want FAILED_PRECONDITION", st)
+	}
+	var found bool
+	for _, det := range st.Details() {
+		if pf, ok := det.(*errdetails.PreconditionFailure); ok {
+			for _, v := range pf.Violations {
+				if v.Type == "MISSING" && v.Subject == "blobs/"+absent.String() {
+					found = true
+				}
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no MISSING violation for %s in %v", absent, st.Details())
+	}
+	// A missing Action blob is reported the same way.
+	resp, _, err = e.execute(context.Background(), cas.DigestOf([]byte("no action")), false)
+	if err != nil || status.FromProto(resp.Status).Code() != codes.FailedPrecondition {
+		t.Fatalf("missing action: %v %v", resp.GetStatus(), err)
+	}
+}
+
+// TestBadRequestsAreInvalidArgument: requests refused before any command
+// runs (the output symlinks a command makes are
+// TestEscapingOutputSymlinksAreInvalidArgument's).
+func TestBadRequestsAreInvalidArgument(t *testing.T) {
+	e := newFakeEnv(t, executor.ServiceOptions{}, &executortest.Sandbox{}, nil, nil)
+	f := e.put([]byte("x"))
+	cases := map[string]actionSpec{
+		"unknown runtime":          {script: "true", platform: map[string]string{"libc": "glibc1.0"}},
+		"output escapes":           {script: "true", outFiles: []string{"../escape"}},
+		"absolute output":          {script: "true", outFiles: []string{"/etc/passwd"}},
+		"working dir escapes":      {script: "true", wd: "../.."},
+		"working dir via symlink":  {script: "true", wd: "l/x", inputs: &repb.Directory{Symlinks: []*repb.SymlinkNode{{Name: "l", Target: "../../.."}}}},
+		"output via input symlink": {script: "true", outFiles: []string{"l/out"}, inputs: &repb.Directory{Symlinks: []*repb.SymlinkNode{{Name: "l", Target: ".."}}}},
+		"dotdot input":             {script: "true", inputs: &repb.Directory{Files: []*repb.FileNode{{Name: "..", Digest: f.Proto()}}}},
+		"bad memory":               {script: "true", platform: map[string]string{"memory": "lots"}},
+	}
+	for name, a := range cases {
+		t.Run(name, func(t *testing.T) {
+			e.wantInvalidArgument(t, a)
+		})
+	}
+	resp, _, err := e.execute(context.Background(), e.action(cases["unknown runtime"]), false)
+	if err != nil || !strings.Contains(resp.Status.GetMessage(), `"host"`) {
+		t.Fatalf("unknown runtime message should list the available runtimes: %v", resp.GetStatus())
+	}
+	// An "Action" the server would have to load gigabytes of.
+	huge := cas.Digest{Hash: strings.Repeat("ab", 32), Size: 8 << 30}
+	resp, _, err = e.execute(context.Background(), huge, false)
+	if err != nil || status.FromProto(resp.Status).Code() != codes.InvalidArgument {
+		t.Fatalf("8 GiB action digest: %v %v, want INVALID_ARGUMENT", resp.GetStatus(), err)
+	}
+	_, err = e.exec.Execute(context.Background(), &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})
+	if err == nil {
+		_, _, err = drainErr(e, &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})
+	}
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("malformed action digest: %v", err)
+	}
+}
+
+func drainErr(e *env, req *repb.ExecuteRequest) (*repb.ExecuteResponse, string, error) {
+	stream, err := e.exec.Execute(context.Background(), req)
+	if err != nil {
+		return nil, "", err
+	}
+	return drain(stream)
+}
+
+// TestBadRequestsAreRefusedBeforeStaging: every check on the request itself
+// (timeout, platform properties, outputs, working directory) comes before
+// the input root is staged, so a bad request costs no staging.
+func TestBadRequestsAreRefusedBeforeStaging(t *testing.T) {
+	ir := &executortest.InputRoot{}
+	sb := &executortest.Sandbox{}
+	e := newFakeEnv(t, executor.ServiceOptions{}, sb, nil, func(o *executor.Options) { o.InputRoot = ir })
+	inputs := &repb.Directory{Files: []*repb.FileNode{{Name: "in.txt", Digest: e.put([]byte("input\n")).Proto()}}}
+	cases := map[string]actionSpec{
+		"negative timeout":    {script: "true", timeout: -time.Second},
+		"unknown runtime":     {script: "true", platform: map[string]string{"libc": "glibc1.0"}},
+		"bad memory":          {script: "true", platform: map[string]string{"memory": "lots"}},
+		"output escapes":      {script: "true", outFiles: []string{"../escape"}},
+		"working dir escapes": {script: "true", wd: "../.."},
+	}
+	for name, a := range cases {
+		t.Run(name, func(t *testing.T) {
+			a.inputs = inputs
+			before := ir.Stages()
+			e.wantInvalidArgument(t, a)
+			if n := ir.Stages() - before; n != 0 {
+				t.Fatalf("the input root was staged %d times for a request refused before staging", n)
+			}
+		})
+	}
+	if n := sb.Runs(); n != 0 {
+		t.Errorf("%d commands ran for bad requests", n)
+	}
+	// The same inputs in a good request are staged, once.
+	resp, _, err := e.execute(context.Background(), e.action(actionSpec{script: "true", inputs: inputs, timeout: time.Second}), false)
+	mustOK(t, resp, err)
+	if n := ir.Stages(); n != 1 {
+		t.Fatalf("%d stagings in all after one good request, want 1", n)
 	}
 }

@@ -1,195 +1,23 @@
 package executor_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	"github.com/actiond/actiond/actioncache"
-	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
-	"github.com/actiond/actiond/internal/testutil"
-	"github.com/actiond/actiond/sandbox"
+	"github.com/actiond/actiond/executor/executortest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/durationpb"
 )
-
-// env is a real executor (host runtime sandbox, disk CAS, bbolt AC) behind
-// an in-process gRPC Execution service.
-type env struct {
-	t     *testing.T
-	store *cas.DiskStore
-	cache *actioncache.BoltCache
-	svc   *executor.Service
-	exec  repb.ExecutionClient
-	ex    *executor.Executor
-	stage string // the executor's StageDir
-}
-
-func newEnv(t *testing.T, sopts executor.ServiceOptions) *env {
-	t.Helper()
-	testutil.RequireRoot(t)
-	root := t.TempDir()
-	store, err := cas.NewDiskStore(filepath.Join(root, "cas"), cas.WithFsync(false))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cache, err := actioncache.Open(filepath.Join(root, "ac.db"), store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cache.Close() })
-	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: filepath.Join(root, "sandbox")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
-	stage := filepath.Join(root, "cas", "stage")
-	ex, err := executor.New(executor.Options{Store: store, Cache: cache, Sandbox: sb, StageDir: stage})
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc := executor.NewService(ex, sopts)
-	lis := bufconn.Listen(1 << 20)
-	g := grpc.NewServer()
-	repb.RegisterExecutionServer(g, svc)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &env{t: t, store: store, cache: cache, svc: svc, exec: repb.NewExecutionClient(conn), ex: ex, stage: stage}
-}
-
-func (e *env) put(data []byte) cas.Digest {
-	e.t.Helper()
-	d := cas.DigestOf(data)
-	if err := e.store.Put(context.Background(), d, bytes.NewReader(data)); err != nil {
-		e.t.Fatal(err)
-	}
-	return d
-}
-
-func (e *env) putProto(m proto.Message) cas.Digest {
-	e.t.Helper()
-	data, err := proto.Marshal(m)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.put(data)
-}
-
-func (e *env) read(d *repb.Digest) string {
-	e.t.Helper()
-	dd, err := cas.FromProto(d)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	b, err := cas.ReadAll(context.Background(), e.store, dd)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return string(b)
-}
-
-// action stores a shell command with the given inputs and returns its digest.
-type actionSpec struct {
-	script     string
-	inputs     *repb.Directory
-	outFiles   []string
-	outDirs    []string
-	outPaths   []string
-	wd         string
-	platform   map[string]string
-	timeout    time.Duration
-	doNotCache bool
-}
-
-func (e *env) action(a actionSpec) cas.Digest {
-	e.t.Helper()
-	if a.inputs == nil {
-		a.inputs = &repb.Directory{}
-	}
-	cmd := &repb.Command{
-		Arguments:            []string{"/bin/sh", "-c", a.script},
-		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}},
-		OutputFiles:          a.outFiles,
-		OutputDirectories:    a.outDirs,
-		OutputPaths:          a.outPaths,
-		WorkingDirectory:     a.wd,
-	}
-	if len(a.platform) > 0 {
-		cmd.Platform = &repb.Platform{}
-		for k, v := range a.platform {
-			cmd.Platform.Properties = append(cmd.Platform.Properties, &repb.Platform_Property{Name: k, Value: v})
-		}
-	}
-	act := &repb.Action{CommandDigest: e.putProto(cmd).Proto(), InputRootDigest: e.putProto(a.inputs).Proto(), DoNotCache: a.doNotCache}
-	if a.timeout > 0 {
-		act.Timeout = durationpb.New(a.timeout)
-	}
-	return e.putProto(act)
-}
-
-func (e *env) execute(ctx context.Context, d cas.Digest, skipCache bool) (*repb.ExecuteResponse, string, error) {
-	e.t.Helper()
-	stream, err := e.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: d.Proto(), SkipCacheLookup: skipCache})
-	if err != nil {
-		return nil, "", err
-	}
-	return drain(stream)
-}
-
-func drain(stream interface {
-	Recv() (*longrunningpb.Operation, error)
-}) (*repb.ExecuteResponse, string, error) {
-	var name string
-	for {
-		op, err := stream.Recv()
-		if err != nil {
-			return nil, name, err
-		}
-		name = op.Name
-		if op.Done {
-			resp := &repb.ExecuteResponse{}
-			if err := op.GetResponse().UnmarshalTo(resp); err != nil {
-				return nil, name, err
-			}
-			return resp, name, nil
-		}
-	}
-}
-
-func mustOK(t *testing.T, resp *repb.ExecuteResponse, err error) *repb.ActionResult {
-	t.Helper()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if resp.Status.GetCode() != 0 {
-		t.Fatalf("status %v", resp.Status)
-	}
-	return resp.Result
-}
 
 func TestExecuteOutputsAndCache(t *testing.T) {
 	e := newEnv(t, executor.ServiceOptions{})
@@ -301,89 +129,19 @@ func TestFailuresAndDoNotCacheAreNotCached(t *testing.T) {
 	}
 }
 
-func TestMissingInputsNameEveryBlob(t *testing.T) {
+// TestEscapingOutputSymlinksAreInvalidArgument: an output the command made
+// a symlink out of the execroot is refused.
+func TestEscapingOutputSymlinksAreInvalidArgument(t *testing.T) {
 	e := newEnv(t, executor.ServiceOptions{})
-	absent := cas.DigestOf([]byte("never uploaded"))
-	d := e.action(actionSpec{script: "cat f", inputs: &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: absent.Proto()}}}})
-	resp, _, err := e.execute(context.Background(), d, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := status.FromProto(resp.Status)
-	if st.Code() != codes.FailedPrecondition {
-		t.Fatalf("status %v, want FAILED_PRECONDITION", st)
-	}
-	var found bool
-	for _, det := range st.Details() {
-		if pf, ok := det.(*errdetails.PreconditionFailure); ok {
-			for _, v := range pf.Violations {
-				if v.Type == "MISSING" && v.Subject == "blobs/"+absent.String() {
-					found = true
-				}
-			}
-		}
-	}
-	if !found {
-		t.Fatalf("no MISSING violation for %s in %v", absent, st.Details())
-	}
-	// A missing Action blob is reported the same way.
-	resp, _, err = e.execute(context.Background(), cas.DigestOf([]byte("no action")), false)
-	if err != nil || status.FromProto(resp.Status).Code() != codes.FailedPrecondition {
-		t.Fatalf("missing action: %v %v", resp.GetStatus(), err)
-	}
-}
-
-func TestBadRequestsAreInvalidArgument(t *testing.T) {
-	e := newEnv(t, executor.ServiceOptions{})
-	f := e.put([]byte("x"))
 	cases := map[string]actionSpec{
-		"unknown runtime":          {script: "true", platform: map[string]string{"libc": "glibc1.0"}},
-		"output escapes":           {script: "true", outFiles: []string{"../escape"}},
-		"absolute output":          {script: "true", outFiles: []string{"/etc/passwd"}},
-		"working dir escapes":      {script: "true", wd: "../.."},
-		"working dir via symlink":  {script: "true", wd: "l/x", inputs: &repb.Directory{Symlinks: []*repb.SymlinkNode{{Name: "l", Target: "../../.."}}}},
-		"output via input symlink": {script: "true", outFiles: []string{"l/out"}, inputs: &repb.Directory{Symlinks: []*repb.SymlinkNode{{Name: "l", Target: ".."}}}},
-		"output symlink escapes":   {script: "ln -s ../../../etc/passwd o", outFiles: []string{"o"}},
-		"absolute output symlink":  {script: "ln -s /etc/passwd o", outFiles: []string{"o"}},
-		"dotdot input":             {script: "true", inputs: &repb.Directory{Files: []*repb.FileNode{{Name: "..", Digest: f.Proto()}}}},
-		"bad memory":               {script: "true", platform: map[string]string{"memory": "lots"}},
+		"output symlink escapes":  {script: "ln -s ../../../etc/passwd o", outFiles: []string{"o"}},
+		"absolute output symlink": {script: "ln -s /etc/passwd o", outFiles: []string{"o"}},
 	}
 	for name, a := range cases {
 		t.Run(name, func(t *testing.T) {
-			resp, _, err := e.execute(context.Background(), e.action(a), false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st := status.FromProto(resp.Status); st.Code() != codes.InvalidArgument {
-				t.Fatalf("status %v, want INVALID_ARGUMENT", st)
-			}
+			e.wantInvalidArgument(t, a)
 		})
 	}
-	resp, _, err := e.execute(context.Background(), e.action(cases["unknown runtime"]), false)
-	if err != nil || !strings.Contains(resp.Status.GetMessage(), `"host"`) {
-		t.Fatalf("unknown runtime message should list the available runtimes: %v", resp.GetStatus())
-	}
-	// An "Action" the server would have to load gigabytes of.
-	huge := cas.Digest{Hash: strings.Repeat("ab", 32), Size: 8 << 30}
-	resp, _, err = e.execute(context.Background(), huge, false)
-	if err != nil || status.FromProto(resp.Status).Code() != codes.InvalidArgument {
-		t.Fatalf("8 GiB action digest: %v %v, want INVALID_ARGUMENT", resp.GetStatus(), err)
-	}
-	_, err = e.exec.Execute(context.Background(), &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})
-	if err == nil {
-		_, _, err = drainErr(e, &repb.ExecuteRequest{ActionDigest: &repb.Digest{Hash: "nothex", SizeBytes: 1}})
-	}
-	if status.Code(err) != codes.InvalidArgument {
-		t.Fatalf("malformed action digest: %v", err)
-	}
-}
-
-func drainErr(e *env, req *repb.ExecuteRequest) (*repb.ExecuteResponse, string, error) {
-	stream, err := e.exec.Execute(context.Background(), req)
-	if err != nil {
-		return nil, "", err
-	}
-	return drain(stream)
 }
 
 func TestInputsAreReadOnlyUnlessMutatesInputs(t *testing.T) {
@@ -426,7 +184,13 @@ func TestTimeoutKeepsPartialOutput(t *testing.T) {
 }
 
 func TestIdenticalActionsInFlightAreDeduplicated(t *testing.T) {
-	e := newEnv(t, executor.ServiceOptions{Concurrency: 2})
+	fake := &executortest.Sandbox{Func: sleepThen(time.Second, func(spec *executor.RunSpec) error {
+		return os.WriteFile(filepath.Join(spec.ExecRoot, spec.WorkingDirectory, "t"), fmt.Appendf(nil, "%d\n", time.Now().UnixNano()), 0o644)
+	})}
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{Concurrency: 2}}, fake, testIdenticalActionsInFlightAreDeduplicated)
+}
+
+func testIdenticalActionsInFlightAreDeduplicated(t *testing.T, e *env) {
 	d := e.action(actionSpec{script: "sleep 1; date +%s%N > t", outFiles: []string{"t"}})
 	var wg sync.WaitGroup
 	names := make([]string, 3)
@@ -453,7 +217,11 @@ func TestIdenticalActionsInFlightAreDeduplicated(t *testing.T) {
 }
 
 func TestWaitExecution(t *testing.T) {
-	e := newEnv(t, executor.ServiceOptions{})
+	fake := &executortest.Sandbox{Func: sleepThen(time.Second, nil), Stdout: "done\n"}
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{}}, fake, testWaitExecution)
+}
+
+func testWaitExecution(t *testing.T, e *env) {
 	d := e.action(actionSpec{script: "sleep 1; echo done"})
 	stream, err := e.exec.Execute(context.Background(), &repb.ExecuteRequest{ActionDigest: d.Proto()})
 	if err != nil {
@@ -482,7 +250,11 @@ func TestWaitExecution(t *testing.T) {
 }
 
 func TestCancelledClientKillsAction(t *testing.T) {
-	e := newEnv(t, executor.ServiceOptions{CancelGrace: 100 * time.Millisecond})
+	fake := &executortest.Sandbox{Func: sleepThen(30*time.Second, nil)}
+	onBothSandboxes(t, envOptions{service: executor.ServiceOptions{CancelGrace: 100 * time.Millisecond}}, fake, testCancelledClientKillsAction)
+}
+
+func testCancelledClientKillsAction(t *testing.T, e *env) {
 	d := e.action(actionSpec{script: "sleep 30"})
 	ctx, cancel := context.WithCancel(context.Background())
 	stream, err := e.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: d.Proto()})

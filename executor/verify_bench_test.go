@@ -10,11 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/internal/testutil"
-	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/protobuf/proto"
 )
@@ -58,21 +56,9 @@ func BenchmarkExecuteInputVerification(b *testing.B) {
 	testutil.RequireRoot(b)
 	for _, n := range []int{0, 100, 2000} {
 		b.Run(fmt.Sprintf("inputs=%d", n), func(b *testing.B) {
+			sb := hostSandbox(b)
 			root := b.TempDir()
-			store, err := cas.NewDiskStore(filepath.Join(root, "cas"), cas.WithFsync(false))
-			if err != nil {
-				b.Fatal(err)
-			}
-			cache, err := actioncache.Open(filepath.Join(root, "ac.db"), store)
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { cache.Close() })
-			sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: filepath.Join(root, "sandbox")})
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { sb.Close() })
+			store, cache := openStores(b, root)
 			var exs []*executor.Executor
 			for i, st := range []cas.Store{unverifiedStore{store}, store} {
 				ex, err := executor.New(executor.Options{Store: st, Cache: cache, Sandbox: sb, InputRoot: executor.LinkInputRoot{Store: store},

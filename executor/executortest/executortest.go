@@ -1,20 +1,19 @@
 // Package executortest has test doubles for code built on package
 // executor: a Sandbox that runs no command, for tests of what surrounds a
-// run (queueing, deduplication, cancellation, missing inputs, shutdown),
-// which then need neither root nor the real sandbox.
+// run (queueing, deduplication, cancellation, missing inputs, validation,
+// shutdown), which then need neither root nor the real sandbox; an
+// InputRoot that counts what it stages; and an in-process gRPC server.
 package executortest
 
 import (
 	"context"
-	"net"
 	"os"
 	"sync"
 	"testing"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/grpctest"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // Sandbox is an executor.Sandbox that runs nothing. Each Run calls Func
@@ -85,21 +84,58 @@ func Block(release <-chan struct{}) func(context.Context, *executor.RunSpec) (*e
 	}
 }
 
+// InputRoot is an executor.InputRoot that counts the roots it is asked
+// to stage, for tests of what happens before staging. Each Stage goes to
+// Root, or with a nil Root only creates the empty directory.
+//
+// It takes no StageOptions, so the executor stages the private copy of a
+// mutates_inputs action itself, without calling this Stage.
+type InputRoot struct {
+	Root executor.InputRoot
+
+	mu     sync.Mutex
+	stages int
+}
+
+var _ executor.InputRoot = (*InputRoot)(nil)
+
+// Name implements executor.InputRoot.
+func (r *InputRoot) Name() string {
+	if r.Root != nil {
+		return r.Root.Name()
+	}
+	return "executortest"
+}
+
+// Stage implements executor.InputRoot.
+func (r *InputRoot) Stage(ctx context.Context, tree *executor.InputTree, dir string) (func() error, error) {
+	r.mu.Lock()
+	r.stages++
+	r.mu.Unlock()
+	if r.Root != nil {
+		return r.Root.Stage(ctx, tree, dir)
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return nil, err
+	}
+	return func() error { return nil }, nil
+}
+
+// Stages is how many times Stage was called.
+func (r *InputRoot) Stages() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stages
+}
+
 // Dial serves what register adds on an in-process (bufconn) gRPC server and
 // returns a client connection to it; both are closed when t ends.
 func Dial(t testing.TB, register func(grpc.ServiceRegistrar)) *grpc.ClientConn {
 	t.Helper()
-	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer()
 	register(g)
-	go g.Serve(lis)
 	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := grpctest.Dial(t, g, grpctest.BufSize)
 	t.Cleanup(func() { conn.Close() })
 	return conn
 }

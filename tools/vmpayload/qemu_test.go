@@ -21,6 +21,7 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/internal/streammux"
+	"github.com/actiond/actiond/internal/tsc"
 	"github.com/actiond/actiond/vmhost/vmpayload"
 )
 
@@ -124,7 +125,7 @@ func qemuArgs(cfg vmConfig, sock, qmp string) []string {
 		cmdline = cfg.Manifest.Cmdlines["qemu-virt"]
 	}
 	if cfg.Arch == "amd64" && accel == "tcg" {
-		if khz := hostTSCkHz(); khz > 0 {
+		if khz := tsc.HostKHz(); khz > 0 {
 			cmdline += fmt.Sprintf(" tsc_early_khz=%d", khz)
 		}
 	}

@@ -21,7 +21,7 @@ type Plan struct {
 	// of the "actiond" virtio-serial port (serial only).
 	QMPSocket, SerialSocket string
 	// TSCkHz, when non-zero on an x86 guest under TCG, is passed as
-	// tsc_early_khz (see hostTSCkHz).
+	// tsc_early_khz (see tsc.HostKHz).
 	TSCkHz uint64
 	// Cmdline is the kernel command line.
 	Cmdline string

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/actiond/actiond/internal/tsc"
 )
 
 // Probe decides whether KVM actually works for a guest kernel. /dev/kvm
@@ -172,7 +174,7 @@ func (p Probe) boot(ctx context.Context, accel string) ProbeResult {
 		"-append", "console="+ConsoleDevice(p.Arch)+" panic=-1",
 	)
 	if accel == AccelTCG && p.Arch == "amd64" {
-		if khz := hostTSCkHz(); khz > 0 {
+		if khz := tsc.HostKHz(); khz > 0 {
 			args[len(args)-1] += fmt.Sprintf(" tsc_early_khz=%d", khz)
 		}
 	}

@@ -33,6 +33,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/actiond/actiond/internal/tsc"
 	"github.com/actiond/actiond/vmhost"
 )
 
@@ -173,7 +174,7 @@ func (m *Machine) Start(ctx context.Context) error {
 		}},
 		{Name: "kernel command line", Run: func(context.Context) error {
 			if p.Accel == AccelTCG && c.Arch == "amd64" {
-				p.TSCkHz = hostTSCkHz()
+				p.TSCkHz = tsc.HostKHz()
 			}
 			p.Cmdline = Cmdline(*c, p)
 			return nil

@@ -1,18 +1,19 @@
-package qemu
+package tsc
 
 import (
 	"runtime"
 	"time"
 )
 
+// rdtsc reads the time-stamp counter (after an LFENCE, so that earlier
+// instructions cannot be counted after it).
 func rdtsc() uint64
 
-// hostTSCkHz measures the host's time-stamp counter frequency in kHz
-// against the monotonic clock (the median of three 20 ms samples). Under
-// TCG an x86 guest's TSC runs at the host's rate, so passing it as
-// tsc_early_khz spares the guest kernel its PIT calibration, which fails
-// (and then hangs the boot) when the host is busy.
-func hostTSCkHz() uint64 {
+// HostKHz measures the host's time-stamp counter rate in kHz against the
+// monotonic clock: the median of three 20 ms samples, so one sample
+// disturbed by a busy host does not count. It is 0 when the clock or the
+// counter went backwards.
+func HostKHz() uint64 {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	var s [3]uint64
