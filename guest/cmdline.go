@@ -9,20 +9,21 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/bootparams"
 	"github.com/actiond/actiond/internal/units"
 )
 
 // Transports the guest can serve on.
 const (
-	TransportAuto   = "auto"   // vsock when the VM has a vsock device, else serial
-	TransportVsock  = "vsock"  // AF_VSOCK, port Config.VsockPort (Virtualization.framework, vhost-vsock)
-	TransportSerial = "serial" // virtio-serial port Config.SerialName, multiplexed with streammux
+	TransportAuto   = bootparams.TransportAuto   // vsock when the VM has a vsock device, else serial
+	TransportVsock  = bootparams.TransportVsock  // AF_VSOCK, port Config.VsockPort (Virtualization.framework, vhost-vsock)
+	TransportSerial = bootparams.TransportSerial // virtio-serial port Config.SerialName, multiplexed with streammux
 )
 
 // Defaults of the kernel command line parameters.
 const (
-	DefaultVsockPort      = 8980
-	DefaultSerialName     = "actiond"
+	DefaultVsockPort      = bootparams.VsockPort
+	DefaultSerialName     = bootparams.SerialPortName
 	DefaultRuntimeName    = "glibc2.36"
 	DefaultDrainTimeout   = 30 * time.Second
 	DefaultCASMountPoint  = "/cas"
@@ -112,32 +113,32 @@ func oneOf(v string, allowed ...string) error {
 }
 
 var params = map[string]param{
-	"transport": {"auto, vsock or serial (default auto: vsock when the VM has a vsock device)", func(c *Config, v string) error {
+	bootparams.Transport: {"auto, vsock or serial (default auto: vsock when the VM has a vsock device)", func(c *Config, v string) error {
 		c.Transport = v
 		return oneOf(v, TransportAuto, TransportVsock, TransportSerial)
 	}},
-	"port": {"vsock port to listen on (default 8980)", func(c *Config, v string) error {
+	bootparams.Port: {"vsock port to listen on (default 8980)", func(c *Config, v string) error {
 		n, err := strconv.ParseUint(v, 10, 32)
 		c.VsockPort = uint32(n)
 		return err
 	}},
-	"serial": {"name of the virtio-serial port (default actiond)", func(c *Config, v string) error {
+	bootparams.Serial: {"name of the virtio-serial port (default actiond)", func(c *Config, v string) error {
 		c.SerialName = v
 		if v == "" {
 			return fmt.Errorf("empty port name")
 		}
 		return nil
 	}},
-	"cas": {"CAS disk: auto, /dev/vdX, vdX or id:SERIAL (default auto)", func(c *Config, v string) error {
+	bootparams.CAS: {"CAS disk: auto, /dev/vdX, vdX or id:SERIAL (default auto)", func(c *Config, v string) error {
 		c.CASDevice = v
-		if v == "none" {
+		if v == bootparams.None {
 			return fmt.Errorf("the CAS disk is required")
 		}
 		return checkDeviceSpec(v)
 	}},
-	"runtimes": {"runtimes disk: auto, none, /dev/vdX, vdX or id:SERIAL (default auto)", func(c *Config, v string) error {
+	bootparams.Runtimes: {"runtimes disk: auto, none, /dev/vdX, vdX or id:SERIAL (default auto)", func(c *Config, v string) error {
 		c.RuntimesDevice = v
-		if v == "none" {
+		if v == bootparams.None {
 			return nil
 		}
 		return checkDeviceSpec(v)
@@ -184,7 +185,7 @@ var params = map[string]param{
 		c.DrainTimeout, err = time.ParseDuration(v)
 		return err
 	}},
-	"console": {"device for logs when /dev/console is unusable at boot, e.g. hvc0", func(c *Config, v string) error {
+	bootparams.Console: {"device for logs when /dev/console is unusable at boot, e.g. hvc0", func(c *Config, v string) error {
 		c.Console = strings.TrimPrefix(v, "/dev/")
 		return nil
 	}},
@@ -201,7 +202,7 @@ var params = map[string]param{
 func checkDeviceSpec(v string) error {
 	switch {
 	case v == "auto":
-	case strings.HasPrefix(v, "id:") && len(v) > 3:
+	case strings.HasPrefix(v, bootparams.DiskByID) && len(v) > len(bootparams.DiskByID):
 	case strings.HasPrefix(v, "/dev/") && len(v) > 5:
 	case v != "" && !strings.ContainsAny(v, "/ "):
 	default:
@@ -234,7 +235,7 @@ func ParseCmdline(cmdline string) (cfg Config, warnings []string, err error) {
 			break
 		}
 		key, val, _ := strings.Cut(word, "=")
-		name, ok := strings.CutPrefix(key, "actiond.")
+		name, ok := strings.CutPrefix(key, bootparams.Prefix)
 		if !ok {
 			continue
 		}
@@ -256,7 +257,7 @@ func ParseCmdline(cmdline string) (cfg Config, warnings []string, err error) {
 func paramNames() []string {
 	var names []string
 	for name := range params {
-		names = append(names, "actiond."+name)
+		names = append(names, bootparams.Prefix+name)
 	}
 	sort.Strings(names)
 	return names

@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/actiond/actiond/internal/bootparams"
 	"github.com/actiond/actiond/sandbox"
 )
 
@@ -156,8 +157,8 @@ func pickDisk(spec string, disks []disk, exclude string, match func(disk) bool) 
 			if match(d) {
 				return d, nil
 			}
-		case strings.HasPrefix(spec, "id:"):
-			if d.Serial == spec[3:] {
+		case strings.HasPrefix(spec, bootparams.DiskByID):
+			if d.Serial == strings.TrimPrefix(spec, bootparams.DiskByID) {
 				return d, nil
 			}
 		case d.Dev == spec || d.Name == spec:

@@ -8,26 +8,27 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+
+	"github.com/actiond/actiond/internal/bootparams"
 )
 
-// Names shared with package guest (see the package documentation).
+// Names shared with package guest: the boot contract (internal/bootparams).
 const (
-	// DefaultVsockPort is the guest's vsock port (guest.DefaultVsockPort).
-	DefaultVsockPort = 8980
-	// SerialPortName names the virtio-serial port carrying streammux
-	// (guest.DefaultSerialName).
-	SerialPortName = "actiond"
+	// DefaultVsockPort is the guest's vsock port.
+	DefaultVsockPort = bootparams.VsockPort
+	// SerialPortName names the virtio-serial port carrying streammux.
+	SerialPortName = bootparams.SerialPortName
 	// CASDiskID and RuntimesDiskID are the virtio-blk serials of the disks
 	// (QEMU serial=, Virtualization.framework blockDeviceIdentifier; at
 	// most 20 bytes), which the guest matches with actiond.cas=id:….
-	CASDiskID      = "actiond-cas"
-	RuntimesDiskID = "actiond-runtimes"
+	CASDiskID      = bootparams.CASDiskID
+	RuntimesDiskID = bootparams.RuntimesDiskID
 )
 
 // Transports between host and guest.
 const (
-	TransportVsock  = "vsock"  // AF_VSOCK: vz, or QEMU with /dev/vhost-vsock
-	TransportSerial = "serial" // virtio-serial port SerialPortName + streammux
+	TransportVsock  = bootparams.TransportVsock  // AF_VSOCK: vz, or QEMU with /dev/vhost-vsock
+	TransportSerial = bootparams.TransportSerial // virtio-serial port SerialPortName + streammux
 )
 
 // Config is what every backend needs to boot the guest. Backends add their
@@ -143,28 +144,28 @@ func (p KernelParams) String() string {
 		if p.Console == "hvc0" {
 			// hvc0 appears only once the guest loaded virtio_console: tell
 			// it where its logs go.
-			words = append(words, "actiond.console=hvc0")
+			words = append(words, bootparams.Param(bootparams.Console, "hvc0"))
 		}
 	}
 	// panic=-1: a panicking guest reboots at once, and a reboot ends the VM
 	// (QEMU -no-reboot), so the host notices and reports the console.
 	// loglevel=4: warnings and worse on the console (it is slow under TCG).
-	words = append(words, "panic=-1", "loglevel=4", "actiond.transport="+p.Transport)
+	words = append(words, "panic=-1", "loglevel=4", bootparams.Param(bootparams.Transport, p.Transport))
 	switch p.Transport {
 	case TransportVsock:
 		port := p.VsockPort
 		if port == 0 {
 			port = DefaultVsockPort
 		}
-		words = append(words, "actiond.port="+strconv.FormatUint(uint64(port), 10))
+		words = append(words, bootparams.Param(bootparams.Port, strconv.FormatUint(uint64(port), 10)))
 	case TransportSerial:
-		words = append(words, "actiond.serial="+SerialPortName)
+		words = append(words, bootparams.Param(bootparams.Serial, SerialPortName))
 	}
-	words = append(words, "actiond.cas=id:"+CASDiskID)
+	words = append(words, bootparams.Param(bootparams.CAS, bootparams.DiskByID+CASDiskID))
 	if p.Runtimes {
-		words = append(words, "actiond.runtimes=id:"+RuntimesDiskID)
+		words = append(words, bootparams.Param(bootparams.Runtimes, bootparams.DiskByID+RuntimesDiskID))
 	} else {
-		words = append(words, "actiond.runtimes=none")
+		words = append(words, bootparams.Param(bootparams.Runtimes, bootparams.None))
 	}
 	words = append(words, p.Extra...)
 	return strings.Join(words, " ")
