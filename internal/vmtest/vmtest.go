@@ -203,11 +203,13 @@ func prepare(t testing.TB, p vmhost.Payload, arch, img string) error {
 		}
 	}
 	// A clean power-off: the guest syncs and unmounts the CAS disk.
-	if err := cc.Invoke(ctx, "/actiond.guest.v1.Guest/PowerOff", &emptypb.Empty{}, &emptypb.Empty{}); err != nil {
-		return fmt.Errorf("power off: %w", err)
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := m.Stop(sctx); err != nil {
+		return fmt.Errorf("power off: %w\nconsole:\n%s", err, console.Tail(30))
 	}
-	if err := m.Wait(); err != nil {
-		return fmt.Errorf("power off: %w", err)
+	if !strings.Contains(console.Tail(20), `msg="powering off"`) {
+		return fmt.Errorf("the guest did not power off cleanly\nconsole:\n%s", console.Tail(30))
 	}
 	return nil
 }
