@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -12,12 +11,11 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/grpctest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -66,17 +64,10 @@ func newHostileEnv(t *testing.T) *hostileEnv {
 		t.Fatal(err)
 	}
 	svc := NewService(cache, store, ServiceOptions{})
-	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer(grpc.MaxRecvMsgSize(64 << 20))
 	repb.RegisterActionCacheServer(g, svc)
 	repb.RegisterContentAddressableStorageServer(g, cas.NewService(ds, cas.ServiceOptions{}))
-	go g.Serve(lis)
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := grpctest.Dial(t, g, grpctest.BufSize)
 	t.Cleanup(func() {
 		conn.Close()
 		g.Stop()

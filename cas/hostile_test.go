@@ -4,20 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
 
+	"github.com/actiond/actiond/internal/grpctest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // sparseFile makes a file of size bytes that holds no data blocks.
@@ -114,16 +112,9 @@ func TestZstdBatchEntryDoesNotPreallocate(t *testing.T) {
 // byteStreamClient serves svc's ByteStream in process.
 func byteStreamClient(t *testing.T, svc *Service) bspb.ByteStreamClient {
 	t.Helper()
-	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer()
 	RegisterByteStream(g, svc.ByteStream())
-	go g.Serve(lis)
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := grpctest.Dial(t, g, grpctest.BufSize)
 	t.Cleanup(func() {
 		conn.Close()
 		g.Stop()

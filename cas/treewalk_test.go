@@ -5,16 +5,14 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/grpctest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -64,17 +62,10 @@ func TestGetTreeResumesWithoutReadingFromTheRoot(t *testing.T) {
 	}
 	rd := put(root)
 
-	lis := bufconn.Listen(1 << 20)
 	g := grpc.NewServer()
 	repb.RegisterContentAddressableStorageServer(g, cas.NewService(store, cas.ServiceOptions{Logger: quietLogger()}))
-	go g.Serve(lis)
 	defer g.Stop()
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn := grpctest.Dial(t, g, grpctest.BufSize)
 	defer conn.Close()
 	e := &env{cas: repb.NewContentAddressableStorageClient(conn)}
 
