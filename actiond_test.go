@@ -58,8 +58,25 @@ func newClients(conn *grpc.ClientConn) *clients {
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-// inProcess serves a fresh actiond.Server over bufconn.
+// inProcess serves a fresh actiond.Server over bufconn; Cleanup stops it.
 func inProcess(t *testing.T, opts actiond.Options) (*actiond.Server, *clients) {
+	t.Helper()
+	srv, _, c := serveInProcess(t, opts)
+	return srv, c
+}
+
+// restartable is inProcess with a stop function, for a restart on the same
+// root (Cleanup stops it otherwise, once).
+func restartable(t *testing.T, opts actiond.Options) (func(), *clients) {
+	t.Helper()
+	_, stop, c := serveInProcess(t, opts)
+	return stop, c
+}
+
+// serveInProcess serves an actiond.Server made from opts (a fresh root and
+// a quiet logger where unset) over bufconn. stop closes the connection, the
+// gRPC server and the server, in that order, once; Cleanup calls it too.
+func serveInProcess(t *testing.T, opts actiond.Options) (*actiond.Server, func(), *clients) {
 	t.Helper()
 	if opts.Root == "" {
 		opts.Root = t.TempDir()
@@ -73,12 +90,16 @@ func inProcess(t *testing.T, opts actiond.Options) (*actiond.Server, *clients) {
 	}
 	g := srv.GRPCServer()
 	conn := grpctest.Dial(t, g, grpctest.BufSize)
-	t.Cleanup(func() {
-		conn.Close()
-		g.Stop()
-		srv.Close()
-	})
-	return srv, newClients(conn)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			conn.Close()
+			g.Stop()
+			srv.Close()
+		})
+	}
+	t.Cleanup(stop)
+	return srv, stop, newClients(conn)
 }
 
 func blobData(seed, n int) []byte {

@@ -8,11 +8,8 @@ package actiond_test
 
 import (
 	"bytes"
-	"context"
-	"net"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
@@ -23,11 +20,8 @@ import (
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -128,11 +122,7 @@ func TestCorruptInputNeverBacksAnAction(t *testing.T) {
 					err := actiondfs.Available()
 					testutil.Require(t, err == nil, "actiondfs needs FUSE: "+errString(err))
 				}
-				sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: t.TempDir()})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { sb.Close() })
+				sb := hostSandbox(t)
 				root := t.TempDir()
 				opts := actiond.Options{Root: root, NoFsync: true, Sandbox: sb, InputRootKind: strategy, ScrubRate: -1, Logger: quiet()}
 				stop, c := restartable(t, opts)
@@ -189,11 +179,7 @@ func TestActiondfsDropsQuarantinedBlob(t *testing.T) {
 	testutil.RequireRoot(t)
 	err := actiondfs.Available()
 	testutil.Require(t, err == nil, "actiondfs needs FUSE: "+errString(err))
-	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
+	sb := hostSandbox(t)
 	root := t.TempDir()
 	_, c := restartable(t, actiond.Options{Logger: quiet(), Root: root, NoFsync: true, Sandbox: sb, InputRootKind: "fuse", ScrubRate: -1})
 	in := blobData(2, 5000)
@@ -231,33 +217,16 @@ func TestActiondfsDropsQuarantinedBlob(t *testing.T) {
 	}
 }
 
-// restartable is inProcess with a stop function for a restart on the same
-// root (Cleanup stops it otherwise, once).
-func restartable(t *testing.T, opts actiond.Options) (func(), *clients) {
+// hostSandbox is a sandbox with only the host runtime, closed at Cleanup
+// (after any server started later in the test has stopped).
+func hostSandbox(t *testing.T) *sandbox.Sandbox {
 	t.Helper()
-	srv, err := actiond.New(opts)
+	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis := bufconn.Listen(1 << 20)
-	g := srv.GRPCServer()
-	go g.Serve(lis)
-	conn, err := grpc.NewClient("passthrough:///bufconn",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			conn.Close()
-			g.Stop()
-			srv.Close()
-		})
-	}
-	t.Cleanup(stop)
-	return stop, newClients(conn)
+	t.Cleanup(func() { sb.Close() })
+	return sb
 }
 
 func errString(err error) string {
@@ -272,11 +241,7 @@ func errString(err error) string {
 // restart, and runs after the re-upload.
 func TestCorruptActionProtosAreMissing(t *testing.T) {
 	testutil.RequireRoot(t)
-	sb, err := sandbox.New(sandbox.Config{Runtimes: []sandbox.Runtime{sandbox.HostRuntime()}, StateDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
+	sb := hostSandbox(t)
 	root := t.TempDir()
 	_, c := restartable(t, actiond.Options{Root: root, NoFsync: true, Sandbox: sb, InputRootKind: "hardlink", ScrubRate: -1, Logger: quiet()})
 	in := []byte("input\n")
