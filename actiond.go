@@ -486,7 +486,7 @@ func (c capabilities) GetCapabilities(ctx context.Context, req *repb.GetCapabili
 				UpdateEnabled: true,
 			},
 			MaxBatchTotalSizeBytes:          c.MaxBatchSize,
-			SymlinkAbsolutePathStrategy:     repb.SymlinkAbsolutePathStrategy_DISALLOWED,
+			SymlinkAbsolutePathStrategy:     executor.SymlinkAbsolutePathStrategy,
 			SupportedCompressors:            []repb.Compressor_Value{repb.Compressor_ZSTD},
 			SupportedBatchUpdateCompressors: []repb.Compressor_Value{repb.Compressor_ZSTD},
 		},
