@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -170,17 +171,7 @@ func TestInputEvictedBeforePinIsMissing(t *testing.T) {
 			if st.Code() != codes.FailedPrecondition {
 				t.Fatalf("status %v, want FAILED_PRECONDITION", st)
 			}
-			var subjects []string
-			for _, det := range st.Details() {
-				if pf, ok := det.(*errdetails.PreconditionFailure); ok {
-					for _, v := range pf.Violations {
-						if v.Type == "MISSING" {
-							subjects = append(subjects, v.Subject)
-						}
-					}
-				}
-			}
-			if len(subjects) != 1 || subjects[0] != "blobs/"+gone.String() {
+			if subjects := missingSubjects(st); len(subjects) != 1 || subjects[0] != "blobs/"+gone.String() {
 				t.Fatalf("MISSING violations %v, want exactly blobs/%s", subjects, gone)
 			}
 		})
@@ -201,17 +192,7 @@ func TestMissingInputsNameEveryBlob(t *testing.T) {
 	if st.Code() != codes.FailedPrecondition {
 		t.Fatalf("status %v, want FAILED_PRECONDITION", st)
 	}
-	var found bool
-	for _, det := range st.Details() {
-		if pf, ok := det.(*errdetails.PreconditionFailure); ok {
-			for _, v := range pf.Violations {
-				if v.Type == "MISSING" && v.Subject == "blobs/"+absent.String() {
-					found = true
-				}
-			}
-		}
-	}
-	if !found {
+	if !slices.Contains(missingSubjects(st), "blobs/"+absent.String()) {
 		t.Fatalf("no MISSING violation for %s in %v", absent, st.Details())
 	}
 	// A missing Action blob is reported the same way.
@@ -303,4 +284,20 @@ func TestBadRequestsAreRefusedBeforeStaging(t *testing.T) {
 	if n := ir.Stages(); n != 1 {
 		t.Fatalf("%d stagings in all after one good request, want 1", n)
 	}
+}
+
+// missingSubjects lists the subjects of st's MISSING precondition
+// violations, in order.
+func missingSubjects(st *status.Status) []string {
+	var subjects []string
+	for _, det := range st.Details() {
+		if pf, ok := det.(*errdetails.PreconditionFailure); ok {
+			for _, v := range pf.Violations {
+				if v.Type == "MISSING" {
+					subjects = append(subjects, v.Subject)
+				}
+			}
+		}
+	}
+	return subjects
 }
