@@ -660,22 +660,12 @@ func TestStaleMounts(t *testing.T) {
 func TestSpareMounts(t *testing.T) {
 	e := newEnv(t, actiondfs.WithSpareMounts(2))
 	mntDir := filepath.Join(e.dir, "fs", "mnt")
-	mountsUnder := func(dir string) int {
-		data, _ := os.ReadFile("/proc/self/mountinfo")
-		n := 0
-		for _, l := range strings.Split(string(data), "\n") {
-			if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-				n++
-			}
-		}
-		return n
-	}
 	waitSpares := func(want int) {
 		t.Helper()
 		deadline := time.Now().Add(10 * time.Second)
-		for e.root.SpareMounts() != want || mountsUnder(mntDir) != want {
+		for e.root.SpareMounts() != want || mountsBelow(mntDir) != want {
 			if time.Now().After(deadline) {
-				t.Fatalf("%d spares ready, %d mounts under %s; want %d spares", e.root.SpareMounts(), mountsUnder(mntDir), mntDir, want)
+				t.Fatalf("%d spares ready, %d mounts under %s; want %d spares", e.root.SpareMounts(), mountsBelow(mntDir), mntDir, want)
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
@@ -746,7 +736,7 @@ func TestSpareMounts(t *testing.T) {
 	if err := e.root.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := mountsUnder(e.dir); n != 0 {
+	if n := mountsBelow(e.dir); n != 0 {
 		t.Errorf("%d mounts left after Close", n)
 	}
 	if ents, _ := os.ReadDir(mntDir); len(ents) != 0 {
