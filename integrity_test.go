@@ -129,12 +129,7 @@ func TestCorruptInputNeverBacksAnAction(t *testing.T) {
 
 				in := blobData(1, 10000)
 				ind := cas.DigestOf(in)
-				dir := marshal(t, &repb.Directory{Files: []*repb.FileNode{{Name: "in", Digest: ind.Proto()}}})
-				cmd := marshal(t, &repb.Command{Arguments: []string{"/bin/sh", "-c", "sha256sum in > out"}, OutputFiles: []string{"out"},
-					EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}}})
-				act := marshal(t, &repb.Action{CommandDigest: cas.DigestOf(cmd).Proto(), InputRootDigest: cas.DigestOf(dir).Proto()})
-				putBlobs(t, c, in, dir, cmd, act)
-				ad := cas.DigestOf(act)
+				ad := putHashAction(t, c, in)
 				want := ind.Hash + "  in\n"
 				checkOut := func(resp *repb.ExecuteResponse) {
 					t.Helper()
@@ -184,12 +179,7 @@ func TestActiondfsDropsQuarantinedBlob(t *testing.T) {
 	_, c := restartable(t, actiond.Options{Logger: quiet(), Root: root, NoFsync: true, Sandbox: sb, InputRootKind: "fuse", ScrubRate: -1})
 	in := blobData(2, 5000)
 	ind := cas.DigestOf(in)
-	dir := marshal(t, &repb.Directory{Files: []*repb.FileNode{{Name: "in", Digest: ind.Proto()}}})
-	cmd := marshal(t, &repb.Command{Arguments: []string{"/bin/sh", "-c", "sha256sum in > out"}, OutputFiles: []string{"out"},
-		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}}})
-	act := marshal(t, &repb.Action{CommandDigest: cas.DigestOf(cmd).Proto(), InputRootDigest: cas.DigestOf(dir).Proto()})
-	putBlobs(t, c, in, dir, cmd, act)
-	ad := cas.DigestOf(act)
+	ad := putHashAction(t, c, in)
 	want := ind.Hash + "  in\n"
 	run := func() string {
 		t.Helper()
@@ -215,6 +205,19 @@ func TestActiondfsDropsQuarantinedBlob(t *testing.T) {
 	if got := run(); got != want {
 		t.Fatalf("after quarantine and re-upload the action saw %q, want %q", got, want)
 	}
+}
+
+// putHashAction uploads in, as the action's one input file "in", and an
+// action whose command writes `sha256sum in` to the output file "out"; it
+// returns the action's digest.
+func putHashAction(t *testing.T, c *clients, in []byte) cas.Digest {
+	t.Helper()
+	dir := marshal(t, &repb.Directory{Files: []*repb.FileNode{{Name: "in", Digest: cas.DigestOf(in).Proto()}}})
+	cmd := marshal(t, &repb.Command{Arguments: []string{"/bin/sh", "-c", "sha256sum in > out"}, OutputFiles: []string{"out"},
+		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin"}}})
+	act := marshal(t, &repb.Action{CommandDigest: cas.DigestOf(cmd).Proto(), InputRootDigest: cas.DigestOf(dir).Proto()})
+	putBlobs(t, c, in, dir, cmd, act)
+	return cas.DigestOf(act)
 }
 
 // hostSandbox is a sandbox with only the host runtime, closed at Cleanup
