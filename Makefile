@@ -9,6 +9,7 @@ VM_DIR      ?= $(CACHE_DIR)/vm
 ARCH        ?= amd64
 FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 60m
+STATICCHECK_VERSION ?= v0.8.2
 export ACTIOND_RUNTIME_DIR := $(RUNTIME_DIR)
 # serve-vm, `actiond vm payload` and the VM tests find payloads here
 # (default: the user's cache dir).
@@ -80,6 +81,7 @@ vet:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
 
 unit:
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...

@@ -189,7 +189,7 @@ func TestBazelRemoteExecAfterCorruption(t *testing.T) {
 		if err != nil && !strings.Contains(out, "DATA_LOSS") {
 			t.Fatalf("that build failed, but not with DATA_LOSS")
 		}
-		out = build()
+		build()
 		requireSameOutputs(t, "the build after it", local, OutputsHash(t, ws))
 		bazel(t, "clean")
 		out = build()

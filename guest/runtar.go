@@ -390,7 +390,7 @@ func setXattrs(fd int, hdr *tar.Header) error {
 func (x *extractor) finishDirs() error {
 	for i := len(x.dirs) - 1; i >= 0; i-- {
 		d := x.dirs[i]
-		fd := x.root
+		var fd int
 		if d.rel != "." {
 			var err error
 			// O_PATH fds do not take fchown/fchmod; open the directory

@@ -39,7 +39,7 @@ type Index struct {
 func ParseIndex(data []byte, arch string) (*Index, error) {
 	paras, err := ParseParagraphs(data)
 	if err != nil {
-		return nil, fmt.Errorf("Packages: %w", err)
+		return nil, fmt.Errorf("the Packages index: %w", err)
 	}
 	idx := &Index{Arch: arch, Packages: map[string]*Package{}, Provides: map[string][]*Package{}}
 	for _, para := range paras {
@@ -50,13 +50,13 @@ func ParseIndex(data []byte, arch string) (*Index, error) {
 			PreDepends: para.Get("Pre-Depends"), Provides: para.Get("Provides"), Para: para,
 		}
 		if p.Name == "" || p.Filename == "" || p.SHA256 == "" {
-			return nil, fmt.Errorf("Packages: stanza %q lacks Package, Filename or SHA256", p.Name)
+			return nil, fmt.Errorf("the Packages index: stanza %q lacks Package, Filename or SHA256", p.Name)
 		}
 		if p.Arch != arch && p.Arch != "all" {
 			continue
 		}
 		if p.Size, err = strconv.ParseInt(para.Get("Size"), 10, 64); err != nil {
-			return nil, fmt.Errorf("Packages: %s: Size: %w", p.Name, err)
+			return nil, fmt.Errorf("the Packages index: %s: Size: %w", p.Name, err)
 		}
 		if prev, dup := idx.Packages[p.Name]; dup {
 			// Several versions in one index (rare in a release suite):
