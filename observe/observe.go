@@ -138,10 +138,12 @@ func (o *Observer) Attach(srv *actiond.Server) {
 		counter("actiond_cas_scrubbed_bytes_total", "Bytes the background scrubber has re-hashed.", func() float64 { return float64(disk.ScrubStats().Bytes) })
 		counter("actiond_cas_scrub_passes_total", "Completed scrubber passes over every blob.", func() float64 { return float64(disk.ScrubStats().Passes) })
 	}
-	counter("actiond_ac_hits_total", "ActionCache lookups that found a complete result.", func() float64 { return float64(srv.Cache.Stats().Hits) })
-	counter("actiond_ac_misses_total", "ActionCache lookups that found nothing usable.", func() float64 { return float64(srv.Cache.Stats().Misses) })
-	gauge("actiond_ac_hit_ratio", "ActionCache hits / lookups since start (0 before any lookup).", func() float64 { return hitRatio(srv.Cache.Stats().Hits, srv.Cache.Stats().Misses) })
-	gauge("actiond_ac_entries", "ActionResults stored.", func() float64 { return float64(srv.Cache.Stats().Entries) })
+	if ac := srv.Cache; ac != nil { // nil when Options.Cache replaced the bbolt cache (a farm worker's is the farm's)
+		counter("actiond_ac_hits_total", "ActionCache lookups that found a complete result.", func() float64 { return float64(ac.Stats().Hits) })
+		counter("actiond_ac_misses_total", "ActionCache lookups that found nothing usable.", func() float64 { return float64(ac.Stats().Misses) })
+		gauge("actiond_ac_hit_ratio", "ActionCache hits / lookups since start (0 before any lookup).", func() float64 { return hitRatio(ac.Stats().Hits, ac.Stats().Misses) })
+		gauge("actiond_ac_entries", "ActionResults stored.", func() float64 { return float64(ac.Stats().Entries) })
+	}
 	if srv.Execution != nil {
 		gauge("actiond_actions_queued", "Actions waiting for a free slot.", func() float64 { q, _ := srv.Execution.Load(); return float64(q) })
 		gauge("actiond_actions_running", "Actions running.", func() float64 { _, r := srv.Execution.Load(); return float64(r) })

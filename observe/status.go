@@ -157,9 +157,11 @@ func (o *Observer) snapshot() statusData {
 			d.UsedPercent = 100 * float64(st.Bytes) / float64(st.MaxBytes)
 		}
 	}
-	ac := srv.Cache.Stats()
-	d.Hits, d.Misses, d.Entries = ac.Hits, ac.Misses, int64(ac.Entries)
-	d.HitRatio = 100 * hitRatio(ac.Hits, ac.Misses)
+	if srv.Cache != nil { // nil when Options.Cache replaced the bbolt cache
+		ac := srv.Cache.Stats()
+		d.Hits, d.Misses, d.Entries = ac.Hits, ac.Misses, int64(ac.Entries)
+		d.HitRatio = 100 * hitRatio(ac.Hits, ac.Misses)
+	}
 	in, out := srv.CASCounters().Snapshot()
 	d.BytesIn, d.BytesOut = units.Format(in), units.Format(out)
 	if srv.Execution != nil {

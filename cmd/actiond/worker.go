@@ -65,6 +65,8 @@ func runWorker(args []string) error {
 	fs.Var(sizeFlag{&maxSize}, "max-size", "local CAS cache size limit (e.g. 20G; 0 = unlimited)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	drain := fs.Duration("drain-timeout", 10*time.Minute, "on SIGINT/SIGTERM, how long running actions may take to finish (a second signal exits at once)")
+	var web httpStatus
+	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics) of the worker's actions, local cache and input roots, e.g. 127.0.0.1:8981 (empty: off)")
 	var plat platformFlag
 	fs.Var(&plat, "platform", "platform property key=value the worker offers (repeatable); must match the scheduler's expectations exactly")
 	var ex execFlags
@@ -115,10 +117,17 @@ func runWorker(args []string) error {
 	if opts.InputRootKind == "" || opts.InputRootKind == "auto" {
 		opts.InputRootKind = "hardlink"
 	}
+	web.prepare(&opts)
 	srv, err := actiond.New(opts)
 	if err != nil {
 		return err
 	}
+	stopWeb, err := web.start(srv, log)
+	if err != nil {
+		srv.Close()
+		return err
+	}
+	defer stopWeb()
 	// Close waits for the executor's stage cleanup, then closes the input
 	// root and the stores, and releases the lock last.
 	defer srv.Close()

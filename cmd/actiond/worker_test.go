@@ -2,8 +2,14 @@ package main
 
 import (
 	"errors"
+	"io"
+	"net"
+	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -78,5 +84,77 @@ func TestWorkerTakesTheRootLock(t *testing.T) {
 	}
 	if _, err := os.Stat(leftover); err != nil {
 		t.Fatalf("the worker removed the running server's stage: %v", err)
+	}
+}
+
+// TestWorkerServesMetrics: with --http the worker serves metrics of its
+// local cache and input root (its ActionCache is the farm's: no bbolt
+// metrics), the status page works, and SIGTERM still stops it (its
+// scheduler is unreachable: nothing runs).
+func TestWorkerServesMetrics(t *testing.T) {
+	testutil.RequireRoot(t)
+	root := t.TempDir()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	// While the test has its own SIGTERM handler, the signal never kills
+	// the test process, even before runWorker registers its own.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	done := make(chan error, 1)
+	go func() {
+		done <- runWorker([]string{"--root", root, "--scheduler", "127.0.0.1:1", "--cas", "127.0.0.1:1", "--http", addr,
+			"--runtime-dir", filepath.Join(root, "no-runtimes"), "--log-level", "error"})
+	}()
+	var body string
+	deadline := time.Now().Add(30 * time.Second)
+	for body == "" {
+		if time.Now().After(deadline) {
+			t.Fatal("no /metrics from the worker within 30s")
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("the worker ended: %v", err)
+		case <-time.After(100 * time.Millisecond):
+		}
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		body = string(b)
+	}
+	for _, want := range []string{"actiond_cas_blobs", `actiond_input_root_strategy{strategy="hardlink"}`} {
+		if !strings.Contains(body, want) {
+			t.Errorf("worker /metrics lacks %s", want)
+		}
+	}
+	resp, err := http.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(page), "actiond") {
+		t.Errorf("worker status page: %s\n%.400s", resp.Status, page)
+	}
+	for {
+		syscall.Kill(os.Getpid(), syscall.SIGTERM)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("the worker after SIGTERM: %v", err)
+			}
+			return
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline.Add(30 * time.Second)) {
+			t.Fatal("the worker did not stop after SIGTERM")
+		}
 	}
 }
