@@ -62,8 +62,8 @@ vm-payloads:
 
 # standalone: actiond with the VM payload embedded (serve-vm needs no other
 # file; serve uses the embedded runtimes). Staged files are git-ignored.
-standalone: vm-payload
-	$(GO) run ./tools/stagepayload -payload-dir $(VM_DIR)/$(ARCH) -out internal/payload/files
+standalone: runtimes vm-payload
+	$(GO) run ./tools/stagepayload -payload-dir $(VM_DIR)/$(ARCH) -runtime-dir $(RUNTIME_DIR) -out internal/payload/files
 	$(GO) build -trimpath -tags actiond_standalone -o $(STANDALONE_BIN) ./cmd/actiond
 
 # darwin builds actiond for macOS (Apple silicon) and signs it ad hoc with

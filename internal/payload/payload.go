@@ -45,6 +45,12 @@ type Manifest struct {
 	Initramfs    string   `json:"initramfs"`
 	Runtimes     string   `json:"runtimes"`
 	RuntimeNames []string `json:"runtime_names"`
+	// HostRuntimes are runtime SquashFS images (<name>.squashfs, as `make
+	// runtimes` builds them) that `actiond serve` mounts as its runtimes
+	// when no --runtime-dir has any: the VM's runtimes disk holds trees
+	// only the guest can finish. Added by Stage, not by the payload
+	// builder.
+	HostRuntimes []string `json:"host_runtimes,omitempty"`
 }
 
 // Embedded reports whether this binary carries a payload.
@@ -233,10 +239,11 @@ func writeAtomic(path string, write func(io.Writer) (int64, error)) error {
 }
 
 // Stage copies a payload directory written by tools/vmpayload into
-// stageDir (normally <module>/StageDir) for embedding: manifest.json as is
-// and the kernel, initramfs and runtimes disk it names, each compressed as
-// <name>.zst. It removes other *.zst files there.
-func Stage(payloadDir, stageDir string) error {
+// stageDir (normally <module>/StageDir) for embedding: manifest.json and
+// the kernel, initramfs and runtimes disk it names, each compressed as
+// <name>.zst, plus the host runtime images hostRuntimes (listed in the
+// staged manifest's host_runtimes). It removes other *.zst files there.
+func Stage(payloadDir, stageDir string, hostRuntimes ...string) error {
 	mb, err := os.ReadFile(filepath.Join(payloadDir, ManifestName))
 	if err != nil {
 		return fmt.Errorf("stage payload: %w", err)
@@ -246,9 +253,32 @@ func Stage(payloadDir, stageDir string) error {
 		return fmt.Errorf("stage payload: %s: %w", ManifestName, err)
 	}
 	want := map[string]bool{}
+	src := map[string]string{} // staged name → source file
 	for _, n := range []string{m.Kernel, m.Initramfs, m.Runtimes} {
 		if n != "" {
 			want[n+".zst"] = true
+			src[n+".zst"] = filepath.Join(payloadDir, n)
+		}
+	}
+	if len(hostRuntimes) > 0 {
+		// The manifest as the builder wrote it, plus host_runtimes.
+		var raw map[string]any
+		if err := json.Unmarshal(mb, &raw); err != nil {
+			return fmt.Errorf("stage payload: %s: %w", ManifestName, err)
+		}
+		var names []string
+		for _, p := range hostRuntimes {
+			n := filepath.Base(p)
+			if !strings.HasSuffix(n, ".squashfs") || want[n+".zst"] {
+				return fmt.Errorf("stage payload: host runtime %s: want a distinct <name>.squashfs", p)
+			}
+			names = append(names, n)
+			want[n+".zst"] = true
+			src[n+".zst"] = p
+		}
+		raw["host_runtimes"] = names
+		if mb, err = json.MarshalIndent(raw, "", "  "); err != nil {
+			return err
 		}
 	}
 	if !want[m.Kernel+".zst"] || !want[m.Initramfs+".zst"] {
@@ -264,7 +294,7 @@ func Stage(payloadDir, stageDir string) error {
 		}
 	}
 	for n := range want {
-		if err := compressFile(filepath.Join(payloadDir, strings.TrimSuffix(n, ".zst")), filepath.Join(stageDir, n)); err != nil {
+		if err := compressFile(src[n], filepath.Join(stageDir, n)); err != nil {
 			return fmt.Errorf("stage payload: %w", err)
 		}
 	}

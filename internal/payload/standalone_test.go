@@ -37,8 +37,9 @@ import (
 //     nothing (QEMU is pointed at a missing binary so that it stops there);
 //   - as root with QEMU: serve-vm boots the extracted payload to SERVING
 //     and stops on SIGTERM;
-//   - as root: serve with no runtime directory mounts the embedded
-//     runtimes disk and offers its runtimes, and unmounts it on SIGTERM.
+//   - as root: serve with no runtime directory mounts the embedded host
+//     runtime images (`make runtimes`, staged beside the VM payload) and
+//     offers their runtimes, and unmounts them on SIGTERM.
 func TestStandaloneBinary(t *testing.T) {
 	testutil.SkipIfShort(t, "builds a ~200 MB binary")
 	arch := runtime.GOARCH
@@ -53,10 +54,17 @@ func TestStandaloneBinary(t *testing.T) {
 		goTool = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
 
+	// The host runtime images `make runtimes` built, embedded for serve.
+	rtDir := os.Getenv("ACTIOND_RUNTIME_DIR")
+	if rtDir == "" {
+		rtDir = "/var/cache/actiond/runtimes"
+	}
+	hostRuntimes, _ := filepath.Glob(filepath.Join(rtDir, "*.squashfs"))
+
 	// Build from a copy of the module with the payload staged.
 	mod := copyModule(t, moduleRoot(t))
 	start := time.Now()
-	if err := payload.Stage(payloadDir, filepath.Join(mod, filepath.FromSlash(payload.StageDir))); err != nil {
+	if err := payload.Stage(payloadDir, filepath.Join(mod, filepath.FromSlash(payload.StageDir)), hostRuntimes...); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("staged the payload in %v", time.Since(start).Round(time.Millisecond))
@@ -133,6 +141,7 @@ func TestStandaloneBinary(t *testing.T) {
 	})
 
 	t.Run("serve uses the embedded runtimes", func(t *testing.T) {
+		testutil.Require(t, len(hostRuntimes) > 0, "no host runtime images in "+rtDir+" to embed (make runtimes)")
 		sroot := filepath.Join(t.TempDir(), "serve")
 		_, log, stop := startAndWait(t, bin, time.Minute, "serve", "--root", sroot, "--runtime-dir", filepath.Join(t.TempDir(), "none"))
 		l := log()
