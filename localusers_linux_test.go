@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,7 +58,9 @@ func newExecEnv(t *testing.T, inputRoot string, concurrency int) *execEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { sb.Close() }) // after the server's cleanup
-	srv, c := inProcess(t, actiond.Options{Root: root, Sandbox: sb, InputRootKind: inputRoot, Concurrency: concurrency})
+	// Warnings reach the test log (shown when the test fails).
+	log := slog.New(slog.NewTextHandler(testLogWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	srv, c := inProcess(t, actiond.Options{Root: root, Sandbox: sb, InputRootKind: inputRoot, Concurrency: concurrency, Logger: log})
 	return &execEnv{t: t, root: root, srv: srv, exec: repb.NewExecutionClient(c.conn)}
 }
 
@@ -335,7 +338,16 @@ while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs
 			if kind == "fuse" {
 				// Both spares ready (made again after a strict action took
 				// one), so that the next action gets one that was probed.
+				deadline := time.Now().Add(time.Minute)
 				for spareMounts(t, e.root) < 3 {
+					select {
+					case r := <-first:
+						t.Fatalf("the first action ended before it was released: %v %+v %s", r.err, r.resp.GetResult(), e.stderr(r.resp))
+					default:
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("%d actiondfs mounts under --root a minute after the first action started; want it and 2 spares", spareMounts(t, e.root))
+					}
 					time.Sleep(10 * time.Millisecond)
 				}
 			}
@@ -480,4 +492,12 @@ func TestPrivateRoot(t *testing.T) {
 			t.Errorf("%s: %v %v; want mode 0700", dir, fi.Mode(), err)
 		}
 	}
+}
+
+// testLogWriter writes log lines to the test log.
+type testLogWriter struct{ t *testing.T }
+
+func (w testLogWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }
