@@ -389,7 +389,9 @@ while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs
 	}
 }
 
-// spareMounts counts the actiondfs mounts under root/cas/fs/mnt.
+// spareMounts counts the actiondfs (FUSE) mounts under root: spares under
+// cas/fs/mnt, and a running action's wherever it is (a spare it took, or a
+// mount made on demand in its stage when no spare was ready yet).
 func spareMounts(t *testing.T, root string) int {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")
@@ -399,7 +401,8 @@ func spareMounts(t *testing.T, root string) int {
 	n := 0
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && strings.HasPrefix(f[4], filepath.Join(root, "cas", "fs", "mnt")+"/") {
+		_, after, ok := strings.Cut(line, " - ")
+		if len(f) > 4 && strings.HasPrefix(f[4], root+"/") && ok && strings.HasPrefix(after, "fuse") {
 			n++
 		}
 	}
