@@ -15,7 +15,9 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/actiond/actiond"
@@ -66,5 +68,15 @@ func run() error {
 		return err
 	}
 	slog.Info("serving REAPI with a capped sandbox", "addr", l.Addr().String(), "root", root)
+	// Until SIGINT or SIGTERM, then drain: Close (deferred) unmounts the
+	// input roots and releases the root.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		dctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		srv.Stop(dctx)
+	}()
 	return srv.Serve(l)
 }
