@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strconv"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -98,6 +99,16 @@ func DigestReader(r io.Reader) (Digest, error) {
 		return Digest{}, err
 	}
 	return Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
+}
+
+// DigestFile hashes the file at path.
+func DigestFile(path string) (Digest, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return Digest{}, err
+	}
+	defer f.Close()
+	return DigestReader(f)
 }
 
 func truncate(s string) string {

@@ -387,7 +387,9 @@ func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Lo
 		res.Runtimes, res.Failed, res.Mounts, res.Info, res.CASBytes = tr.Runtimes, tr.Failed, tr.Mounts, tr.Info, tr.Bytes
 		res.Pending = pending
 		for _, p := range pending {
-			// Sealed later by the server; unmounted at shutdown like the rest.
+			// Listed now, sealed later by the server (actions naming one
+			// wait); unmounted at shutdown like the rest.
+			res.Runtimes = append(res.Runtimes, sandbox.Runtime{Name: p.Entry.Name, Root: p.Target})
 			res.Mounts = append(res.Mounts, p.Target)
 			res.CASBytes += p.Entry.treeBytes()
 		}

@@ -47,9 +47,8 @@ func (rm readyMarker) info(dir string, reused bool) map[string]any {
 // planTarRuntimes reads the manifest of the tar runtimes disk dev, removes
 // interrupted and stale preparations from the CAS disk, seals the runtimes
 // an earlier boot prepared and returns them with the ones still to
-// prepare. Pending runtimes are listed in res.Runtimes too (after the
-// ready ones, Root an empty directory until sealed), first the runtime
-// named first, then in the manifest's order.
+// prepare (their Target an empty directory until sealed), first the
+// runtime named first, then in the manifest's order.
 func planTarRuntimes(dev, casMount, mountPoint, first string, log *slog.Logger) (tarRuntimes, []pendingRuntime, error) {
 	res := tarRuntimes{Failed: map[string]string{}, Info: map[string]any{}}
 	dir := filepath.Join(casMount, casRuntimesDir)
@@ -102,7 +101,6 @@ func planTarRuntimes(dev, casMount, mountPoint, first string, log *slog.Logger) 
 		return 0
 	})
 	for _, p := range pending {
-		res.Runtimes = append(res.Runtimes, sandbox.Runtime{Name: p.Entry.Name, Root: p.Target})
 		res.Info[p.Entry.Name] = map[string]any{"state": "pending"}
 	}
 	return res, pending, nil

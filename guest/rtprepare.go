@@ -93,9 +93,6 @@ func prepareTarRuntimes(dev, casMount, mountPoint string, log *slog.Logger) (tar
 	if err != nil || len(pending) == 0 {
 		return res, err
 	}
-	// Pending runtimes are listed as runtimes by the plan; only the
-	// prepared ones stay.
-	res.Runtimes = res.Runtimes[:len(res.Runtimes)-len(pending)]
 	prepareRuntimes(context.Background(), dev, filepath.Join(casMount, casRuntimesDir), pending, 1, log, func(p pendingRuntime, rm readyMarker, err error) {
 		if err != nil {
 			res.Failed[p.Entry.Name] = err.Error()

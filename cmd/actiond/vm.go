@@ -2,11 +2,8 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -16,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/vmpayload"
 	"github.com/actiond/actiond/vmhost/vmpayload/debian"
@@ -157,16 +155,8 @@ func selfID() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	f, err := os.Open(exe)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	d, err := cas.DigestFile(exe)
+	return d.Hash, err
 }
 
 // findSource returns the actiond module root around the current

@@ -15,8 +15,6 @@
 package payload
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,6 +26,8 @@ import (
 	"strings"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/actiond/actiond/cas"
 )
 
 // ManifestName is the manifest's name in the embedded files and in the
@@ -198,11 +198,8 @@ func hashFile(fsys fs.FS, name string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	d, err := cas.DigestReader(f)
+	return d.Hash, err
 }
 
 // writeAtomic writes path through a temporary file in the same directory,

@@ -4,8 +4,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
+
+	"github.com/actiond/actiond/cas"
 )
 
 // Stamps: PATH.stamp holds the recipe PATH (a file or directory) was made
@@ -48,16 +49,8 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 }
 
 func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	d, err := cas.DigestFile(path)
+	return d.Hash, err
 }
 
 func mib(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }

@@ -2,9 +2,7 @@ package vz
 
 import (
 	"context"
-	"crypto/sha256"
 	_ "embed"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +11,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/actiond/actiond/cas"
 )
 
 // Entitlements is the entitlements plist a binary needs to start a
@@ -114,16 +114,8 @@ func hasEntitlement(ctx context.Context, run Runner, path string) (bool, error) 
 }
 
 func fileHash(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
+	d, err := cas.DigestFile(path)
+	return d.Hash, err
 }
 
 func copyFile(src, dst string) error {
