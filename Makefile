@@ -20,7 +20,8 @@ export ACTIOND_VM_PAYLOAD_DIR := $(VM_DIR)
 DEB_DEPS := bazel:bazel-bootstrap debootstrap:debootstrap mksquashfs:squashfs-tools unsquashfs:squashfs-tools \
             protoc:protobuf-compiler mkfs.ext4:e2fsprogs ip:iproute2 gcc:gcc wget:wget xz:xz-utils \
             qemu-system-x86_64:qemu-system-x86 qemu-system-aarch64:qemu-system-arm cpio:cpio \
-            unshare:util-linux setpriv:util-linux chromium:chromium
+            unshare:util-linux setpriv:util-linux chromium:chromium \
+            chmod:coreutils chown:coreutils touch:coreutils dash:dash ldd:libc-bin
 
 .PHONY: all build test deps runtimes vm-payload vm-payloads standalone darwin unit shared-root fuzz vet bench fmt
 

@@ -20,10 +20,8 @@ import (
 // packages (dpkg, apt, coreutils, util-linux's mount), and binaries the
 // code or the tests build or re-execute themselves.
 var preinstalled = map[string]bool{
-	"go": true, "sh": true, "true": true, "umount": true, "find": true, "touch": true,
+	"go": true, "sh": true, "true": true, "umount": true, "find": true,
 	"dpkg": true, "dpkg-deb": true, "apt-get": true, "apt-cache": true,
-	"chmod": true, "chown": true, // coreutils (Essential)
-	"dash": true, "ldd": true, // dash and libc-bin (Essential)
 	"exe": true, // /proc/self/exe
 }
 
