@@ -122,7 +122,10 @@ func prepareRuntimes(ctx context.Context, dev, dir string, pending []pendingRunt
 			defer wg.Done()
 			for p := range next {
 				rm, err := prepareOne(ctx, dev, dir, p, log)
-				if err != nil {
+				switch {
+				case err != nil && ctx.Err() != nil:
+					log.Info("runtime preparation stopped (shutting down); the next boot redoes it", "runtime", p.Entry.Name)
+				case err != nil:
 					log.Error("runtime unavailable: preparing it failed; the other runtimes still serve", "runtime", p.Entry.Name, "err", err)
 				}
 				mu.Lock()

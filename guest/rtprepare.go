@@ -203,6 +203,10 @@ func prepareRuntime(ctx context.Context, e runtimeEntry, hdr *tar.Header, r io.R
 	if _, err := io.Copy(io.Discard, tee); err != nil && xerr == nil {
 		xerr = err
 	}
+	if err := ctx.Err(); err != nil {
+		// Stopped mid-read: the hash is of a part, not a verdict.
+		return rm, fmt.Errorf("stopped while extracting: %w", err)
+	}
 	if sum := hex.EncodeToString(h.Sum(nil)); sum != rm.SHA256 {
 		return rm, fmt.Errorf("member %s has SHA-256 %s, the manifest says %s (the runtimes disk is damaged or was changed after it was built)", e.Member, sum, rm.SHA256)
 	}
