@@ -62,6 +62,14 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
+// durability is the disk store's Durability after NoFsync.
+func (o Options) durability() cas.Durability {
+	if o.NoFsync {
+		return cas.NoSync
+	}
+	return o.Durability
+}
+
 // Version is the actiond version, set at link time for releases.
 var Version = "dev"
 
@@ -73,7 +81,11 @@ type Options struct {
 	MaxSize int64
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
-	// NoFsync skips fsync of each blob (kill -9 stays safe; power loss may not).
+	// Durability is what the disk store waits for before it acknowledges
+	// a blob (default cas.GroupCommit: on disk, sharing syncfs calls).
+	Durability cas.Durability
+	// NoFsync is Durability cas.NoSync (kill -9 stays safe; a power loss
+	// may lose recent blobs, which verified reads then never serve).
 	NoFsync bool
 	// Store, if set, is the CAS instead of the disk store under Root. Its
 	// capabilities are used as they are: pins, and hardlinked or actiondfs
@@ -191,7 +203,7 @@ func New(opts Options) (*Server, error) {
 	var disk *cas.DiskStore
 	used := opts.Store
 	if used == nil {
-		disk, err = cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithFsync(!opts.NoFsync))
+		disk, err = cas.NewDiskStore(filepath.Join(opts.Root, "cas"), cas.WithMaxSize(opts.MaxSize), cas.WithLogger(log), cas.WithDurability(opts.durability()))
 		if err != nil {
 			unlock()
 			return nil, fmt.Errorf("open CAS: %w", err)

@@ -13,7 +13,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -24,33 +23,11 @@ import (
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/genproto/googleapis/bytestream"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // tcpEnv serves a fresh server on 127.0.0.1.
 func tcpEnv(b *testing.B, fsync bool) *env {
-	b.Helper()
-	srv, err := actiond.New(actiond.Options{Root: b.TempDir(), Logger: quietLogger(), NoFsync: !fsync})
-	if err != nil {
-		b.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go srv.Serve(l)
-	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		conn.Close()
-		srv.Stop(bg)
-		srv.Close()
-	})
-	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
+	return tcpEnvWith(b, actiond.Options{NoFsync: !fsync})
 }
 
 // cpuClock measures the CPU time of the whole test process (client and

@@ -39,8 +39,14 @@ type DiskStore struct {
 	tmpPrefix string
 	tmpSeq    atomic.Uint64
 	maxSize   int64
-	fsync     bool
-	log       *slog.Logger
+	// durability is what a blob waits for before it is acknowledged;
+	// group is the shared syncfs under GroupCommit (nil otherwise).
+	durability Durability
+	group      *groupSync
+	// anonTemp: uploads are written to unnamed files (O_TMPFILE) and
+	// linked into place, instead of named temp files renamed there.
+	anonTemp bool
+	log      *slog.Logger
 
 	mu        sync.Mutex
 	index     map[string]*entry
@@ -104,11 +110,6 @@ func WithLogger(l *slog.Logger) Option {
 	}
 }
 
-// WithFsync controls whether each blob is fsynced before it is renamed into
-// place (default true). Without it a kill -9 is still safe, a power loss
-// may not be.
-func WithFsync(on bool) Option { return func(s *DiskStore) error { s.fsync = on; return nil } }
-
 // copyBufSize is the buffer for hashing and copying files.
 const copyBufSize = 1 << 20
 
@@ -125,7 +126,6 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 		execDir:   filepath.Join(dir, "sha256-exec"),
 		tmpDir:    filepath.Join(dir, "tmp"),
 		tmpPrefix: hex.EncodeToString(rnd[:]),
-		fsync:     true,
 		log:       slog.Default(),
 		index:     make(map[string]*entry),
 		lru:       list.New(),
@@ -136,6 +136,11 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 		if err := o(s); err != nil {
 			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
 		}
+	}
+	if s.durability == GroupCommit && syncFSSupported {
+		s.group = newGroupSync(s.blobDir)
+	} else if s.durability == GroupCommit {
+		s.durability = FsyncEach
 	}
 	if err := os.RemoveAll(s.tmpDir); err != nil {
 		return nil, fmt.Errorf("remove leftover uploads in %s: %w", s.tmpDir, err)
@@ -157,6 +162,7 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 			return nil, fmt.Errorf("create %s: %w", p, err)
 		}
 	}
+	s.anonTemp = anonSupported(s.tmpDir)
 	if err := s.load(); err != nil {
 		return nil, err
 	}
@@ -235,13 +241,20 @@ type Stats struct {
 	// Quarantined counts blobs found not to match their digest (on a read,
 	// before use as an input, by the scrubber) and moved aside.
 	Quarantined int64
+	// SyncRounds counts the syncfs calls of group commit, and SyncWaits
+	// the durability waits they served (their ratio is the batching).
+	SyncRounds, SyncWaits uint64
 }
 
 // Stats returns current counts.
 func (s *DiskStore) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined}
+	st := Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined}
+	if s.group != nil {
+		st.SyncRounds, st.SyncWaits = s.group.stats()
+	}
+	return st
 }
 
 // Dir is the directory the store lives in.
@@ -329,17 +342,4 @@ func (s *DiskStore) spaceErr(err error) error {
 		return fmt.Errorf("%w: %w", ErrNoSpace, err)
 	}
 	return err
-}
-
-// fsyncDir makes the entries of dir durable.
-func fsyncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync directory %s: %w", dir, err)
-	}
-	return nil
 }

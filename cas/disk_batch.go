@@ -50,50 +50,10 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		seen[d.Hash] = i
 		todo = append(todo, i)
 	}
-	// One syncfs for many files; a few are cheaper to fsync one by one.
-	barrier := s.fsync && len(todo) > 8 && syncFSSupported
-	tmps := make([]string, len(blobs))
-	parallel(len(todo), func(k int) {
-		i := todo[k]
-		b := blobs[i]
-		if got := DigestOf(b.Data); got != b.Digest {
-			errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", b.Digest, got.Hash, ErrDigestMismatch)
-			return
-		}
-		tmps[i], errs[i] = s.writeTemp(b.Digest, b.Data, s.fsync && !barrier)
-	})
-	if barrier {
-		if err := syncFS(s.tmpDir); err != nil {
-			err = s.spaceErr(fmt.Errorf("sync batch: %w", err))
-			for _, i := range todo {
-				if tmps[i] != "" {
-					os.Remove(tmps[i])
-					errs[i] = err
-				}
-			}
-			return errs
-		}
-	}
-	parallel(len(todo), func(k int) {
-		i := todo[k]
-		if tmps[i] == "" {
-			return
-		}
-		if err := s.link(tmps[i], blobs[i].Digest, !barrier); err != nil {
-			os.Remove(tmps[i])
-			errs[i] = err
-		}
-	})
-	if barrier {
-		// One more barrier makes the new names durable too.
-		if err := syncFS(s.blobDir); err != nil {
-			err = s.spaceErr(fmt.Errorf("sync batch names: %w", err))
-			for _, i := range todo {
-				if errs[i] == nil {
-					errs[i] = err
-				}
-			}
-		}
+	for len(todo) > 0 {
+		chunk := todo[:min(len(todo), batchChunk)]
+		todo = todo[len(chunk):]
+		s.putChunk(blobs, chunk, errs)
 	}
 	// Duplicates within the batch share the first copy's outcome.
 	for i, b := range blobs {
@@ -108,6 +68,72 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		}
 	}
 	return errs
+}
+
+// batchChunk bounds the temp files a batch holds open at once (unnamed
+// temp files live only as long as their descriptor).
+const batchChunk = 1024
+
+// putChunk stores blobs[i] for every i in todo, setting errs[i].
+func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
+	// One barrier for many files: a shared group-commit round, or under
+	// FsyncEach a syncfs of its own for a batch large enough to pay for it.
+	barrier := s.group != nil || (s.durability == FsyncEach && len(todo) > 8 && syncFSSupported)
+	tmps := make([]tempFile, len(blobs))
+	defer func() {
+		for _, i := range todo {
+			tmps[i].close()
+		}
+	}()
+	parallel(len(todo), func(k int) {
+		i := todo[k]
+		b := blobs[i]
+		if got := DigestOf(b.Data); got != b.Digest {
+			errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", b.Digest, got.Hash, ErrDigestMismatch)
+			return
+		}
+		tmps[i], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability != NoSync && !barrier)
+	})
+	if barrier {
+		if err := s.batchBarrier(); err != nil {
+			err = s.spaceErr(fmt.Errorf("sync batch: %w", err))
+			for _, i := range todo {
+				if errs[i] == nil {
+					errs[i] = err
+				}
+			}
+			return
+		}
+	}
+	parallel(len(todo), func(k int) {
+		i := todo[k]
+		if errs[i] != nil {
+			return
+		}
+		if errs[i] = s.placeTemp(tmps[i], blobs[i].Digest, !barrier); errs[i] == nil {
+			tmps[i].name = "" // renamed into place, or removed as a duplicate
+		}
+	})
+	if barrier {
+		// One more barrier makes the new names durable too.
+		if err := s.batchBarrier(); err != nil {
+			err = s.spaceErr(fmt.Errorf("sync batch names: %w", err))
+			for _, i := range todo {
+				if errs[i] == nil {
+					errs[i] = err
+				}
+			}
+		}
+	}
+}
+
+// batchBarrier makes everything written so far durable: a group-commit
+// round shared with other uploads, or a syncfs of its own.
+func (s *DiskStore) batchBarrier() error {
+	if s.group != nil {
+		return s.group.wait()
+	}
+	return syncFS(s.blobDir)
 }
 
 // batchWorkers is how many goroutines PutBatch uses for file operations.
@@ -140,26 +166,61 @@ func parallel(n int, fn func(int)) {
 	wg.Wait()
 }
 
-// writeTemp writes data to a new read-only temp file, optionally fsynced,
-// and returns its name.
-func (s *DiskStore) writeTemp(d Digest, data []byte, sync bool) (string, error) {
-	f, err := s.createTemp(d.Hash[:16])
+// tempFile is a verified blob written to a temp file: unnamed and open
+// (f), or named and closed (name).
+type tempFile struct {
+	f    *os.File
+	name string
+}
+
+// close releases t: an unnamed file vanishes, a named one is removed
+// unless it was placed.
+func (t tempFile) close() {
+	if t.f != nil {
+		t.f.Close()
+	}
+	if t.name != "" {
+		os.Remove(t.name)
+	}
+}
+
+// placeTemp makes t the blob d (see link).
+func (s *DiskStore) placeTemp(t tempFile, d Digest, syncDir bool) error {
+	if t.f != nil {
+		return s.linkAnonFile(t.f, d, syncDir)
+	}
+	return s.linkPath(t.name, d, syncDir)
+}
+
+// writeTemp writes data to a new read-only temp file, optionally fsynced.
+func (s *DiskStore) writeTemp(d Digest, data []byte, sync bool) (tempFile, error) {
+	var t tempFile
+	var f *os.File
+	var err error
+	if s.anonTemp {
+		f, err = openAnon(s.tmpDir)
+		t.f = f
+	} else if f, err = s.createTemp(d.Hash[:16]); err == nil {
+		t.name = f.Name()
+	}
 	if err != nil {
-		return "", fmt.Errorf("blob %s: %w", d, err)
+		return tempFile{}, s.spaceErr(fmt.Errorf("blob %s: %w", d, err))
 	}
 	_, err = f.Write(data)
-	if err == nil {
+	if err == nil && t.name != "" {
 		err = f.Chmod(0o444)
 	}
 	if err == nil && sync {
 		err = f.Sync()
 	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
+	if t.name != "" {
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
 	}
 	if err != nil {
-		os.Remove(f.Name())
-		return "", s.spaceErr(fmt.Errorf("write blob %s: %w", d, err))
+		t.close()
+		return tempFile{}, s.spaceErr(fmt.Errorf("write blob %s: %w", d, err))
 	}
-	return f.Name(), nil
+	return t, nil
 }

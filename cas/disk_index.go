@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -111,21 +112,29 @@ func (s *DiskStore) forget(hash string) {
 	}
 }
 
-// link moves the verified, read-only (and, with fsync, synced) file tmp
-// into place as blob d and indexes it. If d is already stored, tmp is
-// removed instead. Room is made before the rename, so a blob that cannot
-// be kept (everything else pinned) is never renamed into place. The rename
-// itself runs without holding mu, so lookups never wait for the disk.
+// linkPath moves the verified, read-only (and durable, as the store's
+// Durability asks) file tmp into place as blob d: link with a rename.
+func (s *DiskStore) linkPath(tmp string, d Digest, syncDir bool) error {
+	// syscall.Rename, not os.Rename: that one stats the target first.
+	return s.link(d, syncDir, func(dst string) error { return syscall.Rename(tmp, dst) }, func() { os.Remove(tmp) })
+}
+
+// link puts a verified, read-only (and durable, as the store's Durability
+// asks) file into place as blob d with place(dst), and indexes it. If d is
+// already stored intact, discard is called instead. Room is made before
+// placing, so a blob that cannot be kept (everything else pinned) is never
+// put in place. Placing runs without holding mu, so lookups never wait
+// for the disk.
 //
-// With syncDir (and fsync on) the shard directory is synced after the
-// rename: a synced file under a name that was never synced can vanish in a
-// power loss (or a VM kill) before the file system commits its journal.
-func (s *DiskStore) link(tmp string, d Digest, syncDir bool) error {
-	// Drop tmp only for a stored copy that is known good: one indexed by
-	// hash alone may be truncated or rotten, and tmp is verified, so it
-	// replaces that copy (a rename over it, no costlier than the remove).
+// With syncDir the shard directory's new entry is made durable too (see
+// syncName) before the blob is indexed.
+func (s *DiskStore) link(d Digest, syncDir bool, place func(dst string) error, discard func()) error {
+	// Discard only for a stored copy that is known good: one indexed by
+	// hash alone may be truncated or rotten, and the new file is verified,
+	// so it replaces that copy (a rename over it, no costlier than the
+	// remove).
 	if s.intact(d) {
-		os.Remove(tmp)
+		discard()
 		return nil
 	}
 	s.mu.Lock()
@@ -153,9 +162,9 @@ func (s *DiskStore) link(tmp string, d Digest, syncDir bool) error {
 	s.reserved += grow
 	s.mu.Unlock()
 
-	err := os.Rename(tmp, s.blobPath(d.Hash))
-	if err == nil && syncDir && s.fsync {
-		err = fsyncDir(filepath.Dir(s.blobPath(d.Hash)))
+	err := place(s.blobPath(d.Hash))
+	if err == nil && syncDir {
+		err = s.syncName(filepath.Dir(s.blobPath(d.Hash)))
 	}
 
 	s.mu.Lock()

@@ -64,16 +64,14 @@ func (s *DiskStore) PutFile(ctx context.Context, path string) (Digest, error) {
 	if s.maxSize > 0 && d.Size > s.maxSize {
 		return Digest{}, fmt.Errorf("blob %s (%s) is larger than the store's size limit of %d bytes: %w", d, path, s.maxSize, ErrNoSpace)
 	}
-	if s.fsync {
-		if err := f.Sync(); err != nil {
-			return Digest{}, s.spaceErr(fmt.Errorf("sync %s: %w", path, err))
-		}
+	if err := s.syncData(f); err != nil {
+		return Digest{}, s.spaceErr(fmt.Errorf("sync %s: %w", path, err))
 	}
 	// The name must still be the file that was hashed.
 	if li, err := os.Lstat(path); err != nil || !os.SameFile(li, fi) {
 		return Digest{}, fmt.Errorf("%s was replaced while being stored", path)
 	}
-	err = s.link(path, d, true)
+	err = s.linkPath(path, d, true)
 	if errors.Is(err, syscall.EXDEV) {
 		return s.putCopy(ctx, f, path)
 	}

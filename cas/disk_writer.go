@@ -7,6 +7,7 @@ package cas
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 )
 
 // writeBehindChunk is how much an upload writes before the kernel is asked
@@ -73,11 +75,29 @@ func (s *DiskStore) NewWriter(d Digest) (BlobWriter, error) {
 	if s.maxSize > 0 && d.Size > s.maxSize {
 		return nil, fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
 	}
+	if s.anonTemp {
+		f, err := openAnon(s.tmpDir)
+		if err != nil {
+			return nil, fmt.Errorf("upload of %s: %w", d, s.spaceErr(err))
+		}
+		return &Writer{s: s, d: d, f: f, h: sha256.New()}, nil
+	}
 	f, err := s.createTemp(d.Hash[:16])
 	if err != nil {
 		return nil, fmt.Errorf("upload of %s: %w", d, err)
 	}
 	return &Writer{s: s, d: d, f: f, name: f.Name(), h: sha256.New()}, nil
+}
+
+// nameAnon gives the unnamed temp file of an upload a name in tmp/, so
+// that it outlives its descriptor (an idle resumable upload, or a blob
+// that must replace a bad stored copy by rename).
+func (s *DiskStore) nameAnon(f *os.File, d Digest) (string, error) {
+	name := filepath.Join(s.tmpDir, d.Hash[:16]+"-"+s.tmpPrefix+"-"+strconv.FormatUint(s.tmpSeq.Add(1), 10))
+	if err := linkAnon(f, name); err != nil {
+		return "", s.spaceErr(fmt.Errorf("name upload of %s: %w", d, err))
+	}
+	return name, nil
 }
 
 // Idle releases what an upload holds between streams of a resumable
@@ -93,6 +113,13 @@ func (w *Writer) Idle() error {
 		b := w.buf[:0]
 		chunkPool.Put(&b)
 		w.buf = nil
+	}
+	if w.f != nil && w.name == "" {
+		name, nerr := w.s.nameAnon(w.f, w.d)
+		if nerr != nil {
+			return nerr // keeps the descriptor: the upload stays usable
+		}
+		w.name = name
 	}
 	if w.f != nil {
 		if cerr := w.f.Close(); err == nil {
@@ -227,7 +254,7 @@ func (w *Writer) writeFile(p []byte) (int, error) {
 	if err != nil {
 		return n, w.s.spaceErr(fmt.Errorf("write upload of %s: %w", w.d, err))
 	}
-	if w.s.fsync && w.fileOff-w.synced >= writeBehindChunk {
+	if w.s.durability != NoSync && w.fileOff-w.synced >= writeBehindChunk {
 		writeBehind(w.f, w.synced, w.fileOff-w.synced)
 		w.synced = w.fileOff
 	}
@@ -275,7 +302,7 @@ func (w *Writer) Commit() error {
 	}
 	// link reserves the blob's size itself.
 	w.uncount()
-	return w.s.commitFile(w.f, w.d)
+	return w.s.commitFile(w.f, w.name, w.d)
 }
 
 // Abort discards an unfinished upload; it is safe to call after Commit.
@@ -297,22 +324,47 @@ func (w *Writer) Abort() {
 	if w.f != nil {
 		w.f.Close()
 	}
-	os.Remove(w.name)
+	if w.name != "" {
+		os.Remove(w.name)
+	}
 	w.uncount()
 }
 
-// commitFile makes the verified temp file f the blob d and closes f.
-func (s *DiskStore) commitFile(f *os.File, d Digest) error {
-	if err := f.Chmod(0o444); err != nil {
-		return s.spaceErr(fmt.Errorf("chmod upload of %s: %w", d, err))
-	}
-	if s.fsync {
-		if err := f.Sync(); err != nil {
-			return s.spaceErr(fmt.Errorf("sync upload of %s: %w", d, err))
+// commitFile makes the verified temp file f (named name, or unnamed if
+// name is empty) the blob d and closes f.
+func (s *DiskStore) commitFile(f *os.File, name string, d Digest) error {
+	defer f.Close()
+	if name != "" {
+		if err := f.Chmod(0o444); err != nil {
+			return s.spaceErr(fmt.Errorf("chmod upload of %s: %w", d, err))
 		}
 	}
-	if err := f.Close(); err != nil {
-		return s.spaceErr(fmt.Errorf("close upload of %s: %w", d, err))
+	if err := s.syncData(f); err != nil {
+		return s.spaceErr(fmt.Errorf("sync upload of %s: %w", d, err))
 	}
-	return s.link(f.Name(), d, true)
+	if name != "" {
+		return s.linkPath(name, d, true)
+	}
+	return s.linkAnonFile(f, d, true)
+}
+
+// linkAnonFile is link for the unnamed, verified file f.
+func (s *DiskStore) linkAnonFile(f *os.File, d Digest, syncDir bool) error {
+	return s.link(d, syncDir, func(dst string) error {
+		err := linkAnon(f, dst)
+		if !errors.Is(err, syscall.EEXIST) {
+			return err
+		}
+		// A stored copy that is not intact is being replaced: only a
+		// rename can take its name atomically.
+		tmp, err := s.nameAnon(f, d)
+		if err != nil {
+			return err
+		}
+		if err := syscall.Rename(tmp, dst); err != nil {
+			os.Remove(tmp)
+			return err
+		}
+		return nil
+	}, func() {})
 }

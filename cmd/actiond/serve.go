@@ -58,7 +58,8 @@ func runServe(args []string) error {
 	maxSize := int64(50 << 30)
 	fs.Var(sizeFlag{&maxSize}, "max-size", "CAS size limit; least recently used blobs are evicted beyond it (e.g. 20G; 0 = unlimited)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	noFsync := fs.Bool("no-fsync", false, "do not fsync blobs (faster; a power loss may lose recent blobs, a crash will not)")
+	durability := fs.String("durability", cas.GroupCommit.String(), "what a blob waits for before it is acknowledged: group (on disk; concurrent uploads share syncfs calls), fsync (on disk; one fsync of the file and its directory per blob, for a store sharing its file system with heavy writers), none (never waits: a crash loses nothing, a power loss may lose recent blobs, which are then never served)")
+	noFsync := fs.Bool("no-fsync", false, "the same as --durability=none")
 	scrubRate := int64(cas.DefaultScrubRate)
 	fs.Var(sizeFlag{&scrubRate}, "scrub-rate", "bytes per second the background scrubber re-hashes stored blobs at, quarantining any that no longer match their digest (e.g. 32M; 0 = off)")
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls and actions may take to finish before they are cancelled")
@@ -85,7 +86,11 @@ func runServe(args []string) error {
 	}
 	slog.SetDefault(log)
 
-	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes, ScrubRate: scrubRate, ActionCacheLimits: acLimits}
+	dur, err := cas.ParseDurability(*durability)
+	if err != nil {
+		return err
+	}
+	opts := actiond.Options{Root: *root, MaxSize: maxSize, Logger: log, Durability: dur, NoFsync: *noFsync, DrainTimeout: *drain, MaxUploads: *maxUploads, MaxUploadBytes: maxUploadBytes, ScrubRate: scrubRate, ActionCacheLimits: acLimits}
 	if scrubRate == 0 {
 		opts.ScrubRate = -1
 	}
