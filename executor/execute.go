@@ -369,12 +369,17 @@ func (e *Executor) storeStreams(ctx context.Context, spec *RunSpec, result *repb
 // the execution after the log is stored.
 func (e *Executor) respond(ctx context.Context, x *execution, s *staging, run *RunResult, result *repb.ActionResult, refused []string, collectErr error) (*repb.ExecuteResponse, error) {
 	resp := &repb.ExecuteResponse{Result: result}
-	logText := e.serverLog(x.req, x.plat, e.opts.InputRoot.Name(), s.tree, run)
-	if len(refused) > 0 {
-		logText += strings.Join(refused, "\n") + "\n"
-	}
-	if d, err := e.putBytes(ctx, []byte(logText)); err == nil {
-		resp.ServerLogs = map[string]*repb.LogFile{"sandbox": {Digest: d.Proto(), HumanReadable: true}}
+	// A server log only where it says something the result does not: a
+	// plain success would cost a blob write per action (and a client that
+	// fetches logs, a read) to repeat the exit code and the timestamps.
+	if run.ExitCode != 0 || run.TimedOut || run.Message != "" || len(refused) > 0 || len(run.Enforced) > 0 || len(x.plat.Ignored) > 0 || collectErr != nil {
+		logText := e.serverLog(x.req, x.plat, e.opts.InputRoot.Name(), s.tree, run)
+		if len(refused) > 0 {
+			logText += strings.Join(refused, "\n") + "\n"
+		}
+		if d, err := e.putBytes(ctx, []byte(logText)); err == nil {
+			resp.ServerLogs = map[string]*repb.LogFile{"sandbox": {Digest: d.Proto(), HumanReadable: true}}
+		}
 	}
 	if run.Message != "" {
 		resp.Message = run.Message

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -18,6 +19,26 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
+
+// A failing action's response has a server log that says why.
+func TestServerLogOfAFailure(t *testing.T) {
+	e := newEnv(t, executor.ServiceOptions{})
+	d := e.action(actionSpec{script: `echo oops >&2; exit 3`})
+	resp, _, err := e.execute(context.Background(), d, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Result.GetExitCode() != 3 {
+		t.Fatalf("exit code %d, want 3", resp.Result.GetExitCode())
+	}
+	l := resp.ServerLogs["sandbox"]
+	if l == nil {
+		t.Fatal("a failed action has no server log")
+	}
+	if got := e.read(l.Digest); !strings.Contains(got, "exit code: 3") || !strings.Contains(got, d.Hash) {
+		t.Errorf("server log %q: want the action and its exit code", got)
+	}
+}
 
 func TestExecuteOutputsAndCache(t *testing.T) {
 	e := newEnv(t, executor.ServiceOptions{})
@@ -58,8 +79,8 @@ func TestExecuteOutputsAndCache(t *testing.T) {
 		md.ExecutionCompletedTimestamp.AsTime().Before(md.ExecutionStartTimestamp.AsTime()) {
 		t.Fatalf("metadata %v", md)
 	}
-	if resp.ServerLogs["sandbox"] == nil {
-		t.Fatal("no sandbox server log")
+	if resp.ServerLogs != nil {
+		t.Errorf("a plain success came with server logs %v: a blob write per action that says nothing new", resp.ServerLogs)
 	}
 	// Second run: from the action cache.
 	resp, _, err = e.execute(context.Background(), d, false)

@@ -74,6 +74,9 @@ type Result struct {
 	InputRoot string            `json:"input_root,omitempty"`
 	Subject   []benchutil.Stats `json:"subjects"`
 	Phases    []benchutil.Stats `json:"actiond_phases"`
+	// ServerCPUPerAction is the private server's CPU (its own, its
+	// helpers' and the commands') per measured action, in ms.
+	ServerCPUPerAction float64 `json:"server_cpu_ms_per_action,omitempty"`
 }
 
 // subject is one thing measured: sample runs it once.
@@ -134,13 +137,14 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	}
 
 	var ex *actiondExec
+	var srv *benchutil.Server
 	if actiond != "" {
 		root, err := os.MkdirTemp("", "execlatency-actiond-")
 		if err != nil {
 			return err
 		}
 		defer os.RemoveAll(root)
-		srv, err := benchutil.StartServer(actiond, filepath.Join(root, "root"), strings.Fields(serverArgs)...)
+		srv, err = benchutil.StartServer(actiond, filepath.Join(root, "root"), strings.Fields(serverArgs)...)
 		if err != nil {
 			return err
 		}
@@ -167,6 +171,16 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	if ex != nil {
 		ex.phases = nil
 	}
+	// The server's CPU over the measured runs is its actions' alone (the
+	// other subjects run in processes of their own): server, helpers and
+	// commands, which it reaps.
+	var cpu0 time.Duration
+	if srv != nil {
+		var err error
+		if cpu0, err = srv.CPU(); err != nil {
+			return err
+		}
+	}
 	for range n {
 		for _, s := range subjects {
 			d, err := s.sample()
@@ -176,7 +190,17 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 			s.samples = append(s.samples, d)
 		}
 	}
+	if srv != nil {
+		cpu1, err := srv.CPU()
+		if err != nil {
+			return err
+		}
+		res.ServerCPUPerAction = float64((cpu1 - cpu0).Microseconds()) / 1e3 / float64(n)
+	}
 	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s; %d inputs)\n", n, res.Load, res.InputRoot, inputs)
+	if srv != nil {
+		fmt.Printf("actiond CPU per action (server, helpers and commands): %.2f ms\n", res.ServerCPUPerAction)
+	}
 	for _, s := range subjects {
 		st := benchutil.Summarise(s.name, s.samples)
 		res.Subject = append(res.Subject, st)
