@@ -19,6 +19,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
@@ -81,7 +82,7 @@ func (e *Executor) execute(ctx context.Context, req Request, md *repb.ExecutedAc
 	}
 	if !req.SkipCacheLookup && !x.action.DoNotCache {
 		if res, err := e.opts.Cache.Get(ctx, req.ActionDigest); err == nil {
-			return &repb.ExecuteResponse{Result: res, CachedResult: true}, nil
+			return &repb.ExecuteResponse{Result: e.inlineStreams(ctx, res), CachedResult: true}, nil
 		}
 	}
 	if err := e.validate(x); err != nil {
@@ -402,9 +403,44 @@ func (e *Executor) respond(ctx context.Context, x *execution, s *staging, run *R
 			e.log.Warn("store action result", "action", x.req.ActionDigest.String(), "err", err)
 		}
 	}
+	resp.Result = e.inlineStreams(ctx, result)
 	e.log.Debug("action done", "action", x.req.ActionDigest.String(), "exit", run.ExitCode,
 		"runtime", x.plat.Runtime, "inputs", s.tree.FileCount, "wall", run.Wall)
 	return resp, nil
+}
+
+// MaxInlineStream bounds a stdout or stderr that an Execute response
+// carries itself (stdout_raw, stderr_raw). Bazel writes those out instead
+// of downloading the streams by digest: one ByteStream Read fewer per
+// non-empty stream, on every action that prints (a compiler's warnings).
+const MaxInlineStream = 64 << 10
+
+// inlineStreams returns res with its small stdout and stderr inlined, as
+// a copy: the ActionCache keeps results without them, since the REAPI
+// inlines into GetActionResult only on request. A stream that cannot be
+// read stays a digest alone.
+func (e *Executor) inlineStreams(ctx context.Context, res *repb.ActionResult) *repb.ActionResult {
+	small := func(d *repb.Digest) bool { return d != nil && d.SizeBytes > 0 && d.SizeBytes <= MaxInlineStream }
+	if !small(res.StdoutDigest) && !small(res.StderrDigest) {
+		return res
+	}
+	out := proto.Clone(res).(*repb.ActionResult)
+	read := func(pd *repb.Digest) []byte {
+		if !small(pd) {
+			return nil
+		}
+		d, err := cas.FromProto(pd)
+		if err != nil {
+			return nil
+		}
+		b, err := cas.ReadAll(ctx, e.opts.Store, d)
+		if err != nil {
+			return nil
+		}
+		return b
+	}
+	out.StdoutRaw, out.StderrRaw = read(res.StdoutDigest), read(res.StderrDigest)
+	return out
 }
 
 // timeout is how long action may take, inputs included: its own timeout,

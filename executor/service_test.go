@@ -82,11 +82,22 @@ func TestExecuteOutputsAndCache(t *testing.T) {
 	if resp.ServerLogs != nil {
 		t.Errorf("a plain success came with server logs %v: a blob write per action that says nothing new", resp.ServerLogs)
 	}
+	// Small streams come inlined in the response (Bazel reads them there
+	// instead of downloading them), but are not stored in the cache entry.
+	if string(res.StdoutRaw) != "to-stdout\n" || string(res.StderrRaw) != "to-stderr\n" {
+		t.Errorf("inlined stdout %q, stderr %q", res.StdoutRaw, res.StderrRaw)
+	}
+	if stored, err := e.cache.Get(context.Background(), d); err != nil || len(stored.StdoutRaw)+len(stored.StderrRaw) != 0 {
+		t.Errorf("cache entry %v (%v): want the streams by digest only", stored, err)
+	}
 	// Second run: from the action cache.
 	resp, _, err = e.execute(context.Background(), d, false)
-	mustOK(t, resp, err)
+	res = mustOK(t, resp, err)
 	if !resp.CachedResult {
 		t.Fatal("second execution not served from the cache")
+	}
+	if string(res.StdoutRaw) != "to-stdout\n" || string(res.StderrRaw) != "to-stderr\n" {
+		t.Errorf("cached result: inlined stdout %q, stderr %q", res.StdoutRaw, res.StderrRaw)
 	}
 	// skip_cache_lookup runs again.
 	resp, _, err = e.execute(context.Background(), d, true)
