@@ -13,7 +13,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/actiondtest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
@@ -31,25 +31,13 @@ import (
 // tcpEnv serves a fresh server on 127.0.0.1.
 func tcpEnv(b *testing.B, fsync bool) *env {
 	b.Helper()
-	srv, err := actiond.New(actiond.Options{Root: b.TempDir(), Logger: quietLogger(), NoFsync: !fsync})
-	if err != nil {
-		b.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go srv.Serve(l)
-	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+	srv, addr := actiondtest.TCP(b, actiond.Options{NoFsync: !fsync})
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
-		conn.Close()
-		srv.Stop(bg)
-		srv.Close()
-	})
+	b.Cleanup(func() { conn.Close() })
 	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
 }
 
