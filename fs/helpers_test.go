@@ -64,11 +64,6 @@ func newEnv(t testing.TB, opts ...actiondfs.Option) *env {
 	return &env{t: t, store: store, root: r, dir: dir}
 }
 
-func (e *env) put(data []byte) cas.Digest {
-	e.t.Helper()
-	return castest.Put(e.t, e.store, data)
-}
-
 func (e *env) putProto(m proto.Message) cas.Digest {
 	e.t.Helper()
 	return castest.PutProto(e.t, e.store, m)
@@ -110,9 +105,9 @@ func (e *env) tree(spec map[string]string) *executor.InputTree {
 			d.symlinks[strings.TrimSuffix(name, "@")] = content
 		case strings.HasSuffix(name, "*"):
 			name = strings.TrimSuffix(name, "*")
-			d.files[name] = &repb.FileNode{Name: name, Digest: e.put([]byte(content)).Proto(), IsExecutable: true}
+			d.files[name] = &repb.FileNode{Name: name, Digest: castest.Put(e.t, e.store, []byte(content)).Proto(), IsExecutable: true}
 		default:
-			d.files[name] = &repb.FileNode{Name: name, Digest: e.put([]byte(content)).Proto()}
+			d.files[name] = &repb.FileNode{Name: name, Digest: castest.Put(e.t, e.store, []byte(content)).Proto()}
 		}
 	}
 	var store func(d *dir) cas.Digest
