@@ -67,15 +67,6 @@ func main() {
 	}
 }
 
-// Result is the JSON output.
-type Result struct {
-	Load      string            `json:"load_before"`
-	Inputs    int               `json:"inputs"`
-	InputRoot string            `json:"input_root,omitempty"`
-	Subject   []benchutil.Stats `json:"subjects"`
-	Phases    []benchutil.Stats `json:"actiond_phases"`
-}
-
 // subject is one thing measured: sample runs it once.
 type subject struct {
 	name    string
@@ -90,7 +81,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	if len(command) == 0 || !filepath.IsAbs(command[0]) {
 		return fmt.Errorf("-cmd %q: want an absolute path first", command)
 	}
-	res := Result{Load: benchutil.Load(), Inputs: inputs}
+	res := benchutil.ExecResult{Load: benchutil.Load(), Inputs: inputs}
 	// The inputs, for fork+exec and linux-sandbox (which gets symlinks to
 	// them, as Bazel's sandbox does).
 	inputDir, err := os.MkdirTemp("", "execlatency-inputs-")
