@@ -23,7 +23,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"sort"
 	"strconv"
@@ -162,7 +161,7 @@ func Bazel(t testing.TB, ws, outputUserRoot string, args ...string) (string, err
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Logf("bazel shutdown: %v\n%s", err, out)
 			}
-			makeWritable(outputUserRoot)
+			bazelws.MakeWritable(outputUserRoot)
 		})
 	}
 
@@ -204,58 +203,9 @@ func MustBazel(t testing.TB, ws, outputUserRoot string, args ...string) string {
 	return out
 }
 
-// makeWritable adds owner write permission to every directory under root,
-// so that t.TempDir's cleanup can delete what Bazel left read-only.
-func makeWritable(root string) {
-	filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			if info, err := d.Info(); err == nil && info.Mode().Perm()&0o200 == 0 {
-				os.Chmod(path, info.Mode().Perm()|0o700)
-			}
-		}
-		return nil
-	})
-}
-
-var processesRE = regexp.MustCompile(`(?m)^INFO: ([0-9,]+) process(?:es)?(?::\s*(.*?))?\.\s*$`)
-
-// ParseProcesses parses Bazel's last process summary line in output, e.g.
-//
-//	INFO: 23 processes: 1 internal, 22 remote.
-//	INFO: 22 processes: 21 remote cache hit, 1 internal.
-//
-// into {"total": 23, "internal": 1, "remote": 22}. Keys are the strategy
-// names as Bazel prints them ("remote cache hit", "disk cache hit", "local",
-// "linux-sandbox", "remote", "worker", ...). It returns nil when there is no
-// summary line.
-func ParseProcesses(output string) map[string]int {
-	ms := processesRE.FindAllStringSubmatch(output, -1)
-	if len(ms) == 0 {
-		return nil
-	}
-	m := ms[len(ms)-1]
-	res := map[string]int{}
-	total, err := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
-	if err != nil {
-		return nil
-	}
-	res["total"] = total
-	if m[2] == "" {
-		return res
-	}
-	for _, part := range strings.Split(m[2], ", ") {
-		num, kind, ok := strings.Cut(strings.TrimSpace(part), " ")
-		if !ok {
-			continue
-		}
-		n, err := strconv.Atoi(strings.ReplaceAll(num, ",", ""))
-		if err != nil {
-			continue
-		}
-		res[kind] += n
-	}
-	return res
-}
+// ParseProcesses parses Bazel's last process summary line in output; see
+// bazelws.ParseProcesses.
+func ParseProcesses(output string) map[string]int { return bazelws.ParseProcesses(output) }
 
 // OutputsHash returns the sha256 (hex) of every regular file under the
 // workspace's bazel-bin, keyed by its path relative to bazel-bin. Symlinks

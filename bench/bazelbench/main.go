@@ -32,7 +32,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -101,7 +100,7 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 			fmt.Println("kept", b.tmp)
 			return
 		}
-		makeDirsWritable(b.tmp)
+		bazelws.MakeWritable(b.tmp)
 		os.RemoveAll(b.tmp)
 	}()
 	if err := bazelws.Copy(wsSrc, b.ws); err != nil {
@@ -164,7 +163,7 @@ func (b *bench) timedBuild(want string, args ...string) (time.Duration, map[stri
 	if err != nil {
 		return 0, nil, err
 	}
-	p := parseProcesses(out)
+	p := bazelws.ParseProcesses(out)
 	if p == nil || p[want] == 0 || p[want] != p["total"]-p["internal"] {
 		return 0, nil, fmt.Errorf("bazel build %s: want every non-internal process to be %q, got %v", strings.Join(args, " "), want, p)
 	}
@@ -315,33 +314,6 @@ func roundAll(v []float64) []int {
 	return r
 }
 
-var processesRE = regexp.MustCompile(`(?m)^INFO: ([0-9,]+) process(?:es)?(?::\s*(.*?))?\.\s*$`)
-
-// parseProcesses parses Bazel's last "INFO: N processes: ..." line (as
-// e2e.ParseProcesses does).
-func parseProcesses(output string) map[string]int {
-	ms := processesRE.FindAllStringSubmatch(output, -1)
-	if len(ms) == 0 {
-		return nil
-	}
-	m := ms[len(ms)-1]
-	total, err := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
-	if err != nil {
-		return nil
-	}
-	res := map[string]int{"total": total}
-	for _, part := range strings.Split(m[2], ", ") {
-		num, kind, ok := strings.Cut(strings.TrimSpace(part), " ")
-		if !ok {
-			continue
-		}
-		if n, err := strconv.Atoi(strings.ReplaceAll(num, ",", "")); err == nil {
-			res[kind] += n
-		}
-	}
-	return res
-}
-
 func moduleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
@@ -357,15 +329,6 @@ func moduleRoot() (string, error) {
 		}
 		dir = parent
 	}
-}
-
-func makeDirsWritable(root string) {
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
-		if err == nil && info.IsDir() && info.Mode().Perm()&0o200 == 0 {
-			os.Chmod(p, info.Mode().Perm()|0o700)
-		}
-		return nil
-	})
 }
 
 func tail(s string, n int) string {

@@ -47,6 +47,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/actiond/actiond/bench/internal/benchutil"
+	"github.com/actiond/actiond/internal/bazelws"
 )
 
 func main() {
@@ -211,7 +212,7 @@ func findLinuxSandbox() (string, error) {
 	shutdown := exec.Command("bazel", append(startup, "shutdown")...)
 	shutdown.Dir = ws
 	shutdown.Run()
-	makeDirsWritable(our)
+	bazelws.MakeWritable(our)
 	if err != nil {
 		var stderr []byte
 		if ee, ok := err.(*exec.ExitError); ok {
@@ -224,15 +225,6 @@ func findLinuxSandbox() (string, error) {
 		return "", err
 	}
 	return p, nil
-}
-
-func makeDirsWritable(root string) {
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
-		if err == nil && info.IsDir() {
-			os.Chmod(p, info.Mode().Perm()|0o700)
-		}
-		return nil
-	})
 }
 
 // linuxSandbox returns one run of the command through linux-sandbox as

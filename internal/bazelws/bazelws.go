@@ -1,6 +1,7 @@
-// Package bazelws copies the Bazel workspace that the end-to-end tests and
-// the benchmarks build (testdata/bazel) to a scratch directory, so that
-// both start from the same fresh copy.
+// Package bazelws holds what the end-to-end tests and the benchmarks both
+// need around the Bazel workspace they build (testdata/bazel): a fresh copy
+// of it, Bazel's process summary parsed, and the clean-up of what Bazel
+// leaves read-only.
 package bazelws
 
 import (
