@@ -88,6 +88,40 @@ func (c *shaClock) report(b *testing.B, bytesPerOp int64, cpu *cpuClock) {
 	b.ReportMetric(cpuPerByte*raw/1e3, "cpu/sha256")
 }
 
+// clocks time a benchmark three ways at once: b's timer, the process CPU
+// (cpuClock) and raw SHA-256 over the same data (shaClock), which runs
+// while the other two are stopped.
+type clocks struct {
+	b   *testing.B
+	cpu cpuClock
+	sha shaClock
+}
+
+// startClocks resets b's timer and starts both timers.
+func startClocks(b *testing.B) *clocks {
+	c := &clocks{b: b}
+	b.ResetTimer()
+	c.cpu.Start()
+	return c
+}
+
+// untimed runs f with both timers stopped.
+func (c *clocks) untimed(f func()) {
+	c.cpu.Stop()
+	c.b.StopTimer()
+	f()
+	c.b.StartTimer()
+	c.cpu.Start()
+}
+
+// stop stops both timers for good; report adds the SHA-256 comparison.
+func (c *clocks) stop() {
+	c.cpu.Stop()
+	c.b.StopTimer()
+}
+
+func (c *clocks) report(bytesPerOp int64) { c.sha.report(c.b, bytesPerOp, &c.cpu) }
+
 var sizes = []struct {
 	name string
 	n    int
@@ -119,32 +153,22 @@ func BenchmarkByteStreamWrite(b *testing.B) {
 			if _, err := e.write(bg, "uploads/warm/blobs/"+cas.DigestOf(warm).String(), warm, 1<<20); err != nil {
 				b.Fatal(err)
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(int64(sz.n))
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
-				cpu.Stop()
-				b.StopTimer()
 				blob := base
-				blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
-				d := cas.DigestOf(blob)
-				name := fmt.Sprintf("uploads/%d/blobs/%s", i, d)
-				b.StartTimer()
-				cpu.Start()
+				var name string
+				c.untimed(func() {
+					blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
+					name = fmt.Sprintf("uploads/%d/blobs/%s", i, cas.DigestOf(blob))
+				})
 				if _, err := e.write(bg, name, blob, sz.chunk); err != nil {
 					b.Fatal(err)
 				}
-				cpu.Stop()
-				b.StopTimer()
-				sha.hash(blob)
-				b.StartTimer()
-				cpu.Start()
+				c.untimed(func() { c.sha.hash(blob) })
 			}
-			cpu.Stop()
-			b.StopTimer()
-			sha.report(b, int64(sz.n), &cpu)
+			c.stop()
+			c.report(int64(sz.n))
 		})
 	}
 }
@@ -159,8 +183,6 @@ func BenchmarkByteStreamRead(b *testing.B) {
 			if _, err := e.write(bg, "uploads/r/blobs/"+d.String(), blob, 1<<20); err != nil {
 				b.Fatal(err)
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(int64(sz.n))
 			readAll := func() int {
 				st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
@@ -177,21 +199,15 @@ func BenchmarkByteStreamRead(b *testing.B) {
 				}
 			}
 			readAll() // warm up
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
 				if n := readAll(); n != sz.n {
 					b.Fatalf("read %d bytes", n)
 				}
-				cpu.Stop()
-				b.StopTimer()
-				sha.hash(blob)
-				b.StartTimer()
-				cpu.Start()
+				c.untimed(func() { c.sha.hash(blob) })
 			}
-			cpu.Stop()
-			b.StopTimer()
-			sha.report(b, int64(sz.n), &cpu)
+			c.stop()
+			c.report(int64(sz.n))
 		})
 	}
 }
@@ -224,17 +240,11 @@ func BenchmarkBatchUpdate10k(b *testing.B) {
 					total += int64(len(r.Data))
 				}
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(total)
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
-				cpu.Stop()
-				b.StopTimer()
-				reqs := mk(i)
-				b.StartTimer()
-				cpu.Start()
+				var reqs []*repb.BatchUpdateBlobsRequest
+				c.untimed(func() { reqs = mk(i) })
 				for _, req := range reqs {
 					resp, err := e.cas.BatchUpdateBlobs(bg, req)
 					if err != nil {
@@ -246,20 +256,17 @@ func BenchmarkBatchUpdate10k(b *testing.B) {
 						}
 					}
 				}
-				cpu.Stop()
-				b.StopTimer()
-				for _, req := range reqs {
-					for _, r := range req.Requests {
-						sha.hash(r.Data)
+				c.untimed(func() {
+					for _, req := range reqs {
+						for _, r := range req.Requests {
+							c.sha.hash(r.Data)
+						}
 					}
-				}
-				b.StartTimer()
-				cpu.Start()
+				})
 			}
-			cpu.Stop()
-			b.StopTimer()
+			c.stop()
 			b.ReportMetric(float64(count)*float64(b.N)/b.Elapsed().Seconds(), "blobs/s")
-			sha.report(b, total, &cpu)
+			c.report(total)
 		})
 	}
 }
@@ -290,9 +297,7 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 			name = "direct"
 		}
 		b.Run(name, func(b *testing.B) {
-			var cpu cpuClock
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
 				var resp *repb.FindMissingBlobsResponse
 				var err error
@@ -308,10 +313,9 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 					b.Fatalf("%d missing", len(resp.MissingBlobDigests))
 				}
 			}
-			cpu.Stop()
-			b.StopTimer()
+			c.stop()
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/op")
-			b.ReportMetric(float64(cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+			b.ReportMetric(float64(c.cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
 		})
 	}
 }
