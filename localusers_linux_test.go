@@ -20,6 +20,7 @@ import (
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/cas/castest"
+	"github.com/actiond/actiond/internal/mountinfo"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -378,19 +379,9 @@ while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs
 // mount made on demand in its stage when no spare was ready yet).
 func spareMounts(t *testing.T, root string) int {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		_, after, ok := strings.Cut(line, " - ")
-		if len(f) > 4 && strings.HasPrefix(f[4], root+"/") && ok && strings.HasPrefix(after, "fuse") {
-			n++
-		}
-	}
-	return n
+	return testutil.CountMounts(t, func(e mountinfo.Entry) bool {
+		return strings.HasPrefix(e.Point, root+"/") && strings.HasPrefix(e.FSType, "fuse")
+	})
 }
 
 // TestConcurrentActionsHaveTheirOwnUsers runs two actions at once: they
