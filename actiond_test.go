@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -21,6 +20,7 @@ import (
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/actiondtest"
 	"github.com/actiond/actiond/internal/grpctest"
 	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -56,106 +56,31 @@ func newClients(conn *grpc.ClientConn) *clients {
 	}
 }
 
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+func quiet() *slog.Logger { return actiondtest.Quiet() }
 
 // inProcess serves a fresh actiond.Server over bufconn; Cleanup stops it.
 func inProcess(t *testing.T, opts actiond.Options) (*actiond.Server, *clients) {
 	t.Helper()
-	srv, _, c := serveInProcess(t, opts)
-	return srv, c
+	srv, conn, _ := actiondtest.Bufconn(t, opts, grpctest.BufSize)
+	return srv, newClients(conn)
 }
 
 // restartable is inProcess with a stop function, for a restart on the same
 // root (Cleanup stops it otherwise, once).
 func restartable(t *testing.T, opts actiond.Options) (func(), *clients) {
 	t.Helper()
-	_, stop, c := serveInProcess(t, opts)
-	return stop, c
+	_, conn, stop := actiondtest.Bufconn(t, opts, grpctest.BufSize)
+	return stop, newClients(conn)
 }
 
-// serveInProcess serves an actiond.Server made from opts (a fresh root and
-// a quiet logger where unset) over bufconn. stop closes the connection, the
-// gRPC server and the server, in that order, once; Cleanup calls it too.
-func serveInProcess(t *testing.T, opts actiond.Options) (*actiond.Server, func(), *clients) {
-	t.Helper()
-	if opts.Root == "" {
-		opts.Root = t.TempDir()
-	}
-	if opts.Logger == nil {
-		opts.Logger = quiet()
-	}
-	srv, err := actiond.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := srv.GRPCServer()
-	conn := grpctest.Dial(t, g, grpctest.BufSize)
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			conn.Close()
-			g.Stop()
-			srv.Close()
-		})
-	}
-	t.Cleanup(stop)
-	return srv, stop, newClients(conn)
-}
-
-func blobData(seed, n int) []byte {
-	b := make([]byte, n)
-	x := uint64(seed)*0x9E3779B97F4A7C15 + 1
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	return b
-}
+func blobData(seed, n int) []byte { return testutil.Data(seed, n) }
 
 func writeBlob(ctx context.Context, c *clients, name string, data []byte, chunk int, pause time.Duration) (*bytestream.WriteResponse, error) {
-	st, err := c.bs.Write(ctx)
-	if err != nil {
-		return nil, err
-	}
-	off := 0
-	for first := true; first || off < len(data); first = false {
-		end := min(off+chunk, len(data))
-		req := &bytestream.WriteRequest{WriteOffset: int64(off), Data: data[off:end], FinishWrite: end == len(data)}
-		if first {
-			req.ResourceName = name
-		}
-		if err := st.Send(req); err != nil {
-			if err == io.EOF {
-				break
-			}
-			return nil, err
-		}
-		off = end
-		if pause > 0 {
-			time.Sleep(pause)
-		}
-	}
-	return st.CloseAndRecv()
+	return actiondtest.WriteBlob(ctx, c.bs, name, data, chunk, pause)
 }
 
 func readBlob(ctx context.Context, c *clients, d cas.Digest) ([]byte, error) {
-	st, err := c.bs.Read(ctx, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
-	if err != nil {
-		return nil, err
-	}
-	var out []byte
-	for {
-		r, err := st.Recv()
-		if err == io.EOF {
-			return out, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, r.Data...)
-	}
+	return actiondtest.ReadBlob(ctx, c.bs, "blobs/"+d.String(), 0, 0)
 }
 
 func TestCapabilities(t *testing.T) {

@@ -7,7 +7,6 @@ package actiond_test
 // input root strategy.
 
 import (
-	"bytes"
 	"os"
 	"path/filepath"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
 	actiondfs "github.com/actiond/actiond/fs"
+	"github.com/actiond/actiond/internal/actiondtest"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -27,43 +27,13 @@ import (
 
 func corruptStored(t *testing.T, root string, d cas.Digest, kind string) {
 	t.Helper()
-	p := filepath.Join(root, "cas", "sha256", d.Hash[:2], d.Hash)
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	switch kind {
-	case "flip":
-		b[len(b)/2] ^= 1
-	case "truncate":
-		b = b[:len(b)/2]
-	case "same-size":
-		b = bytes.Repeat([]byte{'?'}, len(b))
-	}
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, b, 0o444); err != nil {
-		t.Fatal(err)
-	}
+	testutil.CorruptBlob(t, root, d.Hash, kind)
 }
 
 // putBlobs uploads blobs with BatchUpdateBlobs.
 func putBlobs(t *testing.T, c *clients, blobs ...[]byte) {
 	t.Helper()
-	req := &repb.BatchUpdateBlobsRequest{}
-	for _, b := range blobs {
-		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: cas.DigestOf(b).Proto(), Data: b})
-	}
-	resp, err := c.cas.BatchUpdateBlobs(bg, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range resp.Responses {
-		if r.Status.GetCode() != 0 {
-			t.Fatalf("upload: %v", r.Status)
-		}
-	}
+	actiondtest.Upload(t, c.cas, blobs...)
 }
 
 func marshal(t *testing.T, m proto.Message) []byte {

@@ -19,6 +19,8 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
+	"github.com/actiond/actiond/internal/mountinfo"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -66,20 +68,11 @@ func newExecEnv(t *testing.T, inputRoot string, concurrency int) *execEnv {
 
 func (e *execEnv) put(data []byte) *repb.Digest {
 	e.t.Helper()
-	d := cas.DigestOf(data)
-	if err := e.srv.Store.Put(bg, d, bytes.NewReader(data)); err != nil {
-		e.t.Fatal(err)
-	}
-	return d.Proto()
+	return castest.Put(e.t, e.srv.Store, data).Proto()
 }
 
 func (e *execEnv) putProto(m proto.Message) *repb.Digest {
-	e.t.Helper()
-	b, err := proto.Marshal(m)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.put(b)
+	return castest.PutProto(e.t, e.srv.Store, m).Proto()
 }
 
 func (e *execEnv) blob(d *repb.Digest) string {
@@ -87,15 +80,7 @@ func (e *execEnv) blob(d *repb.Digest) string {
 	if d == nil {
 		return ""
 	}
-	dd, err := cas.FromProto(d)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	b, err := cas.ReadAll(bg, e.srv.Store, dd)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return string(b)
+	return castest.ReadString(e.t, e.srv.Store, d)
 }
 
 // shAction stores an action running script with a root directory holding
@@ -394,19 +379,9 @@ while [ ! -e out/release ]; do sleep 0.02; done; echo done > out/result`, inputs
 // mount made on demand in its stage when no spare was ready yet).
 func spareMounts(t *testing.T, root string) int {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		_, after, ok := strings.Cut(line, " - ")
-		if len(f) > 4 && strings.HasPrefix(f[4], root+"/") && ok && strings.HasPrefix(after, "fuse") {
-			n++
-		}
-	}
-	return n
+	return testutil.CountMounts(t, func(e mountinfo.Entry) bool {
+		return strings.HasPrefix(e.Point, root+"/") && strings.HasPrefix(e.FSType, "fuse")
+	})
 }
 
 // TestConcurrentActionsHaveTheirOwnUsers runs two actions at once: they

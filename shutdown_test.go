@@ -1,7 +1,6 @@
 package actiond_test
 
 import (
-	"bytes"
 	"context"
 	"sync/atomic"
 	"testing"
@@ -9,6 +8,7 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/executor/executortest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -32,17 +32,7 @@ func fakeServer(t *testing.T, root string, sb *executortest.Sandbox, drain time.
 // trivialAction stores an Action with an empty input root in store.
 func trivialAction(t *testing.T, store cas.Store, arg string) cas.Digest {
 	t.Helper()
-	put := func(m proto.Message) cas.Digest {
-		b, err := proto.Marshal(m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d := cas.DigestOf(b)
-		if err := store.Put(context.Background(), d, bytes.NewReader(b)); err != nil {
-			t.Fatal(err)
-		}
-		return d
-	}
+	put := func(m proto.Message) cas.Digest { return castest.PutProto(t, store, m) }
 	cmd := put(&repb.Command{Arguments: []string{"/bin/echo", arg}})
 	return put(&repb.Action{CommandDigest: cmd.Proto(), InputRootDigest: put(&repb.Directory{}).Proto()})
 }

@@ -2,14 +2,13 @@ package actioncache_test
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/actiondtest"
 	"github.com/actiond/actiond/internal/grpctest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	bolt "go.etcd.io/bbolt"
@@ -28,38 +27,15 @@ type env struct {
 
 func newEnv(t *testing.T, root string) *env {
 	t.Helper()
-	srv, err := actiond.New(actiond.Options{Root: root, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := srv.GRPCServer()
-	conn := grpctest.Dial(t, g, grpctest.BufSize)
-	t.Cleanup(func() {
-		conn.Close()
-		g.Stop()
-		srv.Close()
-	})
-	e := &env{srv: srv, ac: repb.NewActionCacheClient(conn), cas: repb.NewContentAddressableStorageClient(conn)}
-	return e
+	srv, conn, _ := actiondtest.Bufconn(t, actiond.Options{Root: root}, grpctest.BufSize)
+	return &env{srv: srv, ac: repb.NewActionCacheClient(conn), cas: repb.NewContentAddressableStorageClient(conn)}
 }
 
 func (e *env) upload(t *testing.T, blobs ...[]byte) []*repb.Digest {
 	t.Helper()
-	req := &repb.BatchUpdateBlobsRequest{}
 	var ds []*repb.Digest
-	for _, b := range blobs {
-		d := cas.DigestOf(b).Proto()
-		ds = append(ds, d)
-		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: d, Data: b})
-	}
-	resp, err := e.cas.BatchUpdateBlobs(bg, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range resp.Responses {
-		if r.Status.GetCode() != 0 {
-			t.Fatal(r.Status)
-		}
+	for _, d := range actiondtest.Upload(t, e.cas, blobs...) {
+		ds = append(ds, d.Proto())
 	}
 	return ds
 }

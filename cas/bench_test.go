@@ -77,6 +77,60 @@ func (c *shaClock) report(b *testing.B, bytesPerOp int64, cpu *cpuClock) {
 	b.ReportMetric(cpuPerByte*raw/1e3, "cpu/sha256")
 }
 
+// clocks time a benchmark three ways at once: b's timer, the process CPU
+// (cpuClock) and raw SHA-256 over the same data (shaClock), which runs
+// while the other two are stopped.
+type clocks struct {
+	b   *testing.B
+	cpu cpuClock
+	sha shaClock
+}
+
+// startClocks resets b's timer and starts both timers.
+func startClocks(b *testing.B) *clocks {
+	c := &clocks{b: b}
+	b.ResetTimer()
+	c.cpu.Start()
+	return c
+}
+
+// untimed runs f with both timers stopped.
+func (c *clocks) untimed(f func()) {
+	c.cpu.Stop()
+	c.b.StopTimer()
+	f()
+	c.b.StartTimer()
+	c.cpu.Start()
+}
+
+// stop stops both timers for good; report adds the SHA-256 comparison.
+func (c *clocks) stop() {
+	c.cpu.Stop()
+	c.b.StopTimer()
+}
+
+func (c *clocks) report(bytesPerOp int64) { c.sha.report(c.b, bytesPerOp, &c.cpu) }
+
+// readCount reads the blob d whole through ByteStream and returns how many
+// bytes came, keeping none of them (a 1 GiB blob is read without holding it).
+func (e *env) readCount(b *testing.B, d cas.Digest) int64 {
+	st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var n int64
+	for {
+		r, err := st.Recv()
+		if err == io.EOF {
+			return n
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		n += int64(len(r.Data))
+	}
+}
+
 var sizes = []struct {
 	name string
 	n    int
@@ -108,32 +162,22 @@ func BenchmarkByteStreamWrite(b *testing.B) {
 			if _, err := e.write(bg, "uploads/warm/blobs/"+cas.DigestOf(warm).String(), warm, 1<<20); err != nil {
 				b.Fatal(err)
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(int64(sz.n))
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
-				cpu.Stop()
-				b.StopTimer()
 				blob := base
-				blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
-				d := cas.DigestOf(blob)
-				name := fmt.Sprintf("uploads/%d/blobs/%s", i, d)
-				b.StartTimer()
-				cpu.Start()
+				var name string
+				c.untimed(func() {
+					blob[0], blob[1], blob[2], blob[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24) // a new blob each time
+					name = fmt.Sprintf("uploads/%d/blobs/%s", i, cas.DigestOf(blob))
+				})
 				if _, err := e.write(bg, name, blob, sz.chunk); err != nil {
 					b.Fatal(err)
 				}
-				cpu.Stop()
-				b.StopTimer()
-				sha.hash(blob)
-				b.StartTimer()
-				cpu.Start()
+				c.untimed(func() { c.sha.hash(blob) })
 			}
-			cpu.Stop()
-			b.StopTimer()
-			sha.report(b, int64(sz.n), &cpu)
+			c.stop()
+			c.report(int64(sz.n))
 		})
 	}
 }
@@ -148,39 +192,17 @@ func BenchmarkByteStreamRead(b *testing.B) {
 			if _, err := e.write(bg, "uploads/r/blobs/"+d.String(), blob, 1<<20); err != nil {
 				b.Fatal(err)
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(int64(sz.n))
-			readAll := func() int {
-				st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
-				if err != nil {
-					b.Fatal(err)
-				}
-				var n int
-				for {
-					r, err := st.Recv()
-					if err != nil {
-						return n
-					}
-					n += len(r.Data)
-				}
-			}
-			readAll() // warm up
-			b.ResetTimer()
-			cpu.Start()
+			e.readCount(b, d) // warm up
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
-				if n := readAll(); n != sz.n {
+				if n := e.readCount(b, d); n != int64(sz.n) {
 					b.Fatalf("read %d bytes", n)
 				}
-				cpu.Stop()
-				b.StopTimer()
-				sha.hash(blob)
-				b.StartTimer()
-				cpu.Start()
+				c.untimed(func() { c.sha.hash(blob) })
 			}
-			cpu.Stop()
-			b.StopTimer()
-			sha.report(b, int64(sz.n), &cpu)
+			c.stop()
+			c.report(int64(sz.n))
 		})
 	}
 }
@@ -213,17 +235,11 @@ func BenchmarkBatchUpdate10k(b *testing.B) {
 					total += int64(len(r.Data))
 				}
 			}
-			var sha shaClock
-			var cpu cpuClock
 			b.SetBytes(total)
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
-				cpu.Stop()
-				b.StopTimer()
-				reqs := mk(i)
-				b.StartTimer()
-				cpu.Start()
+				var reqs []*repb.BatchUpdateBlobsRequest
+				c.untimed(func() { reqs = mk(i) })
 				for _, req := range reqs {
 					resp, err := e.cas.BatchUpdateBlobs(bg, req)
 					if err != nil {
@@ -235,20 +251,17 @@ func BenchmarkBatchUpdate10k(b *testing.B) {
 						}
 					}
 				}
-				cpu.Stop()
-				b.StopTimer()
-				for _, req := range reqs {
-					for _, r := range req.Requests {
-						sha.hash(r.Data)
+				c.untimed(func() {
+					for _, req := range reqs {
+						for _, r := range req.Requests {
+							c.sha.hash(r.Data)
+						}
 					}
-				}
-				b.StartTimer()
-				cpu.Start()
+				})
 			}
-			cpu.Stop()
-			b.StopTimer()
+			c.stop()
 			b.ReportMetric(float64(count)*float64(b.N)/b.Elapsed().Seconds(), "blobs/s")
-			sha.report(b, total, &cpu)
+			c.report(total)
 		})
 	}
 }
@@ -279,9 +292,7 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 			name = "direct"
 		}
 		b.Run(name, func(b *testing.B) {
-			var cpu cpuClock
-			b.ResetTimer()
-			cpu.Start()
+			c := startClocks(b)
 			for i := 0; i < b.N; i++ {
 				var resp *repb.FindMissingBlobsResponse
 				var err error
@@ -297,10 +308,9 @@ func BenchmarkFindMissingBlobs10k(b *testing.B) {
 					b.Fatalf("%d missing", len(resp.MissingBlobDigests))
 				}
 			}
-			cpu.Stop()
-			b.StopTimer()
+			c.stop()
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/1000/float64(b.N), "ms/op")
-			b.ReportMetric(float64(cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+			b.ReportMetric(float64(c.cpu.total.Microseconds())/1000/float64(b.N), "cpu-ms/op")
 		})
 	}
 }
@@ -350,24 +360,7 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 		b.Fatal(err)
 	}
 	blob = nil
-	readAll := func() int64 {
-		st, err := e.bs.Read(bg, &bytestream.ReadRequest{ResourceName: "blobs/" + d.String()})
-		if err != nil {
-			b.Fatal(err)
-		}
-		var got int64
-		for {
-			r, err := st.Recv()
-			if err == io.EOF {
-				return got
-			}
-			if err != nil {
-				b.Fatal(err)
-			}
-			got += int64(len(r.Data))
-		}
-	}
-	readAll() // warm the page cache and the connection
+	e.readCount(b, d) // warm the page cache and the connection
 	modes := []struct {
 		name           string
 		verify, inline bool
@@ -381,7 +374,7 @@ func BenchmarkVerifiedRead1GiB(b *testing.B) {
 			cas.SetVerifyReads(e.srv.DiskStore, modes[k].verify)
 			cas.SetInlineHash(e.srv.DiskStore, modes[k].inline)
 			start, c0 := time.Now(), processCPU()
-			if got := readAll(); got != n {
+			if got := e.readCount(b, d); got != n {
 				b.Fatalf("read %d bytes", got)
 			}
 			took[k] += time.Since(start)

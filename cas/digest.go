@@ -68,6 +68,18 @@ func (d Digest) Validate() error {
 	return err
 }
 
+// ValidateRead checks the arguments of Store.Get: a valid digest and an
+// offset within the blob (at its end reads nothing).
+func ValidateRead(d Digest, offset int64) error {
+	if err := d.Validate(); err != nil {
+		return err
+	}
+	if offset < 0 || offset > d.Size {
+		return fmt.Errorf("read %s at offset %d: offset out of range", d, offset)
+	}
+	return nil
+}
+
 // FromProto validates a REAPI digest. A nil digest is invalid.
 func FromProto(d *repb.Digest) (Digest, error) {
 	if d == nil {

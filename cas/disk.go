@@ -268,11 +268,8 @@ func (s *DiskStore) TempDir() string { return s.tmpDir }
 // not match d is quarantined and the read fails with ErrCorrupt (see
 // verifyingReader).
 func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadCloser, error) {
-	if err := d.Validate(); err != nil {
+	if err := ValidateRead(d, offset); err != nil {
 		return nil, err
-	}
-	if offset < 0 || offset > d.Size {
-		return nil, fmt.Errorf("read %s at offset %d: offset out of range", d, offset)
 	}
 	if d.IsEmpty() {
 		return io.NopCloser(bytes.NewReader(nil)), nil

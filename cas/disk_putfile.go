@@ -12,6 +12,8 @@ import (
 	"io"
 	"os"
 	"syscall"
+
+	"github.com/actiond/actiond/internal/ctxio"
 )
 
 // PutFile implements Store. The file is made root-owned (when running as
@@ -96,7 +98,7 @@ func (s *DiskStore) putCopy(ctx context.Context, f *os.File, path string) (Diges
 		}
 		// Put verifies the copy against d, so a file that changes now is
 		// refused rather than stored wrongly.
-		if err := s.Put(ctx, d, ctxReader{ctx, f}); err != nil {
+		if err := s.Put(ctx, d, ctxio.Reader(ctx, f)); err != nil {
 			return Digest{}, fmt.Errorf("copy %s into the CAS: %w", path, err)
 		}
 	}
@@ -116,22 +118,9 @@ func hashFile(ctx context.Context, f *os.File) (Digest, error) {
 	}
 	buf := make([]byte, size)
 	// Hide f's WriteTo, which would use a small buffer.
-	n, err := io.CopyBuffer(h, ctxReader{ctx, f}, buf)
+	n, err := io.CopyBuffer(h, ctxio.Reader(ctx, f), buf)
 	if err != nil {
 		return Digest{}, err
 	}
 	return Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
-}
-
-// ctxReader reads r until ctx ends.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (r ctxReader) Read(p []byte) (int, error) {
-	if err := r.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return r.r.Read(p)
 }

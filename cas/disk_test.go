@@ -64,17 +64,7 @@ func present(t testing.TB, s Store, d Digest) bool {
 }
 
 // blob returns n deterministic bytes distinct per seed.
-func blob(seed, n int) []byte {
-	b := make([]byte, n)
-	x := uint32(seed*2654435761 + 1)
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 17
-		x ^= x << 5
-		b[i] = byte(x)
-	}
-	return b
-}
+func blob(seed, n int) []byte { return testutil.Data(seed, n) }
 
 func assertTmpEmpty(t testing.TB, s *DiskStore) {
 	t.Helper()

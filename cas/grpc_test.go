@@ -18,7 +18,8 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
-	"github.com/actiond/actiond/internal/grpctest"
+	"github.com/actiond/actiond/internal/actiondtest"
+	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/genproto/googleapis/bytestream"
@@ -41,48 +42,16 @@ type env struct {
 	stop func()
 }
 
-func quietLogger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
+func quietLogger() *slog.Logger { return actiondtest.Quiet() }
 
 // newEnv starts a server on a fresh root (or the given one).
 func newEnv(t testing.TB, opts actiond.Options) *env {
 	t.Helper()
-	if opts.Root == "" {
-		opts.Root = t.TempDir()
-	}
-	if opts.Logger == nil {
-		opts.Logger = quietLogger()
-	}
-	srv, err := actiond.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := srv.GRPCServer()
-	conn := grpctest.Dial(t, g, 4<<20, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			conn.Close()
-			g.Stop()
-			srv.Close()
-		})
-	}
-	t.Cleanup(stop)
+	srv, conn, stop := actiondtest.Bufconn(t, opts, 4<<20, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20)))
 	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn), ac: repb.NewActionCacheClient(conn), stop: stop}
 }
 
-func data(seed, n int) []byte {
-	b := make([]byte, n)
-	x := uint64(seed)*0x9E3779B97F4A7C15 + 1
-	for i := range b {
-		x ^= x << 13
-		x ^= x >> 7
-		x ^= x << 17
-		b[i] = byte(x)
-	}
-	return b
-}
+func data(seed, n int) []byte { return testutil.Data(seed, n) }
 
 func wantCode(t testing.TB, err error, code codes.Code, contains ...string) {
 	t.Helper()
@@ -117,68 +86,16 @@ func (e *env) has(t testing.TB, d cas.Digest) bool { return len(e.missing(t, d))
 
 func (e *env) upload(t testing.TB, blobs ...[]byte) []cas.Digest {
 	t.Helper()
-	req := &repb.BatchUpdateBlobsRequest{}
-	var ds []cas.Digest
-	for _, b := range blobs {
-		d := cas.DigestOf(b)
-		ds = append(ds, d)
-		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: d.Proto(), Data: b})
-	}
-	resp, err := e.cas.BatchUpdateBlobs(bg, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, r := range resp.Responses {
-		if r.Status.GetCode() != 0 {
-			t.Fatalf("upload %d: %v", i, r.Status)
-		}
-	}
-	return ds
+	return actiondtest.Upload(t, e.cas, blobs...)
 }
 
 // write uploads data under name in chunks, finishing on the last one.
 func (e *env) write(ctx context.Context, name string, data []byte, chunk int) (*bytestream.WriteResponse, error) {
-	st, err := e.bs.Write(ctx)
-	if err != nil {
-		return nil, err
-	}
-	off := 0
-	for first := true; first || off < len(data); first = false {
-		end := min(off+chunk, len(data))
-		req := &bytestream.WriteRequest{WriteOffset: int64(off), Data: data[off:end], FinishWrite: end == len(data)}
-		if first {
-			req.ResourceName = name
-		}
-		if err := st.Send(req); err != nil {
-			if err == io.EOF {
-				break // the server finished early; CloseAndRecv has its answer
-			}
-			return nil, err
-		}
-		off = end
-	}
-	return st.CloseAndRecv()
+	return actiondtest.WriteBlob(ctx, e.bs, name, data, chunk, 0)
 }
 
 func (e *env) read(ctx context.Context, name string, offset, limit int64) ([]byte, error) {
-	st, err := e.bs.Read(ctx, &bytestream.ReadRequest{ResourceName: name, ReadOffset: offset, ReadLimit: limit})
-	if err != nil {
-		return nil, err
-	}
-	var out []byte
-	for {
-		resp, err := st.Recv()
-		if err == io.EOF {
-			return out, nil
-		}
-		if err != nil {
-			return out, err
-		}
-		if len(resp.Data) > 1<<20 {
-			return nil, fmt.Errorf("read response of %d bytes, over 1 MiB", len(resp.Data))
-		}
-		out = append(out, resp.Data...)
-	}
+	return actiondtest.ReadBlob(ctx, e.bs, name, offset, limit)
 }
 
 func uploadName(d cas.Digest) string {

@@ -12,42 +12,19 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/testutil"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc/codes"
 )
 
 // corruptions are the ways a stored blob goes bad.
-var corruptions = []string{"flip", "truncate", "same-size"}
+var corruptions = testutil.Corruptions
 
 // corruptBlob changes the stored file of d under root the way kind says.
 func corruptBlob(t testing.TB, root string, d cas.Digest, kind string) {
 	t.Helper()
-	p := filepath.Join(root, "cas", "sha256", d.Hash[:2], d.Hash)
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	switch kind {
-	case "flip":
-		b[len(b)/2] ^= 0x40
-	case "truncate":
-		b = b[:len(b)/2]
-	case "same-size":
-		b = data(999, len(b))
-	default:
-		t.Fatalf("unknown corruption %q", kind)
-	}
-	// Blobs are read-only files; a bad disk or a root user ignores that.
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(p, 0o444); err != nil {
-		t.Fatal(err)
-	}
+	testutil.CorruptBlob(t, root, d.Hash, kind)
 }
 
 func quarantined(t testing.TB, root string, d cas.Digest) bool {

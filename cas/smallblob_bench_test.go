@@ -3,7 +3,6 @@ package cas_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -11,36 +10,23 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/actiondtest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// tcpEnvWith serves a fresh server made with opts (Root and Logger filled
-// in) on 127.0.0.1.
+// tcpEnvWith serves a fresh server made with opts on 127.0.0.1.
 func tcpEnvWith(b *testing.B, opts actiond.Options) *env {
 	b.Helper()
-	opts.Root, opts.Logger = b.TempDir(), quietLogger()
-	srv, err := actiond.New(opts)
-	if err != nil {
-		b.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	go srv.Serve(l)
-	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+	srv, addr := actiondtest.TCP(b, opts)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.Cleanup(func() {
-		conn.Close()
-		srv.Stop(bg)
-		srv.Close()
-	})
+	b.Cleanup(func() { conn.Close() })
 	return &env{srv: srv, cas: repb.NewContentAddressableStorageClient(conn), bs: bytestream.NewByteStreamClient(conn)}
 }
 

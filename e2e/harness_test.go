@@ -18,13 +18,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"sort"
 	"strconv"
@@ -34,11 +32,9 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/bazelws"
+	"github.com/actiond/actiond/internal/grpctest"
 	"github.com/actiond/actiond/internal/testutil"
 )
 
@@ -114,75 +110,14 @@ func RequireBazel(t testing.TB) {
 func CopyWorkspace(t testing.TB, src string) string {
 	t.Helper()
 	dst := filepath.Join(t.TempDir(), "ws")
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, path)
-		if err != nil {
-			return err
-		}
-		if rel != "." && !strings.Contains(rel, string(filepath.Separator)) && strings.HasPrefix(rel, "bazel-") {
-			if d.IsDir() {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		if rel == filepath.Join("many", "inputs") {
-			return filepath.SkipDir // regenerated below
-		}
-		target := filepath.Join(dst, rel)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		switch {
-		case d.IsDir():
-			return os.MkdirAll(target, 0o755)
-		case d.Type()&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			return os.Symlink(link, target)
-		case d.Type().IsRegular():
-			return copyFile(path, target, info.Mode().Perm())
-		default:
-			return fmt.Errorf("%s: unsupported file type %v", path, d.Type())
-		}
-	})
-	if err != nil {
-		t.Fatalf("copying workspace %s: %v", src, err)
-	}
-	gen := filepath.Join(dst, "gen_inputs.sh")
-	if _, err := os.Stat(gen); err == nil {
-		cmd := exec.Command("/bin/sh", gen, dst)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("%s: %v\n%s", gen, err, out)
-		}
+	if err := bazelws.Copy(src, dst); err != nil {
+		t.Fatal(err)
 	}
 	return dst
 }
 
-func copyFile(src, dst string, perm fs.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Chmod(dst, perm) // not subject to the umask
-}
+// copyFile copies a regular file; see bazelws.CopyFile.
+var copyFile = bazelws.CopyFile
 
 var (
 	bazelServersMu sync.Mutex
@@ -226,7 +161,7 @@ func Bazel(t testing.TB, ws, outputUserRoot string, args ...string) (string, err
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Logf("bazel shutdown: %v\n%s", err, out)
 			}
-			makeWritable(outputUserRoot)
+			bazelws.MakeWritable(outputUserRoot)
 		})
 	}
 
@@ -268,58 +203,9 @@ func MustBazel(t testing.TB, ws, outputUserRoot string, args ...string) string {
 	return out
 }
 
-// makeWritable adds owner write permission to every directory under root,
-// so that t.TempDir's cleanup can delete what Bazel left read-only.
-func makeWritable(root string) {
-	filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			if info, err := d.Info(); err == nil && info.Mode().Perm()&0o200 == 0 {
-				os.Chmod(path, info.Mode().Perm()|0o700)
-			}
-		}
-		return nil
-	})
-}
-
-var processesRE = regexp.MustCompile(`(?m)^INFO: ([0-9,]+) process(?:es)?(?::\s*(.*?))?\.\s*$`)
-
-// ParseProcesses parses Bazel's last process summary line in output, e.g.
-//
-//	INFO: 23 processes: 1 internal, 22 remote.
-//	INFO: 22 processes: 21 remote cache hit, 1 internal.
-//
-// into {"total": 23, "internal": 1, "remote": 22}. Keys are the strategy
-// names as Bazel prints them ("remote cache hit", "disk cache hit", "local",
-// "linux-sandbox", "remote", "worker", ...). It returns nil when there is no
-// summary line.
-func ParseProcesses(output string) map[string]int {
-	ms := processesRE.FindAllStringSubmatch(output, -1)
-	if len(ms) == 0 {
-		return nil
-	}
-	m := ms[len(ms)-1]
-	res := map[string]int{}
-	total, err := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
-	if err != nil {
-		return nil
-	}
-	res["total"] = total
-	if m[2] == "" {
-		return res
-	}
-	for _, part := range strings.Split(m[2], ", ") {
-		num, kind, ok := strings.Cut(strings.TrimSpace(part), " ")
-		if !ok {
-			continue
-		}
-		n, err := strconv.Atoi(strings.ReplaceAll(num, ",", ""))
-		if err != nil {
-			continue
-		}
-		res[kind] += n
-	}
-	return res
-}
+// ParseProcesses parses Bazel's last process summary line in output; see
+// bazelws.ParseProcesses.
+func ParseProcesses(output string) map[string]int { return bazelws.ParseProcesses(output) }
 
 // OutputsHash returns the sha256 (hex) of every regular file under the
 // workspace's bazel-bin, keyed by its path relative to bazel-bin. Symlinks
@@ -634,28 +520,7 @@ func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string,
 
 // checkServing dials addr and asks the gRPC health service for the overall
 // status.
-func checkServing(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return err
-	}
-	c.Close()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	if err != nil {
-		return err
-	}
-	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		return fmt.Errorf("health: %v", resp.GetStatus())
-	}
-	return nil
-}
+func checkServing(addr string) error { return grpctest.Serving(addr, 2*time.Second) }
 
 // tail returns at most the last max bytes of s, starting at a line.
 func tail(s string, max int) string {

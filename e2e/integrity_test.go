@@ -7,7 +7,6 @@ package e2e
 // bad and Bazel uploaded it afresh.
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"os"
@@ -22,25 +21,7 @@ import (
 // under the server root root.
 func corruptCASBlob(t *testing.T, root, hash, kind string) {
 	t.Helper()
-	p := filepath.Join(root, "cas", "sha256", hash[:2], hash)
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatalf("blob %s (%s): %v", hash, kind, err)
-	}
-	switch kind {
-	case "flip":
-		b[len(b)/2] ^= 0x20
-	case "truncate":
-		b = b[:len(b)/2]
-	case "same-size":
-		b = bytes.Repeat([]byte{'#'}, len(b))
-	}
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, b, 0o444); err != nil {
-		t.Fatal(err)
-	}
+	testutil.CorruptBlob(t, root, hash, kind)
 	t.Logf("corrupted blob %s (%s)", hash[:12], kind)
 }
 

@@ -5,7 +5,6 @@
 package executor_test
 
 import (
-	"bytes"
 	"context"
 	"path/filepath"
 	"testing"
@@ -14,6 +13,7 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/executor/executortest"
 	"github.com/actiond/actiond/internal/testutil"
@@ -152,33 +152,17 @@ func sleepThen(d time.Duration, then func(*executor.RunSpec) error) func(context
 
 func (e *env) put(data []byte) cas.Digest {
 	e.t.Helper()
-	d := cas.DigestOf(data)
-	if err := e.store.Put(context.Background(), d, bytes.NewReader(data)); err != nil {
-		e.t.Fatal(err)
-	}
-	return d
+	return castest.Put(e.t, e.store, data)
 }
 
 func (e *env) putProto(m proto.Message) cas.Digest {
 	e.t.Helper()
-	data, err := proto.Marshal(m)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.put(data)
+	return castest.PutProto(e.t, e.store, m)
 }
 
 func (e *env) read(d *repb.Digest) string {
 	e.t.Helper()
-	dd, err := cas.FromProto(d)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	b, err := cas.ReadAll(context.Background(), e.store, dd)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return string(b)
+	return castest.ReadString(e.t, e.store, d)
 }
 
 // action stores a shell command with the given inputs and returns its digest.

@@ -42,16 +42,23 @@ func (e *env) dagBomb(file cas.Digest, levels int) *repb.Directory {
 	return dir
 }
 
-// othersStayServed runs, while hostile runs, what other clients do: a
-// trivial action and FindMissingBlobs of a stored blob. Both must complete
-// (not within any time: that would be a timing assertion), and the blob
-// must still be stored afterwards.
-func (e *env) othersStayServed(t *testing.T, hostile func()) {
+// othersStayServed executes the hostile action d, with a deadline of
+// within, which must fail with code and an error mentioning mention; while
+// it runs, it does what other clients do: a trivial action and
+// FindMissingBlobs of a stored blob. Both must complete (not within any
+// time: that would be a timing assertion), and the blob must still be
+// stored afterwards.
+func (e *env) othersStayServed(t *testing.T, d cas.Digest, within time.Duration, code codes.Code, mention string) {
 	t.Helper()
 	kept := e.put([]byte("stored before the hostile request\n"))
 	trivial := e.action(actionSpec{script: "echo ok", timeout: time.Minute})
 	var wg sync.WaitGroup
-	wg.Go(hostile)
+	wg.Go(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), within)
+		defer cancel()
+		resp, _, err := e.execute(ctx, d, true)
+		wantStatus(t, resp, err, code, mention)
+	})
 	wg.Go(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -95,12 +102,7 @@ func TestDAGBombInputRootIsRefused(t *testing.T) {
 
 func testDAGBombInputRootIsRefused(t *testing.T, e *env) {
 	bomb := e.action(actionSpec{script: "find . | wc -l", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 10 * time.Second})
-	e.othersStayServed(t, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		resp, _, err := e.execute(ctx, bomb, true)
-		wantStatus(t, resp, err, codes.InvalidArgument, "--max-input-entries")
-	})
+	e.othersStayServed(t, bomb, time.Minute, codes.InvalidArgument, "--max-input-entries")
 }
 
 // TestMutatesInputsBytesBombIsRefused: one 1 MiB file named 2^7 times
@@ -114,12 +116,7 @@ func TestMutatesInputsBytesBombIsRefused(t *testing.T) {
 func testMutatesInputsBytesBombIsRefused(t *testing.T, e *env) {
 	big := e.put(make([]byte, 1<<20))
 	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(big, 7), platform: map[string]string{"mutates_inputs": "1"}, timeout: 10 * time.Second})
-	e.othersStayServed(t, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		resp, _, err := e.execute(ctx, bomb, true)
-		wantStatus(t, resp, err, codes.InvalidArgument, "--max-input-bytes")
-	})
+	e.othersStayServed(t, bomb, time.Minute, codes.InvalidArgument, "--max-input-bytes")
 }
 
 // TestTimeoutCountsFromStaging: with the tree limits off, staging 2^22
@@ -128,12 +125,7 @@ func testMutatesInputsBytesBombIsRefused(t *testing.T, e *env) {
 func TestTimeoutCountsFromStaging(t *testing.T) {
 	e := newHostileEnv(t, func(o *executor.Options) { o.MaxInputEntries, o.MaxInputBytes = -1, -1 })
 	bomb := e.action(actionSpec{script: "true", inputs: e.dagBomb(e.put([]byte("x")), 22), timeout: 2 * time.Second})
-	e.othersStayServed(t, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-		defer cancel()
-		resp, _, err := e.execute(ctx, bomb, true)
-		wantStatus(t, resp, err, codes.DeadlineExceeded, "staging its inputs")
-	})
+	e.othersStayServed(t, bomb, 90*time.Second, codes.DeadlineExceeded, "staging its inputs")
 }
 
 // TestDefaultActionTimeout: an action without a timeout gets the
@@ -153,10 +145,5 @@ func TestDefaultActionTimeout(t *testing.T) {
 func TestSparseOutputIsRefusedBySize(t *testing.T) {
 	e := newHostileEnv(t, nil, cas.WithMaxSize(64<<20))
 	d := e.action(actionSpec{script: "truncate -s 1G out", outFiles: []string{"out"}, timeout: time.Minute})
-	e.othersStayServed(t, func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		resp, _, err := e.execute(ctx, d, true)
-		wantStatus(t, resp, err, codes.ResourceExhausted, "--max-size")
-	})
+	e.othersStayServed(t, d, time.Minute, codes.ResourceExhausted, "--max-size")
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/ctxio"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 )
 
@@ -163,23 +164,9 @@ func (r CopyInputRoot) Stage(ctx context.Context, tree *InputTree, dir string) (
 			return missingAsPrecondition(d, err)
 		}
 		defer src.Close()
-		return createInput(dst, exec, ctxReader{ctx, src})
+		return createInput(dst, exec, ctxio.Reader(ctx, src))
 	})
 	return func() error { return nil }, err
-}
-
-// ctxReader reads r until ctx ends: a large input copied for an action
-// whose timeout has passed stops there.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (r ctxReader) Read(p []byte) (int, error) {
-	if err := r.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return r.r.Read(p)
 }
 
 type fileJob struct {

@@ -163,15 +163,7 @@ func TestInputEvictedBeforePinIsMissing(t *testing.T) {
 			d := e.action(actionSpec{script: "cat a b", inputs: &repb.Directory{Files: []*repb.FileNode{
 				{Name: "a", Digest: present.Proto()}, {Name: "b", Digest: gone.Proto()},
 			}}})
-			resp, _, err := e.execute(context.Background(), d, false)
-			if err != nil {
-				t.Fatal(err)
-			}
-			st := status.FromProto(resp.Status)
-			if st.Code() != codes.FailedPrecondition {
-				t.Fatalf("status %v, want FAILED_PRECONDITION", st)
-			}
-			if subjects := missingSubjects(st); len(subjects) != 1 || subjects[0] != "blobs/"+gone.String() {
+			if subjects := e.executeMissing(t, d); len(subjects) != 1 || subjects[0] != "blobs/"+gone.String() {
 				t.Fatalf("MISSING violations %v, want exactly blobs/%s", subjects, gone)
 			}
 		})
@@ -184,19 +176,11 @@ func TestMissingInputsNameEveryBlob(t *testing.T) {
 	e := newFakeEnv(t, executor.ServiceOptions{}, &executortest.Sandbox{}, nil, nil)
 	absent := cas.DigestOf([]byte("never uploaded"))
 	d := e.action(actionSpec{script: "cat f", inputs: &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: absent.Proto()}}}})
-	resp, _, err := e.execute(context.Background(), d, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := status.FromProto(resp.Status)
-	if st.Code() != codes.FailedPrecondition {
-		t.Fatalf("status %v, want FAILED_PRECONDITION", st)
-	}
-	if !slices.Contains(missingSubjects(st), "blobs/"+absent.String()) {
-		t.Fatalf("no MISSING violation for %s in %v", absent, st.Details())
+	if subjects := e.executeMissing(t, d); !slices.Contains(subjects, "blobs/"+absent.String()) {
+		t.Fatalf("no MISSING violation for %s in %v", absent, subjects)
 	}
 	// A missing Action blob is reported the same way.
-	resp, _, err = e.execute(context.Background(), cas.DigestOf([]byte("no action")), false)
+	resp, _, err := e.execute(context.Background(), cas.DigestOf([]byte("no action")), false)
 	if err != nil || status.FromProto(resp.Status).Code() != codes.FailedPrecondition {
 		t.Fatalf("missing action: %v %v", resp.GetStatus(), err)
 	}
@@ -286,9 +270,19 @@ func TestBadRequestsAreRefusedBeforeStaging(t *testing.T) {
 	}
 }
 
-// missingSubjects lists the subjects of st's MISSING precondition
+// executeMissing executes the action d, which must end in
+// FAILED_PRECONDITION, and lists the subjects of its MISSING precondition
 // violations, in order.
-func missingSubjects(st *status.Status) []string {
+func (e *env) executeMissing(t *testing.T, d cas.Digest) []string {
+	t.Helper()
+	resp, _, err := e.execute(context.Background(), d, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := status.FromProto(resp.Status)
+	if st.Code() != codes.FailedPrecondition {
+		t.Fatalf("status %v, want FAILED_PRECONDITION", st)
+	}
 	var subjects []string
 	for _, det := range st.Details() {
 		if pf, ok := det.(*errdetails.PreconditionFailure); ok {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/protobuf/proto"
@@ -141,7 +142,7 @@ func similarRoot(b *testing.B, e *env, tree *executor.InputTree, i int) cas.Dige
 	root := proto.Clone(tree.Dirs[tree.Root]).(*repb.Directory)
 	first, _ := cas.FromProto(root.Directories[0].Digest)
 	dir := proto.Clone(tree.Dirs[first]).(*repb.Directory)
-	dir.Files = append(dir.Files, &repb.FileNode{Name: fmt.Sprintf("zz%08d", i), Digest: e.put([]byte("new")).Proto()})
+	dir.Files = append(dir.Files, &repb.FileNode{Name: fmt.Sprintf("zz%08d", i), Digest: castest.Put(e.t, e.store, []byte("new")).Proto()})
 	root.Directories[0].Digest = e.putProto(dir).Proto()
 	return e.putProto(root)
 }

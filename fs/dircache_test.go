@@ -1,15 +1,14 @@
 package fs
 
 import (
-	"bytes"
 	"context"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"google.golang.org/protobuf/proto"
 )
 
 // The directories actiondfs reads from the CAS itself (those the executor
@@ -20,17 +19,7 @@ func TestDirCacheValidates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	put := func(dir *repb.Directory) cas.Digest {
-		data, err := proto.Marshal(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d := cas.DigestOf(data)
-		if err := store.Put(context.Background(), d, bytes.NewReader(data)); err != nil {
-			t.Fatal(err)
-		}
-		return d
-	}
+	put := func(dir *repb.Directory) cas.Digest { return castest.PutProto(t, store, dir) }
 	c := newDirCache(store, 1<<20)
 	good := put(&repb.Directory{Symlinks: []*repb.SymlinkNode{{Name: "l", Target: "../x"}}})
 	if dir, err := c.get(context.Background(), good); err != nil || len(dir.Symlinks) != 1 {

@@ -111,42 +111,48 @@ func (afs *actionFS) dropLink(n *node) {
 	}
 }
 
-// MkDir serves the op.
-func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
+// newEntry serves an op that makes a new entry name in directory parent
+// (MkDir, MkNode, CreateSymlink): once the caller is found allowed to, it
+// makes the node with mk and links it in as the op's entry e.
+func (afs *actionFS) newEntry(ctx context.Context, parent fuseops.InodeID, name string, oc fuseops.OpContext, e *fuseops.ChildInodeEntry, mk func() (*node, error)) error {
 	afs.mu.Lock()
 	defer afs.mu.Unlock()
-	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
+	p, uid, gid, err := afs.newEntryParent(ctx, parent, name, oc)
 	if err != nil {
 		return err
 	}
-	n := &node{kind: kindDir, mode: os.ModeDir | op.Mode&(os.ModePerm|specialBits)}
-	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
+	n, err := mk()
+	if err != nil {
+		return err
+	}
+	return afs.addStagedEntry(ctx, p, name, n, uid, gid, e)
+}
+
+// MkDir serves the op.
+func (afs *actionFS) MkDir(ctx context.Context, op *fuseops.MkDirOp) error {
+	return afs.newEntry(ctx, op.Parent, op.Name, op.OpContext, &op.Entry, func() (*node, error) {
+		return &node{kind: kindDir, mode: os.ModeDir | op.Mode&(os.ModePerm|specialBits)}, nil
+	})
 }
 
 // MkNode serves the op: regular files, FIFOs and sockets.
 func (afs *actionFS) MkNode(ctx context.Context, op *fuseops.MkNodeOp) error {
-	afs.mu.Lock()
-	defer afs.mu.Unlock()
-	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
-	if err != nil {
-		return err
-	}
-	perm := op.Mode & (os.ModePerm | specialBits)
-	var n *node
-	switch op.Mode.Type() {
-	case 0:
-		path, f, err := afs.newBacking()
-		if err != nil {
-			return err
+	return afs.newEntry(ctx, op.Parent, op.Name, op.OpContext, &op.Entry, func() (*node, error) {
+		perm := op.Mode & (os.ModePerm | specialBits)
+		switch op.Mode.Type() {
+		case 0:
+			path, f, err := afs.newBacking()
+			if err != nil {
+				return nil, err
+			}
+			f.Close()
+			return &node{kind: kindFile, backing: path, nlink: 1, mode: perm}, nil
+		case os.ModeNamedPipe, os.ModeSocket:
+			return &node{kind: kindSpecial, nlink: 1, mode: op.Mode.Type() | perm}, nil
+		default:
+			return nil, syscall.EPERM
 		}
-		f.Close()
-		n = &node{kind: kindFile, backing: path, nlink: 1, mode: perm}
-	case os.ModeNamedPipe, os.ModeSocket:
-		n = &node{kind: kindSpecial, nlink: 1, mode: op.Mode.Type() | perm}
-	default:
-		return syscall.EPERM
-	}
-	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
+	})
 }
 
 // CreateFile serves the op.
@@ -176,14 +182,9 @@ func (afs *actionFS) CreateFile(ctx context.Context, op *fuseops.CreateFileOp) e
 
 // CreateSymlink serves the op.
 func (afs *actionFS) CreateSymlink(ctx context.Context, op *fuseops.CreateSymlinkOp) error {
-	afs.mu.Lock()
-	defer afs.mu.Unlock()
-	p, uid, gid, err := afs.newEntryParent(ctx, op.Parent, op.Name, op.OpContext)
-	if err != nil {
-		return err
-	}
-	n := &node{kind: kindSymlink, target: op.Target, nlink: 1, mode: os.ModeSymlink | 0o777}
-	return afs.addStagedEntry(ctx, p, op.Name, n, uid, gid, &op.Entry)
+	return afs.newEntry(ctx, op.Parent, op.Name, op.OpContext, &op.Entry, func() (*node, error) {
+		return &node{kind: kindSymlink, target: op.Target, nlink: 1, mode: os.ModeSymlink | 0o777}, nil
+	})
 }
 
 // CreateLink serves the op. A new name for an input is

@@ -12,6 +12,7 @@ import (
 
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/sandbox"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -69,15 +70,7 @@ func (e *env) blob(d *repb.Digest) string {
 	if d == nil {
 		return ""
 	}
-	dd, err := cas.FromProto(d)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	b, err := cas.ReadAll(context.Background(), e.store, dd)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return string(b)
+	return castest.ReadString(e.t, e.store, d)
 }
 
 func outputFiles(e *env, res *repb.ActionResult) map[string]string {

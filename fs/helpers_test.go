@@ -3,7 +3,6 @@
 package fs_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -13,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
 	actiondfs "github.com/actiond/actiond/fs"
 	"github.com/actiond/actiond/internal/testutil"
@@ -64,22 +64,9 @@ func newEnv(t testing.TB, opts ...actiondfs.Option) *env {
 	return &env{t: t, store: store, root: r, dir: dir}
 }
 
-func (e *env) put(data []byte) cas.Digest {
-	e.t.Helper()
-	d := cas.DigestOf(data)
-	if err := e.store.Put(context.Background(), d, bytes.NewReader(data)); err != nil {
-		e.t.Fatal(err)
-	}
-	return d
-}
-
 func (e *env) putProto(m proto.Message) cas.Digest {
 	e.t.Helper()
-	data, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.put(data)
+	return castest.PutProto(e.t, e.store, m)
 }
 
 // tree stores an input tree described by paths: "a/b.txt" is a file with
@@ -118,9 +105,9 @@ func (e *env) tree(spec map[string]string) *executor.InputTree {
 			d.symlinks[strings.TrimSuffix(name, "@")] = content
 		case strings.HasSuffix(name, "*"):
 			name = strings.TrimSuffix(name, "*")
-			d.files[name] = &repb.FileNode{Name: name, Digest: e.put([]byte(content)).Proto(), IsExecutable: true}
+			d.files[name] = &repb.FileNode{Name: name, Digest: castest.Put(e.t, e.store, []byte(content)).Proto(), IsExecutable: true}
 		default:
-			d.files[name] = &repb.FileNode{Name: name, Digest: e.put([]byte(content)).Proto()}
+			d.files[name] = &repb.FileNode{Name: name, Digest: castest.Put(e.t, e.store, []byte(content)).Proto()}
 		}
 	}
 	var store func(d *dir) cas.Digest

@@ -1,7 +1,6 @@
 package observe_test
 
 import (
-	"bufio"
 	"context"
 	"io"
 	"log/slog"
@@ -10,13 +9,13 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/observe"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
@@ -72,34 +71,10 @@ func start(t *testing.T, opts actiond.Options) *env {
 	return &env{srv: srv, obs: obs, conn: conn, web: web}
 }
 
-// scrape fetches /metrics and returns each sample by its printed name and
-// labels, e.g. `actiond_cas_blobs` or `actiond_grpc_requests_total{code="OK",method="..."}`.
+// scrape fetches /metrics from the web server at base.
 func scrape(t *testing.T, base string) map[string]float64 {
 	t.Helper()
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		t.Fatalf("/metrics: %s", resp.Status)
-	}
-	m := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("metrics line %q: %v", line, err)
-		}
-		m[line[:i]] = v
-	}
-	return m
+	return testutil.ScrapeMetrics(t, base+"/metrics")
 }
 
 func grpcCount(m map[string]float64, method, code string) float64 {

@@ -125,11 +125,8 @@ func (s *Store) FindMissing(ctx context.Context, ds []cas.Digest) ([]cas.Digest,
 // Get implements cas.Store. A read from offset 0 is verified: a blob
 // that does not hash to d fails with cas.ErrDigestMismatch at its end.
 func (s *Store) Get(ctx context.Context, d cas.Digest, offset int64) (io.ReadCloser, error) {
-	if err := d.Validate(); err != nil {
+	if err := cas.ValidateRead(d, offset); err != nil {
 		return nil, err
-	}
-	if offset < 0 || offset > d.Size {
-		return nil, fmt.Errorf("read %s at offset %d: offset out of range", d, offset)
 	}
 	if d.IsEmpty() {
 		return io.NopCloser(bytes.NewReader(nil)), nil

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,6 +12,7 @@ import (
 	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/cas/castest"
+	"github.com/actiond/actiond/internal/actiondtest"
 	"github.com/actiond/actiond/remote"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
@@ -27,17 +27,8 @@ type farm struct {
 
 func newFarm(t *testing.T) *farm {
 	t.Helper()
-	srv, err := actiond.New(actiond.Options{Root: t.TempDir(), NoFsync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Stop(context.Background()); srv.Close() })
-	conn, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+	srv, addr := actiondtest.TCP(t, actiond.Options{NoFsync: true})
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(actiond.MaxMessageSize)))
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/actiond/actiond/internal/mountinfo"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
 )
@@ -45,17 +46,7 @@ func makeImage(t *testing.T, path string, etc map[string]string) {
 // mountCount counts the mounts on dir.
 func mountCount(t *testing.T, dir string) int {
 	t.Helper()
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, line := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
-			n++
-		}
-	}
-	return n
+	return testutil.CountMounts(t, func(e mountinfo.Entry) bool { return e.Point == dir })
 }
 
 func TestLoadRuntimes(t *testing.T) {

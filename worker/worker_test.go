@@ -1,7 +1,6 @@
 package worker_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -13,7 +12,9 @@ import (
 
 	"github.com/actiond/actiond"
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/cas/castest"
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/actiondtest"
 	"github.com/actiond/actiond/internal/testutil"
 	rwpb "github.com/actiond/actiond/proto/buildbarn/remoteworker"
 	"github.com/actiond/actiond/remote"
@@ -197,20 +198,11 @@ type env struct {
 func newEnv(t *testing.T, concurrency int) *env {
 	t.Helper()
 	testutil.RequireRoot(t)
-	farm, err := actiond.New(actiond.Options{Root: t.TempDir(), NoFsync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go farm.Serve(l)
-	t.Cleanup(func() { farm.Stop(context.Background()); farm.Close() })
+	farm, addr := actiondtest.TCP(t, actiond.Options{NoFsync: true})
 	sched := newScheduler(t)
 
 	root := t.TempDir()
-	casConn, err := grpc.NewClient(l.Addr().String(), worker.DialOptions()...)
+	casConn, err := grpc.NewClient(addr, worker.DialOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -274,20 +266,12 @@ func newEnv(t *testing.T, concurrency int) *env {
 
 func (e *env) put(data []byte) cas.Digest {
 	e.t.Helper()
-	d := cas.DigestOf(data)
-	if err := e.farm.Store.Put(context.Background(), d, bytes.NewReader(data)); err != nil {
-		e.t.Fatal(err)
-	}
-	return d
+	return castest.Put(e.t, e.farm.Store, data)
 }
 
 func (e *env) putProto(m proto.Message) cas.Digest {
 	e.t.Helper()
-	data, err := proto.Marshal(m)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return e.put(data)
+	return castest.PutProto(e.t, e.farm.Store, m)
 }
 
 // submit stores a shell action in the farm's CAS and queues it.
@@ -314,15 +298,7 @@ func (e *env) submit(script string, inputs *repb.Directory, outs ...string) cas.
 
 func (e *env) read(pd *repb.Digest) string {
 	e.t.Helper()
-	d, err := cas.FromProto(pd)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	b, err := cas.ReadAll(context.Background(), e.farm.Store, d)
-	if err != nil {
-		e.t.Fatalf("farm CAS: %v", err)
-	}
-	return string(b)
+	return castest.ReadString(e.t, e.farm.Store, pd)
 }
 
 var allStates = []string{"started", "fetching_inputs", "running", "uploading_outputs", "completed"}

@@ -115,7 +115,7 @@ func writeCompileWorkload(ws string) error {
 // linux-sandbox. Every timed build follows `bazel clean`, and remote builds
 // pass --noremote_accept_cached, so every action executes again while the
 // inputs are already in the CAS: what is timed is execution, not upload.
-func (b *bench) compile() ([]Measurement, error) {
+func (b *bench) compile() ([]benchutil.Measurement, error) {
 	if err := writeCompileWorkload(b.ws); err != nil {
 		return nil, fmt.Errorf("generate the compile workload: %w", err)
 	}
@@ -135,7 +135,7 @@ func (b *bench) compile() ([]Measurement, error) {
 		}
 		configs = append(configs, config{"actiond remote, input root " + ir, "remote", append(remoteFlags(srv.Addr), "--noremote_accept_cached", "--noremote_upload_local_results")})
 	}
-	ms := make([]Measurement, len(configs))
+	ms := make([]benchutil.Measurement, len(configs))
 	for i, c := range configs {
 		ms[i].Name = fmt.Sprintf("//compile:prog (%d C compiles), %s", compileCount+1, c.name)
 	}
@@ -152,8 +152,7 @@ func (b *bench) compile() ([]Measurement, error) {
 				return nil, fmt.Errorf("%s: %d %s processes, want at least %d", c.name, p[c.want], c.want, compileCount+1)
 			}
 			if run > 0 {
-				ms[i].Runs = append(ms[i].Runs, benchutil.Ms(took))
-				ms[i].Processes = p
+				ms[i].Add(took, p)
 			}
 		}
 	}

@@ -29,16 +29,15 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/actiond/actiond/bench/internal/benchutil"
+	"github.com/actiond/actiond/internal/bazelws"
 )
 
 // trivialCount is N in testdata/bazel/trivial/BUILD.
@@ -72,25 +71,6 @@ type bench struct {
 	inputRoot  string
 }
 
-// Result is the JSON output; durations in milliseconds.
-type Result struct {
-	Load      string        `json:"load_before"`
-	InputRoot string        `json:"input_root"`
-	Genrules  []Measurement `json:"genrules,omitempty"`
-	Stress    []Measurement `json:"stress,omitempty"`
-	Compile   []Measurement `json:"compile,omitempty"`
-}
-
-// Measurement is one timed configuration.
-type Measurement struct {
-	Name     string    `json:"name"`
-	Runs     []float64 `json:"runs_ms"`
-	MedianMs float64   `json:"median_ms"`
-	// PerAction is MedianMs / trivialCount for the genrules.
-	PerActionMs float64        `json:"per_action_ms,omitempty"`
-	Processes   map[string]int `json:"processes,omitempty"`
-}
-
 func (b *bench) main(wsSrc, only, jsonOut string) error {
 	if b.actiond == "" {
 		return errors.New("--actiond is required")
@@ -120,13 +100,13 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 			fmt.Println("kept", b.tmp)
 			return
 		}
-		makeDirsWritable(b.tmp)
+		bazelws.MakeWritable(b.tmp)
 		os.RemoveAll(b.tmp)
 	}()
-	if err := copyWorkspace(wsSrc, b.ws); err != nil {
+	if err := bazelws.Copy(wsSrc, b.ws); err != nil {
 		return err
 	}
-	res := Result{Load: benchutil.Load()}
+	res := benchutil.BazelResult{Load: benchutil.Load()}
 	fmt.Printf("bazelbench: %d runs per measurement, workspace copy in %s (load before: %s)\n", b.runs, b.ws, res.Load)
 	// Start the Bazel server and warm it up (JIT, loading of the packages).
 	if _, err := b.bazel("build", "--nobuild", "//:agg"); err != nil {
@@ -183,7 +163,7 @@ func (b *bench) timedBuild(want string, args ...string) (time.Duration, map[stri
 	if err != nil {
 		return 0, nil, err
 	}
-	p := parseProcesses(out)
+	p := bazelws.ParseProcesses(out)
 	if p == nil || p[want] == 0 || p[want] != p["total"]-p["internal"] {
 		return 0, nil, fmt.Errorf("bazel build %s: want every non-internal process to be %q, got %v", strings.Join(args, " "), want, p)
 	}
@@ -217,7 +197,7 @@ func remoteFlags(addr string) []string {
 var sandboxFlags = []string{"--spawn_strategy=linux-sandbox", "--nosandbox_debug"}
 
 // genrules times the 200 trivial genrules per strategy and --jobs.
-func (b *bench) genrules() ([]Measurement, error) {
+func (b *bench) genrules() ([]benchutil.Measurement, error) {
 	srv, err := b.startServer()
 	if err != nil {
 		return nil, err
@@ -237,7 +217,7 @@ func (b *bench) genrules() ([]Measurement, error) {
 			config{"linux-sandbox" + suffix, "linux-sandbox", append(append([]string{}, sandboxFlags...), jobFlags...)},
 			config{"actiond remote" + suffix, "remote", append(remoteFlags(srv.Addr), jobFlags...)})
 	}
-	ms := make([]Measurement, len(configs))
+	ms := make([]benchutil.Measurement, len(configs))
 	for i, c := range configs {
 		ms[i].Name = fmt.Sprintf("%d trivial genrules, %s", trivialCount, c.name)
 	}
@@ -254,8 +234,7 @@ func (b *bench) genrules() ([]Measurement, error) {
 				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, trivialCount)
 			}
 			if run > 0 {
-				ms[i].Runs = append(ms[i].Runs, benchutil.Ms(took))
-				ms[i].Processes = p
+				ms[i].Add(took, p)
 			}
 		}
 	}
@@ -270,15 +249,11 @@ func (b *bench) genrules() ([]Measurement, error) {
 
 // stress times //:agg: local, linux-sandbox, remote cold (fresh actiond
 // root), remote warm (after clean, against the same actiond).
-func (b *bench) stress() ([]Measurement, error) {
+func (b *bench) stress() ([]benchutil.Measurement, error) {
 	names := []string{"//:agg local (reference)", "//:agg linux-sandbox", "//:agg actiond remote, cold (fresh root)", "//:agg actiond remote, warm (all cache hits)"}
-	ms := make([]Measurement, len(names))
+	ms := make([]benchutil.Measurement, len(names))
 	for i, n := range names {
 		ms[i].Name = n
-	}
-	record := func(i int, took time.Duration, p map[string]int) {
-		ms[i].Runs = append(ms[i].Runs, benchutil.Ms(took))
-		ms[i].Processes = p
 	}
 	// Each timed build follows `bazel clean` and an untimed analysis.
 	build := func(want string, flags ...string) (time.Duration, map[string]int, error) {
@@ -292,11 +267,11 @@ func (b *bench) stress() ([]Measurement, error) {
 		if err != nil {
 			return nil, err
 		}
-		record(0, took, p)
+		ms[0].Add(took, p)
 		if took, p, err = build("linux-sandbox", sandboxFlags...); err != nil {
 			return nil, err
 		}
-		record(1, took, p)
+		ms[1].Add(took, p)
 		srv, err := b.startServer()
 		if err != nil {
 			return nil, err
@@ -305,13 +280,13 @@ func (b *bench) stress() ([]Measurement, error) {
 			srv.Stop()
 			return nil, err
 		}
-		record(2, took, p)
+		ms[2].Add(took, p)
 		took, p, err = build("remote cache hit", remoteFlags(srv.Addr)...)
 		srv.Stop()
 		if err != nil {
 			return nil, err
 		}
-		record(3, took, p)
+		ms[3].Add(took, p)
 		os.RemoveAll(srv.Root)
 	}
 	fmt.Println("stress workspace //:agg after bazel clean (wall of the build after an untimed analysis):")
@@ -339,33 +314,6 @@ func roundAll(v []float64) []int {
 	return r
 }
 
-var processesRE = regexp.MustCompile(`(?m)^INFO: ([0-9,]+) process(?:es)?(?::\s*(.*?))?\.\s*$`)
-
-// parseProcesses parses Bazel's last "INFO: N processes: ..." line (as
-// e2e.ParseProcesses does).
-func parseProcesses(output string) map[string]int {
-	ms := processesRE.FindAllStringSubmatch(output, -1)
-	if len(ms) == 0 {
-		return nil
-	}
-	m := ms[len(ms)-1]
-	total, err := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
-	if err != nil {
-		return nil
-	}
-	res := map[string]int{"total": total}
-	for _, part := range strings.Split(m[2], ", ") {
-		num, kind, ok := strings.Cut(strings.TrimSpace(part), " ")
-		if !ok {
-			continue
-		}
-		if n, err := strconv.Atoi(strings.ReplaceAll(num, ",", "")); err == nil {
-			res[kind] += n
-		}
-	}
-	return res
-}
-
 func moduleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
@@ -381,63 +329,6 @@ func moduleRoot() (string, error) {
 		}
 		dir = parent
 	}
-}
-
-// copyWorkspace copies src to dst, leaving out bazel-* symlinks and
-// many/inputs, and runs gen_inputs.sh in the copy.
-func copyWorkspace(src, dst string) error {
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, path)
-		if strings.HasPrefix(rel, "bazel-") && !strings.Contains(rel, "/") || rel == filepath.Join("many", "inputs") {
-			if d.IsDir() {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		target := filepath.Join(dst, rel)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		switch {
-		case d.IsDir():
-			return os.MkdirAll(target, 0o755)
-		case d.Type()&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			return os.Symlink(link, target)
-		default:
-			data, err := os.ReadFile(path)
-			if err != nil {
-				return err
-			}
-			if err := os.WriteFile(target, data, info.Mode().Perm()); err != nil {
-				return err
-			}
-			return os.Chmod(target, info.Mode().Perm())
-		}
-	})
-	if err != nil {
-		return fmt.Errorf("copying the workspace: %w", err)
-	}
-	if out, err := exec.Command("/bin/sh", filepath.Join(dst, "gen_inputs.sh"), dst).CombinedOutput(); err != nil {
-		return fmt.Errorf("gen_inputs.sh: %v\n%s", err, out)
-	}
-	return nil
-}
-
-func makeDirsWritable(root string) {
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
-		if err == nil && info.IsDir() && info.Mode().Perm()&0o200 == 0 {
-			os.Chmod(p, info.Mode().Perm()|0o700)
-		}
-		return nil
-	})
 }
 
 func tail(s string, n int) string {

@@ -47,6 +47,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/actiond/actiond/bench/internal/benchutil"
+	"github.com/actiond/actiond/internal/bazelws"
 )
 
 func main() {
@@ -67,18 +68,6 @@ func main() {
 	}
 }
 
-// Result is the JSON output.
-type Result struct {
-	Load      string            `json:"load_before"`
-	Inputs    int               `json:"inputs"`
-	InputRoot string            `json:"input_root,omitempty"`
-	Subject   []benchutil.Stats `json:"subjects"`
-	Phases    []benchutil.Stats `json:"actiond_phases"`
-	// ServerCPUPerAction is the private server's CPU (its own, its
-	// helpers' and the commands') per measured action, in ms.
-	ServerCPUPerAction float64 `json:"server_cpu_ms_per_action,omitempty"`
-}
-
 // subject is one thing measured: sample runs it once.
 type subject struct {
 	name    string
@@ -93,7 +82,7 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	if len(command) == 0 || !filepath.IsAbs(command[0]) {
 		return fmt.Errorf("-cmd %q: want an absolute path first", command)
 	}
-	res := Result{Load: benchutil.Load(), Inputs: inputs}
+	res := benchutil.ExecResult{Load: benchutil.Load(), Inputs: inputs}
 	// The inputs, for fork+exec and linux-sandbox (which gets symlinks to
 	// them, as Bazel's sandbox does).
 	inputDir, err := os.MkdirTemp("", "execlatency-inputs-")
@@ -244,7 +233,7 @@ func findLinuxSandbox() (string, error) {
 	shutdown := exec.Command("bazel", append(startup, "shutdown")...)
 	shutdown.Dir = ws
 	shutdown.Run()
-	makeDirsWritable(our)
+	bazelws.MakeWritable(our)
 	if err != nil {
 		var stderr []byte
 		if ee, ok := err.(*exec.ExitError); ok {
@@ -257,15 +246,6 @@ func findLinuxSandbox() (string, error) {
 		return "", err
 	}
 	return p, nil
-}
-
-func makeDirsWritable(root string) {
-	filepath.Walk(root, func(p string, info os.FileInfo, err error) error {
-		if err == nil && info.IsDir() {
-			os.Chmod(p, info.Mode().Perm()|0o700)
-		}
-		return nil
-	})
 }
 
 // linuxSandbox returns one run of the command through linux-sandbox as

@@ -15,37 +15,9 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/actiond/actiond/bench/internal/benchutil"
 )
-
-type stats struct {
-	Name string  `json:"name"`
-	N    int     `json:"n"`
-	P50  float64 `json:"p50_ms"`
-	P95  float64 `json:"p95_ms"`
-	Mean float64 `json:"mean_ms"`
-}
-
-type execLatency struct {
-	Load      string  `json:"load_before"`
-	InputRoot string  `json:"input_root"`
-	Subject   []stats `json:"subjects"`
-	Phases    []stats `json:"actiond_phases"`
-}
-
-type measurement struct {
-	Name        string    `json:"name"`
-	Runs        []float64 `json:"runs_ms"`
-	MedianMs    float64   `json:"median_ms"`
-	PerActionMs float64   `json:"per_action_ms"`
-}
-
-type bazelResult struct {
-	Load      string        `json:"load_before"`
-	InputRoot string        `json:"input_root"`
-	Genrules  []measurement `json:"genrules"`
-	Stress    []measurement `json:"stress"`
-	Compile   []measurement `json:"compile"`
-}
 
 func main() {
 	if len(os.Args) != 2 {
@@ -56,9 +28,9 @@ func main() {
 	fmt.Println("| measurement | actiond | Bazel linux-sandbox | actiond / sandbox | goal |")
 	fmt.Println("|---|---:|---:|---:|---|")
 
-	var el execLatency
+	var el benchutil.ExecResult
 	if readJSON(filepath.Join(dir, "execlatency.json"), &el) {
-		find := func(prefix string) *stats {
+		find := func(prefix string) *benchutil.Stats {
 			for i := range el.Subject {
 				if strings.HasPrefix(el.Subject[i].Name, prefix) {
 					return &el.Subject[i]
@@ -79,9 +51,9 @@ func main() {
 		}
 	}
 
-	var el1 execLatency
+	var el1 benchutil.ExecResult
 	if readJSON(filepath.Join(dir, "execlatency-1input.json"), &el1) {
-		var a, s *stats
+		var a, s *benchutil.Stats
 		for i := range el1.Subject {
 			switch {
 			case strings.HasPrefix(el1.Subject[i].Name, "actiond"):
@@ -95,10 +67,10 @@ func main() {
 		}
 	}
 
-	var br bazelResult
+	var br benchutil.BazelResult
 	haveBazel := readJSON(filepath.Join(dir, "bazel.json"), &br)
 	if haveBazel {
-		pairs := map[string][2]*measurement{}
+		pairs := map[string][2]*benchutil.Measurement{}
 		for i := range br.Genrules {
 			m := &br.Genrules[i]
 			key := m.Name[strings.LastIndex(m.Name, ", ")+2:]
@@ -142,7 +114,7 @@ func main() {
 // actiondfs prints the input root table (issue 4): setup per tree size,
 // sequential read, and the compile-heavy build, fuse against hardlinks.
 func actiondfs(dir string) {
-	var cr bazelResult
+	var cr benchutil.BazelResult
 	haveCompile := readJSON(filepath.Join(dir, "compile.json"), &cr) && len(cr.Compile) == 3
 	f, err := os.Open(filepath.Join(dir, "fs.txt"))
 	if err != nil && !haveCompile {

@@ -76,3 +76,20 @@ func MountsUnder(t testing.TB, dir string) []string {
 	}
 	return out
 }
+
+// CountMounts counts the mounts in the calling process's mount namespace
+// that match.
+func CountMounts(t testing.TB, match func(mountinfo.Entry) bool) int {
+	t.Helper()
+	entries, err := mountinfo.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if match(e) {
+			n++
+		}
+	}
+	return n
+}

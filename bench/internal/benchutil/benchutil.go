@@ -3,7 +3,6 @@
 package benchutil
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,9 +16,7 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"github.com/actiond/actiond/internal/grpctest"
 )
 
 // Stats summarises one measured subject, in milliseconds.
@@ -31,6 +28,44 @@ type Stats struct {
 	Mean float64 `json:"mean_ms"`
 	Min  float64 `json:"min_ms"`
 	Max  float64 `json:"max_ms"`
+}
+
+// ExecResult is the JSON output of execlatency (execlatency.json).
+type ExecResult struct {
+	Load      string  `json:"load_before"`
+	Inputs    int     `json:"inputs"`
+	InputRoot string  `json:"input_root,omitempty"`
+	Subject   []Stats `json:"subjects"`
+	Phases    []Stats `json:"actiond_phases"`
+	// ServerCPUPerAction is the private server's CPU (its own, its
+	// helpers' and the commands') per measured action, in ms.
+	ServerCPUPerAction float64 `json:"server_cpu_ms_per_action,omitempty"`
+}
+
+// BazelResult is the JSON output of bazelbench (bazel.json, compile.json);
+// durations in milliseconds.
+type BazelResult struct {
+	Load      string        `json:"load_before"`
+	InputRoot string        `json:"input_root"`
+	Genrules  []Measurement `json:"genrules,omitempty"`
+	Stress    []Measurement `json:"stress,omitempty"`
+	Compile   []Measurement `json:"compile,omitempty"`
+}
+
+// Measurement is one timed configuration of bazelbench.
+type Measurement struct {
+	Name     string    `json:"name"`
+	Runs     []float64 `json:"runs_ms"`
+	MedianMs float64   `json:"median_ms"`
+	// PerActionMs is MedianMs / the number of actions, for the genrules.
+	PerActionMs float64        `json:"per_action_ms,omitempty"`
+	Processes   map[string]int `json:"processes,omitempty"`
+}
+
+// Add records one timed run and the process counts it saw.
+func (m *Measurement) Add(took time.Duration, processes map[string]int) {
+	m.Runs = append(m.Runs, Ms(took))
+	m.Processes = processes
 }
 
 // Summarise computes Stats over samples (nearest-rank percentiles).
@@ -161,23 +196,7 @@ func (s *Server) Stop() error {
 	}
 }
 
-func checkServing(addr string) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	if err != nil {
-		return err
-	}
-	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		return fmt.Errorf("health: %v", resp.GetStatus())
-	}
-	return nil
-}
+func checkServing(addr string) error { return grpctest.Serving(addr, time.Second) }
 
 // Load reports the 1-minute load average (from /proc/loadavg), so that a
 // result taken on a busy machine says so.
