@@ -12,8 +12,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,11 +25,10 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/protobuf/proto"
+	"google.golang.org/grpc/status"
 
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/internal/vmtest"
@@ -161,6 +158,7 @@ type testVM struct {
 	m       *qemu.Machine
 	console *syncBuf
 	cc      *grpc.ClientConn
+	client  *vmtest.Client
 }
 
 func bootTestVM(t *testing.T, arch, initrd, kernel, cas, runtimes, extra string, wait bool) *testVM {
@@ -209,6 +207,7 @@ func bootTestVM(t *testing.T, arch, initrd, kernel, cas, runtimes, extra string,
 		t.Fatal(err)
 	}
 	v.cc = cc
+	v.client = vmtest.NewClient(t, cc)
 	return v
 }
 
@@ -260,51 +259,6 @@ func (v *testVM) waitConsole(re string, timeout time.Duration) string {
 	return ""
 }
 
-func vmDigest(data []byte) *repb.Digest {
-	sum := sha256.Sum256(data)
-	return &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(data))}
-}
-
-func (v *testVM) put(ctx context.Context, m proto.Message) *repb.Digest {
-	v.t.Helper()
-	data, err := proto.Marshal(m)
-	if err != nil {
-		v.t.Fatal(err)
-	}
-	d := vmDigest(data)
-	resp, err := repb.NewContentAddressableStorageClient(v.cc).BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{
-		Requests: []*repb.BatchUpdateBlobsRequest_Request{{Digest: d, Data: data}}})
-	if err != nil {
-		v.t.Fatal(err)
-	}
-	if c := resp.Responses[0].GetStatus().GetCode(); c != 0 {
-		v.t.Fatalf("BatchUpdateBlobs: %v", resp.Responses[0].Status)
-	}
-	return d
-}
-
-func (v *testVM) read(ctx context.Context, d *repb.Digest) string {
-	v.t.Helper()
-	if d == nil || d.SizeBytes == 0 {
-		return ""
-	}
-	stream, err := bspb.NewByteStreamClient(v.cc).Read(ctx, &bspb.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", d.Hash, d.SizeBytes)})
-	if err != nil {
-		v.t.Fatal(err)
-	}
-	var b bytes.Buffer
-	for {
-		r, err := stream.Recv()
-		if err == io.EOF {
-			return b.String()
-		}
-		if err != nil {
-			v.t.Fatal(err)
-		}
-		b.Write(r.Data)
-	}
-}
-
 // execResult is an Execute's outcome.
 type execResult struct {
 	Code     codes.Code // the operation's or the response's status
@@ -329,36 +283,22 @@ func (v *testVM) run(ctx context.Context, script string, props ...string) execRe
 		EnvironmentVariables: []*repb.Command_EnvironmentVariable{{Name: "PATH", Value: "/usr/bin:/bin:/usr/sbin:/sbin"}},
 		Platform:             &repb.Platform{Properties: pp},
 	}
-	action := &repb.Action{CommandDigest: v.put(ctx, cmd), InputRootDigest: v.put(ctx, &repb.Directory{}), DoNotCache: true}
+	c := v.client
+	action := &repb.Action{CommandDigest: c.Put(ctx, cmd), InputRootDigest: c.Put(ctx, &repb.Directory{}), DoNotCache: true}
 	t0 := time.Now()
-	stream, err := repb.NewExecutionClient(v.cc).Execute(ctx, &repb.ExecuteRequest{ActionDigest: v.put(ctx, action), SkipCacheLookup: true})
+	resp, err := c.Execute(ctx, c.Put(ctx, action))
 	if err != nil {
-		v.t.Fatal(err)
+		st := status.Convert(err)
+		return execResult{Code: st.Code(), Message: st.Message(), Duration: time.Since(t0)}
 	}
-	for {
-		op, err := stream.Recv()
-		if err != nil {
-			v.t.Fatalf("execute: %v", err)
-		}
-		if !op.Done {
-			continue
-		}
-		if e := op.GetError(); e != nil {
-			return execResult{Code: codes.Code(e.Code), Message: e.Message, Duration: time.Since(t0)}
-		}
-		resp := new(repb.ExecuteResponse)
-		if err := op.GetResponse().UnmarshalTo(resp); err != nil {
-			v.t.Fatal(err)
-		}
-		r := execResult{Code: codes.Code(resp.GetStatus().GetCode()), Message: resp.GetStatus().GetMessage(), RespMsg: resp.Message, Duration: time.Since(t0)}
-		if res := resp.Result; res != nil {
-			r.Exit, r.Stdout, r.Stderr = res.ExitCode, v.read(ctx, res.StdoutDigest), v.read(ctx, res.StderrDigest)
-		}
-		if l := resp.ServerLogs["sandbox"]; l != nil {
-			r.SrvLog = v.read(ctx, l.Digest)
-		}
-		return r
+	r := execResult{Code: codes.Code(resp.GetStatus().GetCode()), Message: resp.GetStatus().GetMessage(), RespMsg: resp.Message, Duration: time.Since(t0)}
+	if res := resp.Result; res != nil {
+		r.Exit, r.Stdout, r.Stderr = res.ExitCode, string(c.Read(ctx, res.StdoutDigest)), string(c.Read(ctx, res.StderrDigest))
 	}
+	if l := resp.ServerLogs["sandbox"]; l != nil {
+		r.SrvLog = string(c.Read(ctx, l.Digest))
+	}
+	return r
 }
 
 // realSecondStage is the second stage of the real runtime in the VM tests:

@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -19,9 +16,7 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/actiond/actiond/guest"
 	"github.com/actiond/actiond/internal/streammux"
@@ -91,22 +86,26 @@ func newCASImage(t *testing.T, dir string, size int64) string {
 	return p
 }
 
-// preparedCASImage copies the CAS image with the payload's runtimes
-// prepared (internal/vmtest) into dir: these tests are about booting and
-// serving, not about the first boot's runtime preparation (package guest
-// tests that).
-func preparedCASImage(t *testing.T, arch, dir string) string {
+// preparedConfig is a boot of arch's payload on a copy of the CAS image
+// with the payload's runtimes prepared (internal/vmtest): these tests are
+// about booting and serving, not about the first boot's runtime
+// preparation (package guest tests that).
+func preparedConfig(t *testing.T, arch string) vmConfig {
 	t.Helper()
-	p := filepath.Join(dir, "cas.img")
-	vmtest.CopyPreparedCASImage(t, arch, p)
-	return p
+	payload, m := payloadForTest(t, arch)
+	dir := t.TempDir()
+	cfg := vmConfig{Arch: arch, Payload: payload, Manifest: m, CASImage: filepath.Join(dir, "cas.img"), Dir: dir}
+	vmtest.CopyPreparedCASImage(t, arch, cfg.CASImage)
+	cfg.Accel = pickAccel(t, cfg)
+	return cfg
 }
 
 var readyRE = `msg="actiond guest ready".* boot=([0-9.]+)s`
 
-// bootReady starts a VM and waits for the guest server; it returns the
-// guest's boot-to-ready time (from its own log) and the host's.
-func bootReady(t *testing.T, cfg vmConfig, timeout time.Duration) (*vm, float64, time.Duration) {
+// bootReady starts a VM, waits for the guest server and connects to it;
+// it logs the guest's boot-to-ready time (from its own log) and the
+// host's, for the boot named boot.
+func bootReady(t *testing.T, cfg vmConfig, timeout time.Duration, boot string) (*vm, *client) {
 	t.Helper()
 	v := startVM(t, cfg)
 	m, err := v.waitConsole(readyRE, timeout)
@@ -114,18 +113,16 @@ func bootReady(t *testing.T, cfg vmConfig, timeout time.Duration) (*vm, float64,
 		t.Fatal(err)
 	}
 	guestBoot, _ := strconv.ParseFloat(m[1], 64)
-	return v, guestBoot, time.Since(v.started)
+	t.Logf("%s: ready %.3fs after kernel start, %s after qemu start", boot, guestBoot, time.Since(v.started).Round(time.Millisecond))
+	return v, newClient(t, v)
 }
 
-// client is the REAPI side of a test.
+// client is the REAPI side of a test, on one connection to the guest.
 type client struct {
+	*vmtest.Client
 	t    *testing.T
 	cc   *grpc.ClientConn
 	sess *streammux.Session
-	cas  repb.ContentAddressableStorageClient
-	bs   bspb.ByteStreamClient
-	exec repb.ExecutionClient
-	ac   repb.ActionCacheClient
 }
 
 func newClient(t *testing.T, v *vm) *client {
@@ -140,91 +137,13 @@ func newClient(t *testing.T, v *vm) *client {
 	} else {
 		t.Logf("host↔guest ping: %s", rtt)
 	}
-	return &client{t: t, cc: cc, sess: sess,
-		cas:  repb.NewContentAddressableStorageClient(cc),
-		bs:   bspb.NewByteStreamClient(cc),
-		exec: repb.NewExecutionClient(cc),
-		ac:   repb.NewActionCacheClient(cc)}
+	return &client{Client: vmtest.NewClient(t, cc), t: t, cc: cc, sess: sess}
 }
 
 // close disconnects from the guest (the host end of the link closes).
 func (c *client) close() {
 	c.cc.Close()
 	c.sess.Close()
-}
-
-func digestOf(data []byte) *repb.Digest {
-	sum := sha256.Sum256(data)
-	return &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(data))}
-}
-
-func (c *client) write(ctx context.Context, data []byte) *repb.Digest {
-	c.t.Helper()
-	d := digestOf(data)
-	stream, err := c.bs.Write(ctx)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	name := fmt.Sprintf("uploads/%x/blobs/%s/%d", time.Now().UnixNano(), d.Hash, d.SizeBytes)
-	const chunk = 256 << 10
-	for off := 0; ; off += chunk {
-		end := min(off+chunk, len(data))
-		req := &bspb.WriteRequest{WriteOffset: int64(off), Data: data[off:end], FinishWrite: end == len(data)}
-		if off == 0 {
-			req.ResourceName = name
-		}
-		if err := stream.Send(req); err != nil {
-			c.t.Fatalf("bytestream write: %v", err)
-		}
-		if end == len(data) {
-			break
-		}
-	}
-	resp, err := stream.CloseAndRecv()
-	if err != nil {
-		c.t.Fatalf("bytestream write: %v", err)
-	}
-	if resp.CommittedSize != d.SizeBytes {
-		c.t.Fatalf("committed %d bytes, want %d", resp.CommittedSize, d.SizeBytes)
-	}
-	return d
-}
-
-func (c *client) read(ctx context.Context, d *repb.Digest) []byte {
-	c.t.Helper()
-	stream, err := c.bs.Read(ctx, &bspb.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", d.Hash, d.SizeBytes)})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	var out bytes.Buffer
-	for {
-		resp, err := stream.Recv()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			c.t.Fatalf("bytestream read: %v", err)
-		}
-		out.Write(resp.Data)
-	}
-	return out.Bytes()
-}
-
-func (c *client) putProto(ctx context.Context, m proto.Message) *repb.Digest {
-	c.t.Helper()
-	data, err := proto.Marshal(m)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	d := digestOf(data)
-	resp, err := c.cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{Requests: []*repb.BatchUpdateBlobsRequest_Request{{Digest: d, Data: data}}})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if code := resp.Responses[0].GetStatus().GetCode(); code != 0 {
-		c.t.Fatalf("BatchUpdateBlobs: %v", resp.Responses[0].Status)
-	}
-	return d
 }
 
 // shellAction uploads a /bin/sh -c script action for runtime and returns
@@ -236,36 +155,22 @@ func (c *client) shellAction(ctx context.Context, script, runtime string) *repb.
 		OutputFiles:          []string{"out.txt"},
 		Platform:             &repb.Platform{Properties: []*repb.Platform_Property{{Name: "libc", Value: runtime}}},
 	}
-	action := &repb.Action{CommandDigest: c.putProto(ctx, cmd), InputRootDigest: c.putProto(ctx, &repb.Directory{})}
-	return c.putProto(ctx, action)
+	action := &repb.Action{CommandDigest: c.Put(ctx, cmd), InputRootDigest: c.Put(ctx, &repb.Directory{})}
+	return c.Put(ctx, action)
 }
 
+// execute runs action and fails the test unless it finished with an OK
+// status.
 func (c *client) execute(ctx context.Context, action *repb.Digest) *repb.ExecuteResponse {
 	c.t.Helper()
-	stream, err := c.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: action, SkipCacheLookup: true})
+	resp, err := c.Execute(ctx, action)
 	if err != nil {
-		c.t.Fatal(err)
+		c.t.Fatalf("execute: %v", err)
 	}
-	for {
-		op, err := stream.Recv()
-		if err != nil {
-			c.t.Fatalf("execute: %v", err)
-		}
-		if !op.Done {
-			continue
-		}
-		if e := op.GetError(); e != nil {
-			c.t.Fatalf("execute: %v", e)
-		}
-		resp := new(repb.ExecuteResponse)
-		if err := op.GetResponse().UnmarshalTo(resp); err != nil {
-			c.t.Fatal(err)
-		}
-		if s := resp.GetStatus(); s.GetCode() != 0 {
-			c.t.Fatalf("execute: status %v", s)
-		}
-		return resp
+	if s := resp.GetStatus(); s.GetCode() != 0 {
+		c.t.Fatalf("execute: status %v", s)
 	}
+	return resp
 }
 
 // checkExecute runs `echo hi` in runtime and checks stdout and the output
@@ -279,15 +184,15 @@ func (c *client) checkExecute(ctx context.Context, runtime string) *repb.Digest 
 	resp := c.execute(ctx, action)
 	r := resp.Result
 	if r.ExitCode != 0 {
-		c.t.Fatalf("exit code %d, stderr %q", r.ExitCode, c.read(ctx, r.StderrDigest))
+		c.t.Fatalf("exit code %d, stderr %q", r.ExitCode, c.Read(ctx, r.StderrDigest))
 	}
-	if got := string(c.read(ctx, r.StdoutDigest)); got != "hi\n" {
+	if got := string(c.Read(ctx, r.StdoutDigest)); got != "hi\n" {
 		c.t.Fatalf("stdout %q, want \"hi\\n\"", got)
 	}
 	if len(r.OutputFiles) != 1 {
 		c.t.Fatalf("output files %v", r.OutputFiles)
 	}
-	out := string(c.read(ctx, r.OutputFiles[0].Digest))
+	out := string(c.Read(ctx, r.OutputFiles[0].Digest))
 	c.t.Logf("Execute in %s took %s; out.txt: %q", runtime, time.Since(t0).Round(time.Millisecond), out)
 	if !strings.HasSuffix(out, "\n0\n") {
 		c.t.Errorf("the action sees the guest's rootfs in its mount table (out.txt %q)", out)
@@ -305,17 +210,12 @@ func (c *client) checkExecute(ctx context.Context, runtime string) *repb.Digest 
 // and is killed; the third finds both blobs after the journal replay and
 // powers off through the power button (QMP system_powerdown).
 func TestBootAmd64(t *testing.T) {
-	payload, m := payloadForTest(t, "amd64")
-	dir := t.TempDir()
-	cfg := vmConfig{Arch: "amd64", Payload: payload, Manifest: m, CASImage: preparedCASImage(t, "amd64", dir), Dir: dir}
-	cfg.Accel = pickAccel(t, cfg)
+	cfg := preparedConfig(t, "amd64")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
 	// Boot 1: a disk with the runtimes prepared and an empty CAS.
-	v, guestBoot, hostBoot := bootReady(t, cfg, 2*time.Minute)
-	t.Logf("boot 1: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
-	c := newClient(t, v)
+	v, c := bootReady(t, cfg, 2*time.Minute, "boot 1")
 	caps, err := repb.NewCapabilitiesClient(c.cc).GetCapabilities(ctx, &repb.GetCapabilitiesRequest{})
 	if err != nil {
 		t.Fatalf("GetCapabilities: %v", err)
@@ -331,7 +231,7 @@ func TestBootAmd64(t *testing.T) {
 	if info["cas_formatted"] != false {
 		t.Errorf("boot 1 formatted a CAS disk that has a file system: %v", info)
 	}
-	for _, name := range m.RuntimeNames {
+	for _, name := range cfg.Manifest.RuntimeNames {
 		if rt, _ := info["runtimes_prepared"].(map[string]any)[name].(map[string]any); rt["reused"] != true {
 			t.Errorf("runtime %s was not reused from the prepared disk: %v", name, rt)
 		}
@@ -339,10 +239,10 @@ func TestBootAmd64(t *testing.T) {
 	blob := make([]byte, 3<<20)
 	rand.Read(blob)
 	t0 := time.Now()
-	d := c.write(ctx, blob)
+	d := c.Write(ctx, blob)
 	up := time.Since(t0)
 	t0 = time.Now()
-	if got := c.read(ctx, d); !bytes.Equal(got, blob) {
+	if got := c.Read(ctx, d); !bytes.Equal(got, blob) {
 		t.Fatalf("read back %d bytes, differ from the %d written", len(got), len(blob))
 	}
 	t.Logf("ByteStream 3 MiB: write %s, read %s", up.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
@@ -361,11 +261,9 @@ func TestBootAmd64(t *testing.T) {
 	}
 
 	// Boot 2: same disk, no mkfs; the data is still there.
-	v, guestBoot, hostBoot = bootReady(t, cfg, 2*time.Minute)
-	t.Logf("boot 2: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
-	c = newClient(t, v)
+	v, c = bootReady(t, cfg, 2*time.Minute, "boot 2")
 	c.checkBlob(ctx, d, blob)
-	if _, err := c.ac.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: action}); err != nil {
+	if _, err := c.ActionCache.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: action}); err != nil {
 		t.Fatalf("action result lost across reboot: %v", err)
 	}
 	info, err = guest.Info(ctx, c.cc)
@@ -385,7 +283,7 @@ func TestBootAmd64(t *testing.T) {
 	}
 	blob2 := make([]byte, 1<<20)
 	rand.Read(blob2)
-	d2 := c.write(ctx, blob2)
+	d2 := c.Write(ctx, blob2)
 	// Power cut right after the acknowledgement: the CAS syncs the blob
 	// and its directory entry before answering, so the disk must mount
 	// again (journal replay, e2fsck -p) with every acknowledged blob.
@@ -395,9 +293,7 @@ func TestBootAmd64(t *testing.T) {
 	// Boot 3: after the crash the journal is replayed (e2fsck -p), both
 	// blobs are there; power off with the power button (QMP
 	// system_powerdown).
-	v, guestBoot, hostBoot = bootReady(t, cfg, 2*time.Minute)
-	t.Logf("boot 3 (after a power cut): ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
-	c = newClient(t, v)
+	v, c = bootReady(t, cfg, 2*time.Minute, "boot 3 (after a power cut)")
 	c.checkBlob(ctx, d, blob)
 	c.checkBlob(ctx, d2, blob2)
 	info, err = guest.Info(ctx, c.cc)
@@ -456,14 +352,14 @@ func TestBootAmd64Crash(t *testing.T) {
 // checkBlob checks that the guest has blob under d.
 func (c *client) checkBlob(ctx context.Context, d *repb.Digest, blob []byte) {
 	c.t.Helper()
-	missing, err := c.cas.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{d}})
+	missing, err := c.CAS.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{d}})
 	if err != nil {
 		c.t.Fatal(err)
 	}
 	if len(missing.MissingBlobDigests) != 0 {
 		c.t.Fatalf("blob %s/%d lost", d.Hash, d.SizeBytes)
 	}
-	if got := c.read(ctx, d); !bytes.Equal(got, blob) {
+	if got := c.Read(ctx, d); !bytes.Equal(got, blob) {
 		c.t.Fatalf("blob %s/%d changed", d.Hash, d.SizeBytes)
 	}
 }
@@ -472,21 +368,16 @@ func (c *client) checkBlob(ctx context.Context, d *repb.Digest, blob []byte) {
 // (-M virt, cortex-a72, TCG) with virtio-pci devices as
 // Virtualization.framework attaches them, and runs one action.
 func TestBootArm64(t *testing.T) {
-	payload, m := payloadForTest(t, "arm64")
-	dir := t.TempDir()
-	cfg := vmConfig{Arch: "arm64", Payload: payload, Manifest: m, CASImage: preparedCASImage(t, "arm64", dir), Dir: dir}
-	cfg.Accel = pickAccel(t, cfg)
+	cfg := preparedConfig(t, "arm64")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	v, guestBoot, hostBoot := bootReady(t, cfg, 3*time.Minute)
-	t.Logf("arm64 boot: ready %.3fs after kernel start, %s after qemu start", guestBoot, hostBoot.Round(time.Millisecond))
-	c := newClient(t, v)
+	v, c := bootReady(t, cfg, 3*time.Minute, "arm64 boot")
 	info, err := guest.Info(ctx, c.cc)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("guest info: %v", info)
-	c.checkExecute(ctx, m.RuntimeNames[0])
+	c.checkExecute(ctx, cfg.Manifest.RuntimeNames[0])
 	if err := guest.PowerOff(ctx, c.cc); err != nil {
 		t.Fatal(err)
 	}
