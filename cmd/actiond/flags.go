@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"runtime"
 	"strconv"
 	"strings"
@@ -23,6 +24,18 @@ func newFlagSet(name string) *flag.FlagSet {
 		captureFlagSet(fs)
 	}
 	return fs
+}
+
+// parseCommand parses a command's args, refusing positional arguments, and
+// returns the logger at level (the command's --log-level, once parsed).
+func parseCommand(fs *flag.FlagSet, args []string, level *string) (*slog.Logger, error) {
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	return newLogger(*level)
 }
 
 // documented lists the commands in the flags reference, in order.

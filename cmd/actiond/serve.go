@@ -74,13 +74,7 @@ func runServe(args []string) error {
 	fs.StringVar(&web.addr, "http", "", "HTTP listen address for the status page (/) and Prometheus metrics (/metrics), e.g. 127.0.0.1:8981 (empty: off)")
 	var ex execFlags
 	ex.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	log, err := newLogger(*logLevel)
+	log, err := parseCommand(fs, args, logLevel)
 	if err != nil {
 		return err
 	}

@@ -50,13 +50,7 @@ func runServeVM(args []string) error {
 	drain := fs.Duration("drain-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running calls may take to finish in the guest")
 	logLevel := fs.String("log-level", "info", "log level: debug (includes the guest console), info, warn, error")
 	httpAddr := fs.String("http", "", "serve the VM state gauge (actiond_vm_state) and a status page on this address, e.g. 127.0.0.1:8981 (off when empty)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	log, err := newLogger(*logLevel)
+	log, err := parseCommand(fs, args, logLevel)
 	if err != nil {
 		return err
 	}

@@ -38,13 +38,7 @@ func runVMPayload(args []string) error {
 	src := fs.String("src", "", "actiond source tree the guest binary is built from (default: the clone around the current directory)")
 	show := fs.Bool("show", false, "only show the payload's manifest; build nothing")
 	logLevel := fs.String("log-level", "info", "log level: debug (includes resolver decisions), info, warn, error")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	log, err := newLogger(*logLevel)
+	log, err := parseCommand(fs, args, logLevel)
 	if err != nil {
 		return err
 	}
