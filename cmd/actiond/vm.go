@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/vmpayload"
 	"github.com/actiond/actiond/vmhost/vmpayload/debian"
@@ -156,7 +157,7 @@ func selfID() (string, error) {
 // findSource returns the actiond module root around the current
 // directory, or "".
 func findSource() string {
-	dir, err := vmpayload.ModuleRoot(".")
+	dir, err := srctree.ModuleRoot(".")
 	if err != nil {
 		return ""
 	}

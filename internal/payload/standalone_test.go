@@ -3,8 +3,6 @@ package payload_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"io/fs"
@@ -23,7 +21,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/payload"
+	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/vmhost"
 )
@@ -62,7 +62,7 @@ func TestStandaloneBinary(t *testing.T) {
 	hostRuntimes, _ := filepath.Glob(filepath.Join(rtDir, "*.squashfs"))
 
 	// Build from a copy of the module with the payload staged.
-	mod := copyModule(t, moduleRoot(t))
+	mod := copyModule(t)
 	start := time.Now()
 	if err := payload.Stage(payloadDir, filepath.Join(mod, filepath.FromSlash(payload.StageDir)), hostRuntimes...); err != nil {
 		t.Fatal(err)
@@ -107,7 +107,7 @@ func TestStandaloneBinary(t *testing.T) {
 	mtimes := map[string]time.Time{}
 	for _, src := range []string{p.Kernel, p.Initrd, p.Runtimes} {
 		dst := filepath.Join(extracted, filepath.Base(src))
-		if a, b := sha(t, src), sha(t, dst); a != b {
+		if a, b := fileHash(t, src), fileHash(t, dst); a != b {
 			t.Fatalf("%s: extracted sha256 %s, payload has %s", dst, b, a)
 		}
 		st, err := os.Stat(dst)
@@ -242,80 +242,30 @@ func serving(addr string) bool {
 	return err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING
 }
 
-func sha(t *testing.T, path string) string {
+func fileHash(t *testing.T, path string) string {
 	t.Helper()
-	f, err := os.Open(path)
+	d, err := cas.DigestFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
+	return d.Hash
 }
 
-func moduleRoot(t *testing.T) string {
+// copyModule copies this module's files (no .git, no bazel-* output links,
+// nothing staged in the embed directory, no sockets or other special
+// files) into a temporary directory.
+func copyModule(t *testing.T) string {
 	t.Helper()
-	dir, err := os.Getwd()
+	src, err := srctree.ModuleRoot(".")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("no go.mod above the test's directory")
-		}
-		dir = parent
-	}
-}
-
-// copyModule copies the module's files (no .git, no bazel-* output links,
-// nothing staged in the embed directory) into a temporary directory.
-func copyModule(t *testing.T, src string) string {
-	t.Helper()
 	dst := filepath.Join(t.TempDir(), "mod")
 	stage := filepath.Join(src, filepath.FromSlash(payload.StageDir))
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, _ := filepath.Rel(src, path)
-		if d.Name() == ".git" || (rel != "." && strings.HasPrefix(d.Name(), "bazel-")) {
-			if d.IsDir() {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		if filepath.Dir(path) == stage && !d.IsDir() && d.Name() != ".gitignore" && d.Name() != "README" {
-			return nil
-		}
-		target := filepath.Join(dst, rel)
-		switch {
-		case d.IsDir():
-			return os.MkdirAll(target, 0o755)
-		case d.Type()&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			return os.Symlink(link, target)
-		case d.Type().IsRegular():
-			b, err := os.ReadFile(path)
-			if err != nil {
-				return err
-			}
-			info, err := d.Info()
-			if err != nil {
-				return err
-			}
-			return os.WriteFile(target, b, info.Mode().Perm())
-		}
-		return nil
+	err = srctree.Copy(src, dst, func(rel string, d fs.DirEntry) bool {
+		staged := filepath.Dir(filepath.Join(src, rel)) == stage && !d.IsDir() && d.Name() != ".gitignore" && d.Name() != "README"
+		special := !d.IsDir() && !d.Type().IsRegular() && d.Type()&fs.ModeSymlink == 0
+		return d.Name() == ".git" || strings.HasPrefix(d.Name(), "bazel-") || staged || special
 	})
 	if err != nil {
 		t.Fatalf("copy module: %v", err)

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/actiond/actiond/guest"
+	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/internal/streammux"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/internal/vmtest"
@@ -36,7 +37,7 @@ func payloadForTest(t *testing.T, arch string) (string, *vmpayload.Manifest) {
 	testutil.Require(t, err == nil, qemuBinary[arch]+" not installed (apt-get install "+pkg+")")
 	_, err = exec.LookPath("go")
 	testutil.Require(t, err == nil, "go not on PATH")
-	src, err := vmpayload.ModuleRoot(".")
+	src, err := srctree.ModuleRoot(".")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,6 +22,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/vmhost"
 	"github.com/actiond/actiond/vmhost/vmpayload"
 	"github.com/actiond/actiond/vmhost/vmpayload/debian"
@@ -56,7 +57,7 @@ func main() {
 		opts.Runtimes = strings.Split(*runtimes, ",")
 	}
 	if opts.Src == "" {
-		src, err := vmpayload.ModuleRoot(".")
+		src, err := srctree.ModuleRoot(".")
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "vmpayload:", err, "(pass -src)")
 			os.Exit(2)

@@ -394,21 +394,3 @@ func (b *builder) download(ctx context.Context, pkgs []*debian.Package) ([]strin
 	}
 	return paths, sums, nil
 }
-
-// ModuleRoot finds the directory with go.mod from dir upwards.
-func ModuleRoot(dir string) (string, error) {
-	dir, err := filepath.Abs(dir)
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod found above the current directory")
-		}
-		dir = parent
-	}
-}
