@@ -120,11 +120,12 @@ func requireAllRemote(t *testing.T, what, out string) map[string]int {
 }
 
 // checkRuntimeOutputs checks that //runtimes ran each action in its own
-// runtime: bazel-bin/runtimes/<rt>.txt is the first line of `ldd
-// --version` there, e.g. "ldd (Debian GLIBC 2.31-13+deb11u11) 2.31".
-func checkRuntimeOutputs(t *testing.T, ws string) {
+// runtime, one of runtimes (name to glibc version):
+// bazel-bin/runtimes/<rt>.txt is the first line of `ldd --version` there,
+// e.g. "ldd (Debian GLIBC 2.31-13+deb11u11) 2.31".
+func checkRuntimeOutputs(t *testing.T, ws string, runtimes map[string]string) {
 	t.Helper()
-	for rt, version := range glibcRuntimes {
+	for rt, version := range runtimes {
 		b, err := os.ReadFile(filepath.Join(ws, "bazel-bin", "runtimes", rt+".txt"))
 		if err != nil {
 			t.Errorf("runtime %s: %v", rt, err)
@@ -242,7 +243,7 @@ func TestBazelRemoteExec(t *testing.T) {
 				got := withoutRuntimes(OutputsHash(t, ws))
 				requireSameOutputs(t, "remote build (smaller set)", subset(local, shellOutputs), subset(got, shellOutputs))
 				requireSameOutputs(t, "remote build (all outputs it made)", subsetKeys(local, got), got)
-				checkRuntimeOutputs(t, ws)
+				checkRuntimeOutputs(t, ws, glibcRuntimes)
 				return
 			}
 
@@ -250,7 +251,7 @@ func TestBazelRemoteExec(t *testing.T) {
 			out := build("//:agg", "//runtimes")
 			requireAllRemote(t, "remote build", out)
 			requireSameOutputs(t, "remote build", local, withoutRuntimes(OutputsHash(t, ws)))
-			checkRuntimeOutputs(t, ws)
+			checkRuntimeOutputs(t, ws, glibcRuntimes)
 
 			// 2. bazel test, remotely.
 			out = bazel(t, append(append([]string{"test"}, remote...), "//cc:greet_test")...)
@@ -262,7 +263,7 @@ func TestBazelRemoteExec(t *testing.T) {
 			out = build("//:agg", "//runtimes")
 			requireAllCacheHits(t, "rebuild after bazel clean", out)
 			requireSameOutputs(t, "rebuild after bazel clean", local, withoutRuntimes(OutputsHash(t, ws)))
-			checkRuntimeOutputs(t, ws)
+			checkRuntimeOutputs(t, ws, glibcRuntimes)
 
 			// 4. --remote_download_minimal, executing everything again
 			// (--noremote_accept_cached sets skip_cache_lookup): the

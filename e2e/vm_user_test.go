@@ -218,8 +218,8 @@ func TestUserServeVMAmd64(t *testing.T) {
 	s := userServeVM(t, "amd64")
 	ws := CopyWorkspace(t, WorkspaceDir(t))
 	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, vmExecFlags(s.Addr)...), "//:agg_shell", "//runtimes")...)
-	vmRequireAllRemote(t, "build in the user's VM", out)
-	vmCheckRuntimes(t, ws)
+	requireAllRemote(t, "build in the user's VM", out)
+	checkRuntimeOutputs(t, ws, vmRuntimes)
 }
 
 // arm64 (what a Mac boots): one action in each runtime reports the right
@@ -229,6 +229,6 @@ func TestUserServeVMArm64(t *testing.T) {
 	s := userServeVM(t, "arm64")
 	ws := CopyWorkspace(t, WorkspaceDir(t))
 	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, vmExecFlags(s.Addr)...), "//runtimes")...)
-	vmRequireAllRemote(t, "//runtimes in the user's arm64 VM", out)
-	vmCheckRuntimes(t, ws)
+	requireAllRemote(t, "//runtimes in the user's arm64 VM", out)
+	checkRuntimeOutputs(t, ws, vmRuntimes)
 }
