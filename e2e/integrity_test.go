@@ -122,7 +122,7 @@ func TestBazelRemoteExecAfterCorruption(t *testing.T) {
 	t.Run("cold", func(t *testing.T) {
 		addr := StartServer(t, "--root", root)
 		bazel(t, "clean")
-		out := bazel(t, append(append([]string{"build"}, remoteExecFlags(addr)...), targets...)...)
+		out := bazel(t, append(append([]string{"build"}, remoteExecFlags(addr, remoteTimeout)...), targets...)...)
 		requireAllRemote(t, "cold remote build", out)
 		requireSameOutputs(t, "cold remote build", local, OutputsHash(t, ws))
 	}) // the server stops here
@@ -134,7 +134,7 @@ func TestBazelRemoteExecAfterCorruption(t *testing.T) {
 
 	t.Run("after-restart", func(t *testing.T) {
 		addr, serverLog := StartServerWithLog(t, "--root", root)
-		remote := remoteExecFlags(addr)
+		remote := remoteExecFlags(addr, remoteTimeout)
 		build := func(extra ...string) string {
 			t.Helper()
 			return bazel(t, append(append(append([]string{"build"}, remote...), extra...), targets...)...)

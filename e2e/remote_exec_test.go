@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/actiond/actiond/internal/testutil"
 )
@@ -94,15 +95,19 @@ func InputRootStrategies(t testing.TB) (def string, strategies []string) {
 var inputRootLogRE = regexp.MustCompile(`input_root=(\S+)`)
 
 // remoteExecFlags are the Bazel flags that send every action to addr and
-// never fall back to local execution.
-func remoteExecFlags(addr string) []string {
+// never fall back to local execution, with a remote call timeout of
+// timeout (whole seconds).
+func remoteExecFlags(addr string, timeout time.Duration) []string {
 	return []string{
 		"--remote_executor=grpc://" + addr,
 		"--spawn_strategy=remote",
 		"--remote_local_fallback=false",
-		"--remote_timeout=300",
+		fmt.Sprintf("--remote_timeout=%d", int(timeout.Seconds())),
 	}
 }
+
+// remoteTimeout is the host tests' remote call timeout.
+const remoteTimeout = 300 * time.Second
 
 // requireAllRemote fails unless every non-internal process of the build
 // ran remotely (and there was at least one).
@@ -229,7 +234,7 @@ func TestBazelRemoteExec(t *testing.T) {
 			} else if m[1] != strategy {
 				t.Fatalf("server uses input root %s, want %s", m[1], strategy)
 			}
-			remote := remoteExecFlags(addr)
+			remote := remoteExecFlags(addr, remoteTimeout)
 			build := func(extra ...string) string {
 				t.Helper()
 				args := append(append([]string{"build"}, remote...), extra...)
@@ -367,7 +372,7 @@ func TestBazelRemoteExecSandbox(t *testing.T) {
 			}
 			t.Logf("input root: %s", m[1])
 			_, port, _ := strings.Cut(addr, ":")
-			build := append(append([]string{"build"}, remoteExecFlags(addr)...), "--keep_going", "--define=ACTIOND_PORT="+port)
+			build := append(append([]string{"build"}, remoteExecFlags(addr, remoteTimeout)...), "--keep_going", "--define=ACTIOND_PORT="+port)
 			MustBazel(t, ws, our, "clean")
 
 			out, err := Bazel(t, ws, our, append(build, "//escape:attempts")...)

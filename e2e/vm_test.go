@@ -20,16 +20,9 @@ var vmRuntimes = map[string]string{
 	"glibc2.41": "2.41",
 }
 
-// vmExecFlags send every action to addr, never falling back to local
-// execution (TCG is slow: generous timeout).
-func vmExecFlags(addr string) []string {
-	return []string{
-		"--remote_executor=grpc://" + addr,
-		"--spawn_strategy=remote",
-		"--remote_local_fallback=false",
-		"--remote_timeout=600",
-	}
-}
+// vmRemoteTimeout is the VM tests' remote call timeout (see
+// remoteExecFlags): generous, since TCG is slow.
+const vmRemoteTimeout = 600 * time.Second
 
 // vmSplitRuntimes splits OutputsHash's result into the //runtimes outputs
 // and the rest.
@@ -96,7 +89,7 @@ func TestBazelServeVM(t *testing.T) {
 	seedPreparedCASImage(t, "amd64", root, "")
 	vm := StartServeVM(t, "", root)
 	t.Logf("first boot (empty CAS, runtimes prepared): boot-to-ready %v", vm.BootToReady.Round(10*time.Millisecond))
-	remote := vmExecFlags(vm.Addr)
+	remote := remoteExecFlags(vm.Addr, vmRemoteTimeout)
 	build := func(extra ...string) (string, time.Duration) {
 		t.Helper()
 		return timed(append(append([]string{"build"}, remote...), extra...)...)

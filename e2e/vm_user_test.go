@@ -217,7 +217,7 @@ func TestUserServeVMAmd64(t *testing.T) {
 	RequireBazel(t)
 	s := userServeVM(t, "amd64")
 	ws := CopyWorkspace(t, WorkspaceDir(t))
-	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, vmExecFlags(s.Addr)...), "//:agg_shell", "//runtimes")...)
+	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, remoteExecFlags(s.Addr, vmRemoteTimeout)...), "//:agg_shell", "//runtimes")...)
 	requireAllRemote(t, "build in the user's VM", out)
 	checkRuntimeOutputs(t, ws, vmRuntimes)
 }
@@ -228,7 +228,7 @@ func TestUserServeVMArm64(t *testing.T) {
 	RequireBazel(t)
 	s := userServeVM(t, "arm64")
 	ws := CopyWorkspace(t, WorkspaceDir(t))
-	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, vmExecFlags(s.Addr)...), "//runtimes")...)
+	out := MustBazel(t, ws, t.TempDir(), append(append([]string{"build"}, remoteExecFlags(s.Addr, vmRemoteTimeout)...), "//runtimes")...)
 	requireAllRemote(t, "//runtimes in the user's arm64 VM", out)
 	checkRuntimeOutputs(t, ws, vmRuntimes)
 }
