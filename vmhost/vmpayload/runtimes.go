@@ -7,9 +7,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -370,7 +372,7 @@ func (w *treeWriter) write(out string, pkgs []*debian.Package, paths []string) e
 		return err
 	}
 	// Merged /usr first, so that no package makes /bin a directory.
-	for _, alias := range sortedKeys(w.merged) {
+	for _, alias := range slices.Sorted(maps.Keys(w.merged)) {
 		target := w.merged[alias]
 		if err := w.dir(target, 0o755); err != nil {
 			return err
@@ -524,7 +526,7 @@ func (w *treeWriter) unpack(debPath string) (string, dpkgName, error) {
 	if err := w.file(infoDir+info+".list", 0o644, []byte(strings.Join(list, "\n")+"\n")); err != nil {
 		return "", dpkgName{}, err
 	}
-	for _, cf := range sortedKeys(d.ControlFiles) {
+	for _, cf := range slices.Sorted(maps.Keys(d.ControlFiles)) {
 		c := d.ControlFiles[cf]
 		mode := int64(0o644)
 		if c.Mode&0o111 != 0 {
@@ -626,13 +628,4 @@ left=$(dpkg-query -W -f='${db:Status-Abbrev} ${binary:Package}\n' | grep -v '^ii
 [ -z "$left" ] || fail "packages not configured: $left"
 echo "second-stage: ` + arch + ` tree configured"
 `
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

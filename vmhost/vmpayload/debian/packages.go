@@ -2,7 +2,6 @@ package debian
 
 import (
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 )
@@ -196,14 +195,4 @@ func digitRun(s string) (string, string) {
 		i++
 	}
 	return s[:i], s[i:]
-}
-
-// sortedKeys returns m's keys sorted.
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

@@ -2,6 +2,8 @@ package debian
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 )
 
@@ -139,7 +141,7 @@ func (r *resolver) relation(rel, from string) error {
 // depth-first walk over Pre-Depends and Depends, names sorted for a
 // stable result; a cycle is broken where it is found).
 func (r *resolver) order() []*Package {
-	names := sortedKeys(r.chosen)
+	names := slices.Sorted(maps.Keys(r.chosen))
 	state := map[string]int{} // 0 new, 1 visiting, 2 done
 	var out []*Package
 	var visit func(p *Package)
