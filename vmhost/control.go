@@ -23,14 +23,9 @@ const PowerOffTimeout = 5 * time.Second
 func RequestPowerOff(ctx context.Context, dial func(context.Context) (net.Conn, error)) error {
 	ctx, cancel := context.WithTimeout(ctx, PowerOffTimeout)
 	defer cancel()
-	conn, err := dial(ctx)
+	cc, err := dialClientConn(ctx, dial)
 	if err != nil {
-		return fmt.Errorf("power off: dial guest: %w", err)
-	}
-	cc, err := ClientConn(conn)
-	if err != nil {
-		conn.Close()
-		return err
+		return fmt.Errorf("power off: %w", err)
 	}
 	defer cc.Close()
 	if err := cc.Invoke(ctx, "/"+GuestControlService+"/PowerOff", &emptypb.Empty{}, &emptypb.Empty{}); err != nil {

@@ -84,13 +84,8 @@ func WaitReady(ctx context.Context, dial func(context.Context) (net.Conn, error)
 // CheckHealth opens one stream with dial and asks the guest's health
 // service whether the server is SERVING.
 func CheckHealth(ctx context.Context, dial func(context.Context) (net.Conn, error)) error {
-	conn, err := dial(ctx)
+	cc, err := dialClientConn(ctx, dial)
 	if err != nil {
-		return fmt.Errorf("dial guest: %w", err)
-	}
-	cc, err := ClientConn(conn)
-	if err != nil {
-		conn.Close()
 		return err
 	}
 	defer cc.Close()
@@ -102,6 +97,21 @@ func CheckHealth(ctx context.Context, dial func(context.Context) (net.Conn, erro
 		return fmt.Errorf("health check: status %v", s)
 	}
 	return nil
+}
+
+// dialClientConn opens one stream with dial and makes a gRPC client over
+// it (ClientConn).
+func dialClientConn(ctx context.Context, dial func(context.Context) (net.Conn, error)) (*grpc.ClientConn, error) {
+	conn, err := dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dial guest: %w", err)
+	}
+	cc, err := ClientConn(conn)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return cc, nil
 }
 
 // ClientConn makes a gRPC client over one already-open stream to the
