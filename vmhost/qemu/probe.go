@@ -122,7 +122,7 @@ func (p Probe) Run(ctx context.Context) ProbeResult {
 	if p.Arch != runtime.GOARCH {
 		return ProbeResult{Reason: fmt.Sprintf("the guest is %s, the host %s: KVM runs only the host's architecture", p.Arch, runtime.GOARCH), When: time.Now()}
 	}
-	if err := kvmDeviceUsable(); err != nil {
+	if err := deviceUsable("/dev/kvm"); err != nil {
 		return ProbeResult{Reason: err.Error(), When: time.Now()}
 	}
 	key, err := p.key()

@@ -256,12 +256,12 @@ func (m *Machine) chooseTransport() (string, error) {
 	case vmhost.TransportSerial:
 		return vmhost.TransportSerial, nil
 	case vmhost.TransportVsock:
-		if err := vhostVsockUsable(); err != nil {
+		if err := deviceUsable("/dev/vhost-vsock"); err != nil {
 			return "", err
 		}
 		return vmhost.TransportVsock, nil
 	case TransportAuto:
-		if err := vhostVsockUsable(); err != nil {
+		if err := deviceUsable("/dev/vhost-vsock"); err != nil {
 			m.log.Debug("vsock unavailable; using virtio-serial", "reason", err)
 			return vmhost.TransportSerial, nil
 		}

@@ -21,11 +21,13 @@ func sysProcAttr() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 }
 
-// kvmDeviceUsable checks that /dev/kvm can be opened read-write.
-func kvmDeviceUsable() error {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+// deviceUsable checks that the device node path (/dev/kvm,
+// /dev/vhost-vsock) can be opened read-write: its module is loaded and we
+// may use it.
+func deviceUsable(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return fmt.Errorf("/dev/kvm unusable: %w", err)
+		return fmt.Errorf("%s unusable: %w", path, err)
 	}
 	f.Close()
 	return nil
@@ -37,17 +39,6 @@ func hostKernelRelease() string {
 		return ""
 	}
 	return unix.ByteSliceToString(u.Release[:])
-}
-
-// vhostVsockUsable checks that /dev/vhost-vsock can be opened (the
-// vhost_vsock module is loaded and we may use it).
-func vhostVsockUsable() error {
-	f, err := os.OpenFile("/dev/vhost-vsock", os.O_RDWR, 0)
-	if err != nil {
-		return fmt.Errorf("/dev/vhost-vsock unusable: %w", err)
-	}
-	f.Close()
-	return nil
 }
 
 // vhostVsockSetGuestCID is VHOST_VSOCK_SET_GUEST_CID, _IOW(0xAF, 0x60, __u64).

@@ -13,11 +13,9 @@ var errNotLinux = errors.New("vmhost/qemu: only Linux hosts are supported")
 
 func sysProcAttr() *syscall.SysProcAttr { return nil }
 
-func kvmDeviceUsable() error { return errNotLinux }
+func deviceUsable(path string) error { return errNotLinux }
 
 func hostKernelRelease() string { return "" }
-
-func vhostVsockUsable() error { return errNotLinux }
 
 func pickCID() (uint32, error) { return 0, errNotLinux }
 
