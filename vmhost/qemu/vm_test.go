@@ -89,6 +89,20 @@ func bootVM(t testing.TB, casDir string) (*Machine, time.Duration) {
 	return m, time.Since(start)
 }
 
+// serveProxy serves a vmhost.Proxy to m's guest on a loopback port until
+// the test ends and returns its address.
+func serveProxy(t testing.TB, m *Machine) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &vmhost.Proxy{Dial: m.DialGuest}
+	go p.Serve(l)
+	t.Cleanup(func() { p.Close() })
+	return l.Addr().String()
+}
+
 // TestBootServeStop boots the real payload under TCG over virtio-serial,
 // proxies a health check through Serve's pieces, and powers the guest off.
 func TestBootServeStop(t *testing.T) {
@@ -101,18 +115,12 @@ func TestBootServeStop(t *testing.T) {
 		t.Errorf("TCG x86 command line lacks tsc_early_khz: %q", m.Plan().Cmdline)
 	}
 	// Through the proxy, over real TCP.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &vmhost.Proxy{Dial: m.DialGuest}
-	go p.Serve(l)
-	defer p.Close()
+	addr := serveProxy(t, m)
 	for i := range 3 {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := vmhost.CheckHealth(ctx, func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "tcp", l.Addr().String())
+			return d.DialContext(ctx, "tcp", addr)
 		})
 		cancel()
 		if err != nil {
@@ -207,13 +215,7 @@ func BenchmarkBootToReady(b *testing.B) {
 // in 1 MiB chunks), as Bazel does.
 func BenchmarkByteStreamUpload256M(b *testing.B) {
 	m, _ := bootVM(b, b.TempDir())
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	p := &vmhost.Proxy{Dial: m.DialGuest}
-	go p.Serve(l)
-	defer p.Close()
+	addr := serveProxy(b, m)
 	const size = 256 << 20
 	data := make([]byte, size)
 	b.SetBytes(size)
@@ -223,7 +225,7 @@ func BenchmarkByteStreamUpload256M(b *testing.B) {
 		binary.LittleEndian.PutUint64(data, uint64(i)+uint64(time.Now().UnixNano())) // a new blob each time
 		sum := sha256.Sum256(data)
 		b.StartTimer()
-		uploadBlob(b, l.Addr().String(), data, hex.EncodeToString(sum[:]))
+		uploadBlob(b, addr, data, hex.EncodeToString(sum[:]))
 	}
 }
 
