@@ -72,18 +72,14 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// newCASImage creates a sparse raw disk image.
+// newCASImage creates a blank sparse raw disk image (the guest formats
+// it).
 func newCASImage(t *testing.T, dir string, size int64) string {
 	t.Helper()
 	p := filepath.Join(dir, "cas.img")
-	f, err := os.Create(p)
-	if err != nil {
+	if _, _, err := vmhost.EnsureDiskImage(p, size); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	return p
 }
 
