@@ -365,24 +365,6 @@ func actiondBinary(t testing.TB) string {
 	return buildBin
 }
 
-// syncBuffer collects the server's output.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // StartServer starts `actiond serve --listen 127.0.0.1:PORT --root DIR
 // args...` on a free port and returns its address once the gRPC health
 // service reports SERVING. DIR is a new temporary directory unless args
@@ -433,7 +415,7 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string, *syncBuffer, error) {
+func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string, *testutil.SyncBuffer, error) {
 	t.Helper()
 	port, err := freePort()
 	if err != nil {
@@ -446,7 +428,7 @@ func startServer(t testing.TB, bin string, hasRoot bool, args []string) (string,
 	}
 	argv = append(argv, args...)
 
-	log := &syncBuffer{}
+	log := &testutil.SyncBuffer{}
 	cmd := exec.Command(bin, argv...)
 	cmd.Stdout = log
 	cmd.Stderr = log

@@ -77,7 +77,7 @@ type VMServer struct {
 	t      testing.TB
 	name   string
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    *testutil.SyncBuffer
 	exited chan struct{}
 	err    error // cmd.Wait's result, valid once exited is closed
 }
@@ -192,7 +192,7 @@ func startServeVMWrapped(t testing.TB, addr, root string, wrap []string, bin str
 		addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	}
 	argv := append([]string{"serve-vm", "--listen", addr, "--root", root, "--accel", vmAccel()}, args...)
-	s := &VMServer{Addr: addr, Root: root, t: t, log: &syncBuffer{}, exited: make(chan struct{})}
+	s := &VMServer{Addr: addr, Root: root, t: t, log: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	full := append(append(append([]string{}, wrap...), bin), argv...)
 	s.cmd = exec.Command(full[0], full[1:]...)
 	s.cmd.Stdout = s.log

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -144,7 +143,7 @@ func tinyRuntime(t testing.TB, name, marker string) testRuntime {
 // mount; the bind mounts it makes are removed at cleanup.
 func prepareForTest(t *testing.T, disk, cas string) (tarRuntimes, string) {
 	t.Helper()
-	var logBuf syncBuf
+	var logBuf testutil.SyncBuffer
 	log := slog.New(slog.NewTextHandler(&logBuf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	mnt := t.TempDir()
 	res, err := prepareTarRuntimes(disk, cas, mnt, log)
@@ -158,23 +157,6 @@ func prepareForTest(t *testing.T, disk, cas string) (tarRuntimes, string) {
 	}
 	t.Logf("log:\n%s", logBuf.String())
 	return res, logBuf.String()
-}
-
-type syncBuf struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuf) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuf) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // TestPrepareTarRuntimes: a first boot extracts, configures and seals; a

@@ -156,7 +156,7 @@ func squashfsRuntimesDisk(t *testing.T, tree, name string) string {
 type testVM struct {
 	t       *testing.T
 	m       *qemu.Machine
-	console *syncBuf
+	console *testutil.SyncBuffer
 	cc      *grpc.ClientConn
 	client  *vmtest.Client
 }
@@ -168,7 +168,7 @@ func bootTestVM(t *testing.T, arch, initrd, kernel, cas, runtimes, extra string,
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	}
 	console := vmhost.NewConsole(log, "guest", 0)
-	buf := &syncBuf{}
+	buf := &testutil.SyncBuffer{}
 	if testing.Verbose() {
 		console.SetFile(io.MultiWriter(buf, os.Stderr))
 	} else {
