@@ -401,7 +401,7 @@ func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Lo
 		return res, fmt.Errorf("mount %s (squashfs) on %s: %w (is the squashfs module loaded?)", d.Dev, mountPoint, err)
 	}
 	res.Mounts = []string{mountPoint}
-	rts, err := runtimesIn(mountPoint)
+	rts, err := RuntimesIn(mountPoint)
 	if err != nil {
 		return res, err
 	}
@@ -412,8 +412,11 @@ func setupRuntimes(cfg Config, mountPoint, casDev, casMount string, log *slog.Lo
 	return res, nil
 }
 
-// runtimesIn lists the runtime directories of a mounted runtimes disk.
-func runtimesIn(dir string) ([]sandbox.Runtime, error) {
+// RuntimesIn lists the runtimes of a mounted SquashFS runtimes disk: one
+// per top-level directory holding usr or bin (hidden directories and the
+// host runtime's name left out). The standalone `actiond serve` reads the
+// same disk.
+func RuntimesIn(dir string) ([]sandbox.Runtime, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read runtimes: %w", err)

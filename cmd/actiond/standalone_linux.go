@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/actiond/actiond/guest"
 	"github.com/actiond/actiond/internal/payload"
 	"github.com/actiond/actiond/sandbox"
 )
@@ -63,22 +64,12 @@ func embeddedRuntimes(root string, log *slog.Logger) (rts []sandbox.Runtime, unm
 			unix.Unmount(mnt, unix.MNT_DETACH)
 		}
 	}
-	entries, err := os.ReadDir(mnt)
+	// No Image: the sandbox must not unmount the runtimes' directories;
+	// the disk is unmounted by the returned function.
+	rts, err = guest.RuntimesIn(mnt)
 	if err != nil {
 		unmount()
 		return nil, nil, false, err
-	}
-	for _, e := range entries {
-		if !e.IsDir() || e.Name() == sandbox.HostRuntimeName || strings.HasPrefix(e.Name(), ".") {
-			continue
-		}
-		r := filepath.Join(mnt, e.Name())
-		if !standaloneExists(filepath.Join(r, "usr")) && !standaloneExists(filepath.Join(r, "bin")) {
-			continue
-		}
-		// No Image: the sandbox must not unmount the subdirectory; the
-		// disk is unmounted by the returned function.
-		rts = append(rts, sandbox.Runtime{Name: e.Name(), Root: r})
 	}
 	log.Info("using the embedded runtimes disk", "image", img, "mount", mnt, "runtimes", len(rts))
 	return rts, unmount, true, nil
@@ -114,9 +105,4 @@ func embeddedHostRuntimes(root string, m payload.Manifest, log *slog.Logger) ([]
 		}
 	}
 	return rts, unmount, true, nil
-}
-
-func standaloneExists(path string) bool {
-	_, err := os.Lstat(path)
-	return err == nil
 }
