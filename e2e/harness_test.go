@@ -35,6 +35,7 @@ import (
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/bazelws"
 	"github.com/actiond/actiond/internal/grpctest"
+	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/internal/testutil"
 )
 
@@ -65,20 +66,11 @@ func TestMain(m *testing.M) {
 // test's working directory.
 func ModuleRoot(t testing.TB) string {
 	t.Helper()
-	dir, err := os.Getwd()
+	dir, err := srctree.ModuleRoot(".")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("no go.mod above the test's working directory")
-		}
-		dir = parent
-	}
+	return dir
 }
 
 // WorkspaceDir is the committed test workspace, testdata/bazel.
@@ -116,8 +108,8 @@ func CopyWorkspace(t testing.TB, src string) string {
 	return dst
 }
 
-// copyFile copies a regular file; see bazelws.CopyFile.
-var copyFile = bazelws.CopyFile
+// copyFile copies a regular file; see srctree.CopyFile.
+var copyFile = srctree.CopyFile
 
 var (
 	bazelServersMu sync.Mutex

@@ -38,6 +38,7 @@ import (
 
 	"github.com/actiond/actiond/bench/internal/benchutil"
 	"github.com/actiond/actiond/internal/bazelws"
+	"github.com/actiond/actiond/internal/srctree"
 )
 
 // trivialCount is N in testdata/bazel/trivial/BUILD.
@@ -82,9 +83,9 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 		return errors.New("needs root (actiond executes actions in its sandbox only as root)")
 	}
 	if wsSrc == "" {
-		root, err := moduleRoot()
+		root, err := srctree.ModuleRoot(".")
 		if err != nil {
-			return err
+			return fmt.Errorf("%w; pass --workspace", err)
 		}
 		wsSrc = filepath.Join(root, "testdata", "bazel")
 	}
@@ -312,23 +313,6 @@ func roundAll(v []float64) []int {
 		r[i] = int(x + 0.5)
 	}
 	return r
-}
-
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory; pass --workspace")
-		}
-		dir = parent
-	}
 }
 
 func tail(s string, n int) string {

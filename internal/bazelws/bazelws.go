@@ -6,12 +6,13 @@ package bazelws
 
 import (
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/actiond/actiond/internal/srctree"
 )
 
 // Copy copies the workspace src into dst (new or empty), leaving out the
@@ -20,42 +21,9 @@ import (
 // make those afresh. Files keep their permission bits; symlinks are copied
 // as symlinks; any other file type is an error.
 func Copy(src, dst string) error {
-	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, path)
-		if err != nil {
-			return err
-		}
-		if rel != "." && !strings.Contains(rel, string(filepath.Separator)) && strings.HasPrefix(rel, "bazel-") {
-			if d.IsDir() {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		if rel == filepath.Join("many", "inputs") {
-			return filepath.SkipDir // regenerated below
-		}
-		target := filepath.Join(dst, rel)
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		switch {
-		case d.IsDir():
-			return os.MkdirAll(target, 0o755)
-		case d.Type()&fs.ModeSymlink != 0:
-			link, err := os.Readlink(path)
-			if err != nil {
-				return err
-			}
-			return os.Symlink(link, target)
-		case d.Type().IsRegular():
-			return CopyFile(path, target, info.Mode().Perm())
-		default:
-			return fmt.Errorf("%s: unsupported file type %v", path, d.Type())
-		}
+	err := srctree.Copy(src, dst, func(rel string, _ fs.DirEntry) bool {
+		topLevel := !strings.Contains(rel, string(filepath.Separator))
+		return topLevel && strings.HasPrefix(rel, "bazel-") || rel == filepath.Join("many", "inputs") // regenerated below
 	})
 	if err != nil {
 		return fmt.Errorf("copying workspace %s: %w", src, err)
@@ -67,26 +35,4 @@ func Copy(src, dst string) error {
 		}
 	}
 	return nil
-}
-
-// CopyFile copies the regular file src to dst, which must not exist yet,
-// with the permission bits perm (not subject to the umask).
-func CopyFile(src, dst string, perm fs.FileMode) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Close(); err != nil {
-		return err
-	}
-	return os.Chmod(dst, perm)
 }
