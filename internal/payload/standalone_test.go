@@ -2,7 +2,6 @@ package payload_test
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"io"
 	"io/fs"
@@ -17,11 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/grpctest"
 	"github.com/actiond/actiond/internal/payload"
 	"github.com/actiond/actiond/internal/srctree"
 	"github.com/actiond/actiond/internal/testutil"
@@ -217,7 +213,7 @@ func startAndWait(t *testing.T, bin string, timeout time.Duration, args ...strin
 			t.Fatalf("%s exited during start-up: %v\n%s", args[0], exitErr, log())
 		default:
 		}
-		if serving(addr) {
+		if grpctest.Serving(addr, 2*time.Second) == nil {
 			return addr, log, stop
 		}
 		time.Sleep(200 * time.Millisecond)
@@ -229,18 +225,6 @@ func startAndWait(t *testing.T, bin string, timeout time.Duration, args ...strin
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
-
-func serving(addr string) bool {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return false
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
-	return err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING
-}
 
 func fileHash(t *testing.T, path string) string {
 	t.Helper()
