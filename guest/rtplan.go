@@ -173,17 +173,3 @@ func prepareOne(ctx context.Context, dev, dir string, p pendingRuntime, log *slo
 		return rm, nil
 	}
 }
-
-// ctxReader ends a read with the context's error once it is done (the
-// extraction of a large member stops at shutdown).
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
-}

@@ -23,6 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/actiond/actiond/internal/ctxio"
 	"github.com/actiond/actiond/sandbox"
 )
 
@@ -198,7 +199,7 @@ func prepareRuntime(ctx context.Context, e runtimeEntry, hdr *tar.Header, r io.R
 	}
 	log.Info("runtime: extracting (first boot with this version)", "runtime", e.Name, "member", e.Member, "size", formatSize(hdr.Size), "into", tmp)
 	h := sha256.New()
-	tee := io.TeeReader(ctxReader{ctx, r}, h)
+	tee := io.TeeReader(ctxio.Reader(ctx, r), h) // the extraction of a large member stops at shutdown
 	st, xerr := extractTree(tee, tree)
 	if _, err := io.Copy(io.Discard, tee); err != nil && xerr == nil {
 		xerr = err
