@@ -94,7 +94,9 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 		}
 		tmps[i], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability != NoSync && !barrier)
 	})
-	if barrier {
+	// Under group commit the one round after the renames covers the bytes
+	// too (see GroupCommit); a syncfs of its own makes them durable first.
+	if barrier && s.group == nil {
 		if err := s.batchBarrier(); err != nil {
 			err = s.spaceErr(fmt.Errorf("sync batch: %w", err))
 			for _, i := range todo {
@@ -115,7 +117,8 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 		}
 	})
 	if barrier {
-		// One more barrier makes the new names durable too.
+		// One more barrier makes the new names (and under group commit
+		// the bytes) durable.
 		if err := s.batchBarrier(); err != nil {
 			err = s.spaceErr(fmt.Errorf("sync batch names: %w", err))
 			for _, i := range todo {

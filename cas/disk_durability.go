@@ -14,11 +14,17 @@ import (
 type Durability int
 
 const (
-	// GroupCommit (the default) acknowledges a blob once its bytes, and
-	// after them its name, are on disk, like FsyncEach, but every upload
-	// in flight shares the same durability barriers: one syncfs(2) of the
-	// store's file system makes all the files written before it started
-	// durable at once. Where syncfs(2) does not exist it is FsyncEach.
+	// GroupCommit (the default) acknowledges a blob once its bytes and its
+	// name are on disk, like FsyncEach, but every upload in flight shares
+	// the same durability barriers: one syncfs(2) of the store's file
+	// system, after the blob is renamed into place, makes the bytes and the
+	// names of all the files written before it started durable at once.
+	// A power loss before that round can leave an unacknowledged blob
+	// under its name with its bytes missing or short: the index then sees
+	// the wrong size and reports it missing (so the client uploads it
+	// again, which replaces it), and reads and input checks hash what they
+	// use, so it is never served. Where syncfs(2) does not exist it is
+	// FsyncEach.
 	GroupCommit Durability = iota
 	// FsyncEach fsyncs each blob's file, then its directory, by itself:
 	// the same guarantee as GroupCommit, at one or two disk flushes per
@@ -146,18 +152,15 @@ func (g *groupSync) stats() (rounds, waits uint64) {
 	return g.rounds, g.waits
 }
 
-// syncData makes the bytes of the closed or open temp file f durable
-// before it is renamed into place: with group commit by a shared round,
-// otherwise by its own fsync. It does nothing under NoSync.
+// syncData makes the bytes of the temp file f durable before it is
+// renamed into place, under FsyncEach. Under GroupCommit the round after
+// the rename (syncName) covers the bytes too, so one shared flush serves a
+// blob; NoSync waits for nothing.
 func (s *DiskStore) syncData(f *os.File) error {
-	switch {
-	case s.durability == NoSync:
+	if s.durability != FsyncEach {
 		return nil
-	case s.group != nil:
-		return s.group.wait()
-	default:
-		return f.Sync()
 	}
+	return f.Sync()
 }
 
 // syncName makes a name just renamed into dir durable: a synced file
