@@ -180,6 +180,51 @@ func (b *bench) analyseThenTime(want string, args []string) (time.Duration, map[
 	return b.timedBuild(want, args...)
 }
 
+// cpuUse is the CPU a timed build cost: Bazel's server process (with the
+// linux-sandbox processes and commands it reaps) and, for remote builds,
+// the actiond server (with its helpers and commands).
+type cpuUse struct{ client, server time.Duration }
+
+// analyseThenTimeCPU is analyseThenTime that also measures cpuUse; srv is
+// nil for builds that do not use actiond.
+func (b *bench) analyseThenTimeCPU(want string, args []string, srv *benchutil.Server) (time.Duration, map[string]int, cpuUse, error) {
+	var use cpuUse
+	if _, err := b.bazel(append([]string{"build", "--nobuild"}, args...)...); err != nil {
+		return 0, nil, use, err
+	}
+	out, err := b.bazel("info", "server_pid")
+	if err != nil {
+		return 0, nil, use, err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(lastLine(out)))
+	if err != nil {
+		return 0, nil, use, fmt.Errorf("bazel info server_pid: %q", out)
+	}
+	sample := func() (c, s time.Duration, err error) {
+		if c, err = benchutil.ProcessCPU(pid); err != nil || srv == nil {
+			return c, 0, err
+		}
+		s, err = srv.CPU()
+		return c, s, err
+	}
+	c0, s0, err := sample()
+	if err != nil {
+		return 0, nil, use, err
+	}
+	took, p, err := b.timedBuild(want, args...)
+	if err != nil {
+		return 0, nil, use, err
+	}
+	c1, s1, err := sample()
+	return took, p, cpuUse{c1 - c0, s1 - s0}, err
+}
+
+// lastLine is the last non-empty line of s.
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
 func (b *bench) startServer(extra ...string) (*benchutil.Server, error) {
 	b.nServers++
 	args := append(append([]string{}, b.serverArgs...), extra...)
@@ -227,7 +272,11 @@ func (b *bench) genrules() ([]benchutil.Measurement, error) {
 		for i, c := range configs {
 			salt++
 			define := "--define=SALT=" + strconv.FormatInt(salt, 36)
-			took, p, err := b.analyseThenTime(c.want, append(append([]string{}, c.flags...), define, "//trivial"))
+			var cs *benchutil.Server
+			if c.want == "remote" {
+				cs = srv
+			}
+			took, p, use, err := b.analyseThenTimeCPU(c.want, append(append([]string{}, c.flags...), define, "//trivial"), cs)
 			if err != nil {
 				return nil, err
 			}
@@ -236,14 +285,17 @@ func (b *bench) genrules() ([]benchutil.Measurement, error) {
 			}
 			if run > 0 {
 				ms[i].Add(took, p)
+				ms[i].ClientCPUMs = append(ms[i].ClientCPUMs, benchutil.Ms(use.client))
+				ms[i].ServerCPUMs = append(ms[i].ServerCPUMs, benchutil.Ms(use.server))
 			}
 		}
 	}
-	fmt.Println("trivial genrules (wall of the build after an untimed analysis; per action = wall / N):")
+	fmt.Println("trivial genrules (wall of the build after an untimed analysis; per action = wall / N; CPU per action: Bazel's server with what it reaps + actiond's, medians):")
 	for i := range ms {
 		ms[i].MedianMs = median(ms[i].Runs)
 		ms[i].PerActionMs = ms[i].MedianMs / trivialCount
-		fmt.Printf("  %-52s median %8.0f ms  per action %6.2f ms  runs %v\n", ms[i].Name, ms[i].MedianMs, ms[i].PerActionMs, roundAll(ms[i].Runs))
+		bz, ad := median(ms[i].ClientCPUMs)/trivialCount, median(ms[i].ServerCPUMs)/trivialCount
+		fmt.Printf("  %-52s median %8.0f ms  per action %6.2f ms  CPU/action bazel %5.2f + actiond %5.2f ms  runs %v\n", ms[i].Name, ms[i].MedianMs, ms[i].PerActionMs, bz, ad, roundAll(ms[i].Runs))
 	}
 	return ms, nil
 }

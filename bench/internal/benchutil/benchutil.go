@@ -60,6 +60,11 @@ type Measurement struct {
 	// PerActionMs is MedianMs / the number of actions, for the genrules.
 	PerActionMs float64        `json:"per_action_ms,omitempty"`
 	Processes   map[string]int `json:"processes,omitempty"`
+	// ClientCPUMs and ServerCPUMs are the CPU of each run's Bazel server
+	// (with the sandboxes and commands it reaps) and of the actiond server
+	// (with its helpers and commands), where measured.
+	ClientCPUMs []float64 `json:"client_cpu_ms,omitempty"`
+	ServerCPUMs []float64 `json:"server_cpu_ms,omitempty"`
 }
 
 // Add records one timed run and the process counts it saw.
