@@ -295,3 +295,57 @@ func (e *env) executeMissing(t *testing.T, d cas.Digest) []string {
 	}
 	return subjects
 }
+
+// TestQueueRunsAtMostConcurrencyAtOnce: with one slot, a second distinct
+// action waits, reported QUEUED (Load counts it), until the first ends;
+// then it runs, and both complete.
+func TestQueueRunsAtMostConcurrencyAtOnce(t *testing.T) {
+	release := make(chan struct{})
+	sb := &executortest.Sandbox{Func: executortest.Block(release)}
+	e := newFakeEnv(t, executor.ServiceOptions{Concurrency: 1}, sb, nil, nil)
+	ctx := context.Background()
+
+	started := sb.NextRun()
+	s1, _ := e.firstOp(ctx, e.action(actionSpec{script: "first"}))
+	<-started
+	s2, err := e.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: e.action(actionSpec{script: "second"}).Proto()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op, err := s2.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := &repb.ExecuteOperationMetadata{}
+	if err := op.GetMetadata().UnmarshalTo(md); err != nil {
+		t.Fatal(err)
+	}
+	if op.Done || md.Stage != repb.ExecutionStage_QUEUED {
+		t.Errorf("the waiting action reports stage %v (done %v), want QUEUED", md.Stage, op.Done)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if q, r := e.svc.Load(); q == 1 && r == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			q, r := e.svc.Load()
+			t.Fatalf("with one slot and two actions: %d queued, %d running; want 1 and 1", q, r)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if n := sb.Runs(); n != 1 {
+		t.Fatalf("%d runs while one slot is taken, want 1", n)
+	}
+	close(release)
+	for _, s := range []repb.Execution_ExecuteClient{s1, s2} {
+		resp, _, err := drain(s)
+		mustOK(t, resp, err)
+	}
+	if n := sb.Runs(); n != 2 {
+		t.Errorf("%d runs, want 2", n)
+	}
+	if q, r := e.svc.Load(); q != 0 || r != 0 {
+		t.Errorf("after both: %d queued, %d running", q, r)
+	}
+}
