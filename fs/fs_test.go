@@ -93,8 +93,8 @@ func TestReadInputs(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stat missing: %v", err)
 	}
-	// Executable bits are honoured by exec.
-	out, err := exec.Command(filepath.Join(dir, "bin/tool")).Output()
+	// Executable bits are honoured by exec (by a shell: see shellIn).
+	out, err := exec.Command("/bin/sh", "-c", `exec "$0"`, filepath.Join(dir, "bin/tool")).Output()
 	if err != nil || string(out) != "tool ran\n" {
 		t.Errorf("running bin/tool: %q, %v", out, err)
 	}
@@ -390,8 +390,7 @@ func TestSandboxUser(t *testing.T) {
 		t.Fatal(err)
 	}
 	asNobody := func(script string) (string, error) {
-		cmd := exec.Command("/bin/sh", "-c", script)
-		cmd.Dir = dir
+		cmd := shellIn(dir, script)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 		out, err := cmd.CombinedOutput()
 		return string(out), err
@@ -585,8 +584,7 @@ func TestOverlay(t *testing.T) {
 	if err := unix.Chmod(dir, 0o1777); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("/bin/sh", "-c", "echo nobody >> src/lib/other.txt && rm zero.txt && mkdir out/d && echo x > out/d/f")
-	cmd.Dir = dir
+	cmd := shellIn(dir, "echo nobody >> src/lib/other.txt && rm zero.txt && mkdir out/d && echo x > out/d/f")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Errorf("sandbox user changing inputs in the overlay: %q, %v", out, err)
@@ -742,4 +740,16 @@ func TestSpareMounts(t *testing.T) {
 	if ents, _ := os.ReadDir(mntDir); len(ents) != 0 {
 		t.Errorf("mount points left after Close: %v", ents)
 	}
+}
+
+// shellIn runs script with sh in dir, a directory of a mount this process
+// serves. The shell changes into dir itself: os/exec starts a child with
+// vfork, which stops the forking thread until the child execs, and a child
+// that touched the mount before its exec (a chdir there for cmd.Dir, or
+// an exec of a program on it) would wait for this process's FUSE server,
+// which cannot run if the Go runtime is stopping the world for the GC at
+// that moment: it waits for the stopped thread forever (seen as a CI hang
+// with the garbage collector in mark termination for minutes).
+func shellIn(dir, script string) *exec.Cmd {
+	return exec.Command("/bin/sh", "-c", `cd "$0" && `+script, dir)
 }
