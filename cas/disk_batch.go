@@ -79,10 +79,10 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 	// One barrier for many files: a shared group-commit round, or under
 	// FsyncEach a syncfs of its own for a batch large enough to pay for it.
 	barrier := s.group != nil || (s.durability == FsyncEach && len(todo) > 8 && syncFSSupported)
-	tmps := make([]tempFile, len(blobs))
+	tmps := make([]tempFile, len(todo)) // tmps[k] holds blobs[todo[k]]
 	defer func() {
-		for _, i := range todo {
-			tmps[i].close()
+		for _, t := range tmps {
+			t.close()
 		}
 	}()
 	parallel(len(todo), func(k int) {
@@ -92,7 +92,7 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 			errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", b.Digest, got.Hash, ErrDigestMismatch)
 			return
 		}
-		tmps[i], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability != NoSync && !barrier)
+		tmps[k], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability != NoSync && !barrier)
 	})
 	// Under group commit the one round after the renames covers the bytes
 	// too (see GroupCommit); a syncfs of its own makes them durable first.
@@ -112,8 +112,8 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 		if errs[i] != nil {
 			return
 		}
-		if errs[i] = s.placeTemp(tmps[i], blobs[i].Digest, !barrier); errs[i] == nil {
-			tmps[i].name = "" // renamed into place, or removed as a duplicate
+		if errs[i] = s.placeTemp(tmps[k], blobs[i].Digest, !barrier); errs[i] == nil {
+			tmps[k].name = "" // renamed into place, or removed as a duplicate
 		}
 	})
 	if barrier {

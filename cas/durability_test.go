@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // A waiter that arrives while a round runs is not covered by it (its
@@ -107,8 +109,8 @@ func TestDurabilityModesStoreAndReopen(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/anon=%v", dur, anon), func(t *testing.T) {
 				dir := t.TempDir()
 				s := newStore(t, dir, WithDurability(dur))
-				if anon && !s.anonTemp {
-					t.Skip("no O_TMPFILE here")
+				if anon {
+					testutil.Require(t, s.anonTemp, "the test directory's file system has no O_TMPFILE (or /proc is not mounted)")
 				}
 				s.anonTemp = anon
 				var want [][]byte

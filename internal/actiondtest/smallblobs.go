@@ -52,8 +52,6 @@ func UploadEach(ctx context.Context, bs bytestream.ByteStreamClient, blobs [][]b
 
 // writeOnce uploads blob in one WriteRequest that finishes the write.
 func writeOnce(ctx context.Context, bs bytestream.ByteStreamClient, blob []byte) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	d := cas.DigestOf(blob)
 	resp, err := WriteBlob(ctx, bs, fmt.Sprintf("uploads/bench/blobs/%s/%d", d.Hash, d.Size), blob, len(blob), 0)
 	if err != nil {
