@@ -33,6 +33,7 @@ type cgroupManager struct {
 	log    *slog.Logger
 	warned sync.Map          // limit kinds already reported as unenforceable
 	v2     string            // where v2 run cgroups go; "" without cgroup v2
+	v2Home string            // this process's v2 cgroup, where idle helpers wait
 	v2Ctrl map[string]bool   // limit controllers usable in v2 run cgroups
 	v1     map[string]string // limit controller → where its v1 run cgroups go
 }
@@ -57,6 +58,10 @@ func newCgroupManager(log *slog.Logger) *cgroupManager {
 		if dir := v2Mount.dir(path); m.usable(dir) {
 			m.v2 = dir
 			m.delegateV2()
+			// Where delegateV2 left this process (and helpers cloned from it).
+			if own, err := ownCgroups(); err == nil {
+				m.v2Home = v2Mount.dir(own[""])
+			}
 		}
 	}
 	for _, c := range limitControllers {
@@ -165,38 +170,71 @@ func (m *cgroupManager) enableV2(controllers []string) error {
 type runCgroup struct {
 	name     string            // of the run's cgroups under each hierarchy
 	v2       string            // v2 cgroup; "" if none
-	v2fd     int               // open v2 cgroup, for CLONE_INTO_CGROUP; -1 if none
 	v1       map[string]string // controller → v1 cgroup
 	memory   int               // cgroup version limiting memory (0: none)
 	enforced []string
 }
 
-// newRun makes the cgroup v2 directory of one run (if v2 is in use), for
-// its helper to be cloned into: moving a process between cgroups later
-// waits for an RCU grace period, milliseconds on a busy machine.
+// newRun makes the cgroup v2 directory of one run (if v2 is in use).
 func (m *cgroupManager) newRun(name string) (*runCgroup, error) {
-	cg := &runCgroup{name: name, v2fd: -1, v1: map[string]string{}}
+	cg := &runCgroup{name: name, v1: map[string]string{}}
 	if m.v2 != "" {
 		dir := filepath.Join(m.v2, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("cgroup: %w", err)
 		}
 		cg.v2 = dir
-		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			cg.remove()
-			return nil, fmt.Errorf("cgroup: open %s: %w", dir, err)
-		}
-		cg.v2fd = fd
 	}
 	return cg, nil
 }
 
-// limit applies lim to the run whose helper is pid: limit files in its v2
-// cgroup, or v1 cgroups made for the limited controllers (which the helper
-// is then moved into). A limit for which no controller is available is
-// logged and left out of enforced.
-func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits, pid int) error {
+// enter applies lim to the run (see limit) and moves the helper pid into
+// the run's cgroups, limits first.
+func (m *cgroupManager) enter(cg *runCgroup, lim executor.Limits, pid int) error {
+	if err := m.limit(cg, lim); err != nil {
+		return err
+	}
+	dirs := []string{cg.v2}
+	for _, dir := range cg.v1 {
+		dirs = append(dirs, dir)
+	}
+	for _, dir := range dirs {
+		if dir == "" {
+			continue
+		}
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// leave moves the helper pid, alone in the run's cgroups once its action
+// has ended, back to the cgroups of this process, where it waits for the
+// next action.
+func (m *cgroupManager) leave(cg *runCgroup, pid int) error {
+	homes := map[string]string{}
+	if cg.v2 != "" {
+		homes[cg.v2] = m.v2Home
+	}
+	for c, dir := range cg.v1 {
+		homes[dir] = m.v1[c]
+	}
+	for dir, home := range homes {
+		if home == "" {
+			return fmt.Errorf("cgroup: no cgroup to move the helper back to from %s", dir)
+		}
+		if err := os.WriteFile(filepath.Join(home, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+			return fmt.Errorf("cgroup: moving helper back to %s: %w", home, err)
+		}
+	}
+	return nil
+}
+
+// limit applies lim to the run: limit files in its v2 cgroup, or v1
+// cgroups made for the limited controllers. A limit for which no
+// controller is available is logged and left out of enforced.
+func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
 	name := cg.name
 	cpuQuota := max(lim.CPUMillis*100, 1000) // µs per 100 ms period
 	limits := []struct {
@@ -237,9 +275,6 @@ func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits, pid int) error
 			cg.v1[l.ctrl] = dir
 			if err := writeLimits(dir, l.v1); err != nil {
 				return err
-			}
-			if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
-				return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
 			}
 			cg.enforced = append(cg.enforced, l.desc+" via cgroup v1")
 			if l.ctrl == "memory" {
@@ -311,10 +346,6 @@ func (cg *runCgroup) oomKilled() bool {
 // remove kills whatever is left and removes the run's cgroups.
 func (cg *runCgroup) remove() error {
 	cg.kill()
-	if cg.v2fd >= 0 {
-		unix.Close(cg.v2fd)
-		cg.v2fd = -1
-	}
 	var errs []error
 	dirs := []string{cg.v2}
 	for _, dir := range cg.v1 {

@@ -119,7 +119,9 @@ type Config struct {
 	// PrestartedHelpers is how many sandbox helpers are kept started ahead
 	// of actions (cloned into fresh namespaces, past exec and runtime
 	// start, waiting for their action): zero means
-	// DefaultPrestartedHelpers, negative none.
+	// DefaultPrestartedHelpers, negative none. Apart from these, a helper
+	// that ran an action cleanly is kept for the next one, up to one per
+	// CPU (GOMAXPROCS) idle at a time.
 	PrestartedHelpers int
 	// TmpSize is the size of the action's /tmp and of its /dev/shm (each
 	// a tmpfs of its own, in memory): zero means DefaultTmpSize, negative

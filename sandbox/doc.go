@@ -1,45 +1,55 @@
 // Package sandbox is the Linux implementation of executor.Sandbox: it runs one
 // action's command isolated from the host and from other actions.
 //
-// Each Run re-executes the current binary (/proc/self/exe) under the argv[0]
-// "actiond-sandbox-init". An init function (in sandbox/internal/sandboxinit,
-// which this package links) recognises that name, so the helper works in any
-// binary that imports this package (cmd/actiond, tests, examples) without
-// extra wiring. The helper starts as PID 1 of new mount, PID, network, IPC,
-// UTS and cgroup namespaces and:
+// Runs are carried out by helpers: the current binary re-executed
+// (/proc/self/exe) under the argv[0] "actiond-sandbox-init". An init
+// function (in sandbox/internal/sandboxinit, which this package links)
+// recognises that name, so the helper works in any binary that imports
+// this package (cmd/actiond, tests, examples) without extra wiring. A
+// helper starts as PID 1 of new mount, PID, network, IPC and UTS
+// namespaces and runs one action at a time, for as many actions as it is
+// given. For each action it makes a thread of its own, which:
 //
+//   - unshares new mount, network, IPC, UTS and cgroup namespaces for the
+//     action (the cgroup one rooted at the action's cgroup);
 //   - builds a fresh root on a tmpfs: the selected runtime bound read-only,
 //     the execroot read-only at /execroot with only the output directories
-//     writable, a private /tmp and /dev/shm, a minimal /dev, a fresh /proc and
-//     a generated /etc (hosts, passwd, group), then makes the root read-only
-//     and pivots into it;
+//     writable, a private /tmp and /dev/shm, a minimal /dev, a /proc that
+//     hides other users' processes (hidepid) and a generated /etc (hosts,
+//     passwd, group), then makes the root read-only and pivots into it;
 //   - brings up the loopback interface (the only interface it has);
-//   - drops to the action's own uid/gid (Config.IDs: each action running at
-//     a time has a different one, so they share no per-user limits) with no
-//     supplementary groups, an empty
-//     capability bounding set, no_new_privs, every descriptor above 2
-//     closed, and a seccomp filter refusing namespace, mount, BPF, io_uring,
-//     ptrace, keyring, module and vsock calls;
-//   - starts the command, reaps orphans, and exits when the command does,
-//     which makes the kernel kill everything left in the PID namespace.
+//   - drops its privileges and forks the command as the action's own
+//     uid/gid (Config.IDs: each action running at a time has a different
+//     one, so they share no per-user limits) with no supplementary groups,
+//     an empty capability bounding set, no_new_privs, only stdin, stdout
+//     and stderr open, and a seccomp filter refusing namespace, mount, BPF,
+//     io_uring, ptrace, keyring, module and vsock calls;
+//   - and ends, so nothing it changed is ever used again.
 //
-// Starting a helper (cloning six namespaces, exec, the Go runtime's start,
-// the loopback interface) costs about 3 ms, so a few helpers are started
-// ahead of their actions (Config.PrestartedHelpers) at a low priority and
-// wait for their spec. A prestarted helper's mount namespace is a copy of
-// the host's from when it was cloned, so it cannot see mounts made later;
-// the parent therefore sends the execroot and a directory runtime as
-// detached mount trees (open_tree(2)), which the helper moves into its root,
-// and the helper drops its copies of actiondfs mounts while it waits (a
-// copy would keep that mount's FUSE connection alive). The command's stdout
-// and stderr come as descriptors with the spec.
+// The helper reaps orphans and, when the command exits, kills and reaps
+// everything left in its PID namespace before it reports and takes the
+// next action. Starting a helper (cloning namespaces, exec of this binary,
+// the Go runtime's start) costs tens of milliseconds of CPU on a slow
+// machine; a helper that is kept pays it once instead of per action. A few
+// helpers are started ahead of their first action
+// (Config.PrestartedHelpers) at a low priority. A helper's mount namespace
+// is a copy of the host's from when it was cloned, so it cannot see
+// mounts made later; the parent therefore sends the execroot and a
+// directory runtime as detached mount trees (open_tree(2)), which the
+// action's thread moves into its root, and the helper drops its copies of
+// actiondfs mounts when it starts (a copy would keep that mount's FUSE
+// connection alive). The command's stdout and stderr come as descriptors
+// with the spec. Without open_tree (Linux before 5.2) a helper runs one
+// action and sees its execroot by path.
 //
-// The parent places the helper in per-run cgroups (cgroup v2 controllers where
-// they are delegated, cgroup v1 otherwise) for memory, CPU and task limits,
-// enforces the timeout, detects OOM kills and, as a second line behind the
-// PID namespace, kills whatever is left in the run's cgroups. Limits apply to
-// everything in the sandbox, its init process (a few threads, a few MiB)
-// included.
+// The parent moves the helper into per-run cgroups (cgroup v2 controllers
+// where they are delegated, cgroup v1 otherwise) for memory, CPU and task
+// limits before it sends the spec, and back out once the action has ended.
+// It enforces the timeout, detects OOM kills and, on a timeout, a
+// cancellation or a failure, kills the helper (which takes its PID
+// namespace with it) and, as a second line, whatever is left in the run's
+// cgroups. Limits apply to everything in the sandbox, the helper (a few
+// threads, a few MiB) included.
 //
 // On a pure cgroup v2 host the process must be allowed to manage its own
 // cgroup (for a systemd service: Delegate=yes). If that cgroup also holds

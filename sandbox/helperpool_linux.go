@@ -1,53 +1,42 @@
-// The helper pool: sandbox helpers (PID 1 of each action's namespaces) are
-// started here, and a few are prestarted so that an action does not wait for
-// clone, exec and the Go runtime's start-up.
+// The helper pool: sandbox helpers (PID 1 of the namespaces their actions
+// run in) are started here, a few ahead of their first action, and are
+// kept between actions, so that an action pays neither for clone, exec and
+// the Go runtime's start-up nor for their CPU.
 
 package sandbox
 
 import (
+	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"runtime"
-	"strconv"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/sandbox/internal/sandboxinit"
 )
 
-// helper is a started sandbox helper waiting for its spec: PID 1 of its
-// own namespaces, past exec and the Go runtime's start.
+// helper is a started sandbox helper: PID 1 of its own namespaces, past
+// exec and the Go runtime's start, waiting for an action.
 type helper struct {
-	cg     *runCgroup // the run's cgroups; the helper was cloned into its v2 one
-	cmd    *exec.Cmd
-	spec   *os.File   // our end of the spec socket
-	status *os.File   // read end of the status pipe
-	done   chan error // the helper's Wait result
+	cmd      *exec.Cmd
+	spec     *os.File                 // our end of the spec socket
+	statuses chan *sandboxinit.Status // one per action; closed when the helper's status pipe ends
+	done     chan error               // the helper's Wait result
+	// reusable: the helper gets its execroot and runtime as descriptors
+	// (open_tree), so it can run actions whose mounts it was cloned before.
+	reusable bool
 }
 
-// startHelper starts a helper. A prestarted one prepares its namespaces
-// while it waits (see sandboxinit.PrestartEnv) and must get the execroot
-// as a descriptor.
+// startHelper starts a helper, at a low priority when it is started ahead
+// of its action. Where open_tree(2) works, helpers drop their copies of
+// actiondfs mounts (see sandboxinit.PrestartEnv), get the execroot as a
+// descriptor and may run any number of actions; elsewhere a helper runs
+// one action and sees its execroot by path.
 func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
-	cg, err := s.cgroups.newRun("actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10))
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
-	}
-	h, err := s.startHelperIn(cg, prestarted)
-	if err != nil {
-		cg.remove()
-		return nil, err
-	}
-	return h, nil
-}
-
-func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error) {
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -68,33 +57,33 @@ func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error)
 	}
 	defer devNull.Close()
 	env := []string{"GOMAXPROCS=1"}
-	if prestarted {
+	if s.openTree {
 		env = append(env, sandboxinit.PrestartEnv+"=1")
 	}
 	h := &helper{
-		cg: cg,
 		cmd: &exec.Cmd{
 			Path: "/proc/self/exe",
 			Args: []string{sandboxinit.Argv0},
 			Env:  env,
-			// The command's stdout and stderr come with the spec.
+			// The command's stdout and stderr come with each spec.
 			Stdin: devNull, Stdout: devNull, Stderr: devNull,
 			ExtraFiles: []*os.File{specTheirs, statusW}, // sandboxinit.SpecFD and StatusFD
 			SysProcAttr: &syscall.SysProcAttr{
+				// Each action gets mount, network, IPC, UTS and cgroup
+				// namespaces of its own from the helper; the PID
+				// namespace is the helper's, which its actions share
+				// one after another.
 				Cloneflags: unix.CLONE_NEWNS | unix.CLONE_NEWPID | unix.CLONE_NEWNET |
-					unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP,
+					unix.CLONE_NEWIPC | unix.CLONE_NEWUTS,
 				// The helper dies with us. Pdeathsig follows the thread
 				// that forked, so that thread is kept until Wait returns.
 				Pdeathsig: syscall.SIGKILL,
 			},
 		},
-		spec:   specOurs,
-		status: statusR,
-		done:   make(chan error, 1),
-	}
-	if cg.v2fd >= 0 {
-		h.cmd.SysProcAttr.UseCgroupFD = true
-		h.cmd.SysProcAttr.CgroupFD = cg.v2fd
+		spec:     specOurs,
+		statuses: make(chan *sandboxinit.Status, 1),
+		done:     make(chan error, 1),
+		reusable: s.openTree,
 	}
 	started := make(chan error, 1)
 	go func() {
@@ -112,6 +101,7 @@ func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error)
 		statusR.Close()
 		return nil, fmt.Errorf("sandbox: start helper: %w", err)
 	}
+	go h.readStatuses(statusR)
 	if prestarted {
 		// Starting up in the background must not slow the actions
 		// running now; takeHelper gives it the normal priority back.
@@ -123,47 +113,85 @@ func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error)
 // prestartNice is the nice value of prestarted helpers until they are used.
 const prestartNice = 10
 
-// send gives the helper its spec and descriptors (see sandboxinit.SpecFD).
+// readStatuses passes on the helper's statuses until its pipe ends.
+func (h *helper) readStatuses(r *os.File) {
+	defer close(h.statuses)
+	defer r.Close()
+	dec := json.NewDecoder(r)
+	for {
+		var st sandboxinit.Status
+		if err := dec.Decode(&st); err != nil {
+			return
+		}
+		h.statuses <- &st
+	}
+}
+
+// send gives the helper an action's spec and descriptors (see
+// sandboxinit.SpecFD).
 func (h *helper) send(spec *sandboxinit.Spec, fds []int) error {
-	defer h.spec.Close()
+	data, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
 	if err := unix.Sendmsg(int(h.spec.Fd()), []byte{'S'}, unix.UnixRights(fds...), nil, 0); err != nil {
 		return err
 	}
-	return json.NewEncoder(h.spec).Encode(spec)
+	msg := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), uint32(len(data)))
+	_, err = h.spec.Write(append(msg, data...))
+	return err
 }
 
-// close releases our ends of the helper's pipes; the helper must be done.
-func (h *helper) close() {
-	h.spec.Close()
-	h.status.Close()
-}
-
-// kill ends an unused helper, waits for it and removes its cgroups.
+// kill ends the helper, with whatever it runs, and waits for it.
 func (h *helper) kill() {
 	_ = h.cmd.Process.Kill()
 	<-h.done
-	h.close()
-	h.cg.remove()
+	h.spec.Close()
 }
 
-// takeHelper returns a prestarted helper, or nil when none is ready, and
-// has another started in its place.
+// retire lets an idle helper end: it exits when its spec socket closes.
+func (h *helper) retire() {
+	h.spec.Close()
+	go func() { <-h.done }()
+}
+
+// takeHelper returns an idle helper, or nil when none is ready, and has a
+// spare started when it took the last one.
 func (s *Sandbox) takeHelper() *helper {
 	select {
 	case h := <-s.spares:
 		_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, 0)
-		go s.addSpare()
+		if len(s.spares) == 0 {
+			go s.addSpare()
+		}
 		return h
 	default:
 		return nil
 	}
 }
 
-// addSpare starts a helper for the pool, unless the pool is full or closed.
+// putHelper keeps a helper that ran an action cleanly for the next one,
+// unless the pool is full or closed.
+func (s *Sandbox) putHelper(h *helper) {
+	s.spareMu.Lock()
+	defer s.spareMu.Unlock()
+	if !h.reusable || s.closed {
+		h.retire()
+		return
+	}
+	select {
+	case s.spares <- h:
+	default:
+		h.retire()
+	}
+}
+
+// addSpare starts a helper for the pool, unless it already has the
+// configured number of prestarted helpers or is closed.
 func (s *Sandbox) addSpare() {
 	s.spareMu.Lock()
 	defer s.spareMu.Unlock()
-	if s.closed || len(s.spares) == cap(s.spares) {
+	if s.closed || len(s.spares) >= s.prestart {
 		return
 	}
 	h, err := s.startHelper(true)
@@ -172,22 +200,4 @@ func (s *Sandbox) addSpare() {
 		return
 	}
 	s.spares <- h
-}
-
-// readStatus reads the helper's final status; the helper has exited, so this
-// never blocks for long.
-func readStatus(r *os.File) (*sandboxinit.Status, error) {
-	_ = r.SetReadDeadline(time.Now().Add(5 * time.Second))
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return nil, err
-	}
-	if len(b) == 0 {
-		return nil, errors.New("no status")
-	}
-	var st sandboxinit.Status
-	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, fmt.Errorf("decoding status: %w", err)
-	}
-	return &st, nil
 }

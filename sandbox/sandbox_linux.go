@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -40,7 +41,9 @@ type Sandbox struct {
 	// openTree: the execroot goes to helpers as an open_tree(2) descriptor
 	// (Linux 5.2), which prestarted helpers need.
 	openTree bool
-	spares   chan *helper // prestarted helpers
+	spares   chan *helper // idle helpers, prestarted or kept from earlier actions
+	prestart int          // how many idle helpers to keep started ahead
+	nice     int          // this process's nice value, which commands get
 	spareMu  sync.Mutex   // serialises filling spares against Close
 	closed   bool
 }
@@ -123,9 +126,19 @@ func New(cfg Config) (*Sandbox, error) {
 	if !s.openTree {
 		n = 0
 	}
-	s.spares = make(chan *helper, max(n, 0))
-	for range cap(s.spares) {
+	s.prestart = max(n, 0)
+	idle := 0
+	if s.openTree {
+		// Room to keep one helper per action running at once.
+		idle = max(s.prestart, runtime.GOMAXPROCS(0))
+	}
+	s.spares = make(chan *helper, idle)
+	for range s.prestart {
 		go s.addSpare()
+	}
+	// getpriority(2) returns 20 - nice.
+	if prio, err := unix.Getpriority(unix.PRIO_PROCESS, 0); err == nil {
+		s.nice = 20 - prio
 	}
 	s.log.Debug("sandbox ready", "runtimes", s.names, "users", s.users.String(),
 		"state", state, "cgroups", s.cgroups.String())
@@ -300,6 +313,7 @@ func (s *Sandbox) Run(ctx context.Context, spec *executor.RunSpec) (*executor.Ru
 		GID:              user.GID,
 		TmpSize:          tmpSize,
 		MaxProcs:         maxProcs(spec.Limits.Pids),
+		Nice:             s.nice,
 	}
 
 	stdout, stderr, err := openOutputs(spec.StdoutPath, spec.StderrPath)
@@ -341,9 +355,18 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 			return nil, err
 		}
 	}
-	cg := h.cg
+	cg, err := s.cgroups.newRun("actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10))
+	if err != nil {
+		h.kill()
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	keep := false // the helper ran the action cleanly and left its cgroups
 	defer func() {
-		h.close()
+		if keep {
+			s.putHelper(h)
+		} else {
+			h.kill()
+		}
 		if err := cg.remove(); err != nil {
 			s.log.Warn("sandbox: removing cgroup", "cgroup", cg.name, "err", err)
 		}
@@ -355,9 +378,8 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 
 	// The helper waits for its spec before doing anything for the action,
 	// so it is under every limit before the command can start.
-	if err := s.cgroups.limit(cg, spec.Limits, h.cmd.Process.Pid); err != nil {
-		kill()
-		<-h.done
+	pid := h.cmd.Process.Pid
+	if err := s.cgroups.enter(cg, spec.Limits, pid); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	fds := []int{int(stdout.Fd()), int(stderr.Fd())}
@@ -374,7 +396,6 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 		s.log.Debug("sandbox: writing spec to helper", "err", err) // the helper died; its status says why
 	}
 	start := time.Now()
-	done := h.done
 
 	var timeout <-chan time.Time
 	if spec.Timeout > 0 {
@@ -382,22 +403,26 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 		defer t.Stop()
 		timeout = t.C
 	}
+	var st *sandboxinit.Status
 	var waitErr error
 	timedOut := false
 	select {
-	case waitErr = <-done:
+	case st = <-h.statuses:
+	case waitErr = <-h.done:
+		h.done <- waitErr // for the deferred kill
+		st = <-h.statuses // written just before it exited, if at all
 	case <-timeout:
 		timedOut = true
 		kill()
-		waitErr = <-done
+		waitErr = <-h.done
+		h.done <- waitErr // for the deferred kill
+		st = <-h.statuses // the command may have ended just as the timer fired
 	case <-ctx.Done():
 		kill()
-		<-done
 		return nil, fmt.Errorf("sandbox: %w", ctx.Err())
 	}
 	wall := time.Since(start)
 
-	st, statusErr := readStatus(h.status)
 	res := &executor.RunResult{Enforced: cg.enforced, Wall: wall}
 	if st != nil && st.WallNS > 0 {
 		res.Wall = time.Duration(st.WallNS)
@@ -421,7 +446,16 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 		// The OOM killer chose the helper itself; everything died with it.
 		res.ExitCode = 128 + int(unix.SIGKILL)
 	default:
-		return nil, fmt.Errorf("sandbox: helper ended without a status (%v): %v", waitErr, statusErr)
+		return nil, fmt.Errorf("sandbox: helper ended without a status: %v", waitErr)
+	}
+	// The helper killed and reaped everything the command left; it can
+	// run another action once it is out of this one's cgroups.
+	if st != nil && st.Done && !timedOut {
+		if err := s.cgroups.leave(cg, pid); err != nil {
+			s.log.Warn("sandbox: moving a helper out of its action's cgroups", "err", err)
+		} else {
+			keep = true
+		}
 	}
 	// A process killed for memory that the command survived (exit 0) does
 	// not make the action fail.

@@ -12,10 +12,44 @@ import (
 // Linux architecture Go supports.
 const clockTicks = 100
 
-// ProcessCPU is the CPU time process pid and its reaped children have used
-// (user and system): for a server, its own work plus that of the helpers
-// and commands it started and waited for.
+// ProcessCPU is the CPU time process pid and all its descendants have used
+// (user and system), reaped or still running: for a server, its own work
+// plus that of the helpers it keeps and of the commands they ran. A live
+// descendant's time counts until it is reaped, then in its parent's
+// children's time, so the sum only grows.
 func ProcessCPU(pid int) (time.Duration, error) {
+	own, err := statCPU(pid)
+	if err != nil {
+		return 0, err
+	}
+	for _, child := range liveChildren(pid) {
+		// A child that ended since it was listed was, or will be, counted
+		// in its parent's children's time.
+		if c, err := ProcessCPU(child); err == nil {
+			own += c
+		}
+	}
+	return own, nil
+}
+
+// liveChildren lists the children of every thread of pid.
+func liveChildren(pid int) []int {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	var kids []int
+	for _, t := range tasks {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, t.Name()))
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				kids = append(kids, n)
+			}
+		}
+	}
+	return kids
+}
+
+// statCPU is the CPU time of pid and its reaped children, from
+// /proc/PID/stat.
+func statCPU(pid int) (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err

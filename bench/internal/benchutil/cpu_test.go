@@ -1,7 +1,9 @@
 package benchutil
 
 import (
+	"bufio"
 	"os"
+	"os/exec"
 	"testing"
 	"time"
 )
@@ -21,5 +23,47 @@ func TestProcessCPU(t *testing.T) {
 	}
 	if after-before < 50*time.Millisecond {
 		t.Errorf("200 ms of spinning counted as %v of CPU (%d loops)", after-before, x)
+	}
+}
+
+// A child that is still running counts: a server's kept helpers are never
+// reaped while it is measured.
+func TestProcessCPUCountsLiveChildren(t *testing.T) {
+	before, err := ProcessCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The child spins, then waits for its stdin to close.
+	cmd := exec.Command("sh", "-c", `i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo spun; read x`)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || line != "spun\n" {
+		t.Fatalf("child said %q, %v", line, err)
+	}
+	child, err := statCPU(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := ProcessCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if child == 0 {
+		t.Fatal("the child used no CPU that /proc shows; spin longer")
+	}
+	if after-before < child {
+		t.Errorf("our CPU grew by %v while a live child used %v", after-before, child)
 	}
 }

@@ -1,9 +1,11 @@
 package sandboxinit
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"runtime"
 	"slices"
@@ -23,28 +25,27 @@ const Argv0 = "actiond-sandbox-init"
 
 // File descriptors the parent passes to the helper.
 const (
-	// SpecFD is a stream socket. Once the parent has placed the helper in
-	// its cgroups it sends one byte carrying SCM_RIGHTS file descriptors
-	// (Spec.Files says which), then the Spec as JSON, then EOF.
+	// SpecFD is a stream socket carrying one message per action: one byte
+	// with SCM_RIGHTS file descriptors (Spec.Files says which), the length
+	// of the Spec's JSON as a 4-byte big-endian number, then the JSON. The
+	// parent sends a message only once the helper has reported the
+	// previous action's Status and it has placed the helper in the new
+	// action's cgroups. EOF ends the helper.
 	SpecFD   = 3
-	StatusFD = 4 // Status as JSON, written just before the helper exits
+	StatusFD = 4 // one Status as a JSON line per action
 )
 
 // PrestartEnv, set to 1 in the helper's environment, says the helper was
-// started before its action was known: it then prepares what does not
-// depend on the action (see prepare) and gets the execroot as a file
-// descriptor, since mounts made later in the parent's namespace are not
-// visible in its own.
+// started before its action was known and may run many actions: it drops
+// its copies of actiondfs mounts (see prepare) and gets the execroot and a
+// directory runtime as file descriptors, since mounts made later in the
+// parent's namespace are not visible in its own.
 const PrestartEnv = "ACTIOND_SANDBOX_PRESTARTED"
 
 func init() {
 	if len(os.Args) == 0 || os.Args[0] != Argv0 {
 		return
 	}
-	// Capabilities, no_new_privs and the bounding set are per thread and are
-	// inherited by the command from the thread that forks it: keep the whole
-	// helper on one thread.
-	runtime.LockOSThread()
 	os.Exit(helperMain())
 }
 
@@ -69,7 +70,8 @@ type Spec struct {
 	Env              []string // the complete environment
 	UID, GID         int      // the command's ids
 	TmpSize          int64    // bytes of /tmp and of /dev/shm; <= 0: the kernel's default
-	MaxProcs         uint64   // RLIMIT_NPROC of the command (its uid's tasks); 0: inherited
+	MaxProcs         uint64   // RLIMIT_NPROC of the command (its uid's tasks); 0: the helper's own
+	Nice             int      // the command's nice value (the server's own)
 	// Files says what the descriptors sent with the spec are, in order:
 	// FileExecRoot and FileRuntime (detached mount trees of the execroot
 	// and of a directory runtime's root, from open_tree(2), used instead of
@@ -106,64 +108,120 @@ func (st *Status) Code() int {
 	return st.ExitCode
 }
 
+// helperMain runs actions until the parent closes the spec socket. Each
+// action gets namespaces and a root of its own, made on a thread of its
+// own (see startCommand); the helper itself stays in the namespaces it
+// was cloned into, as PID 1 of the PID namespace its actions share one at
+// a time, and kills whatever an action leaves behind before reporting.
 func helperMain() int {
-	status := os.NewFile(StatusFD, "status")
 	if os.Getpid() != 1 {
 		fmt.Fprintf(os.Stderr, "%s: internal helper of the actiond sandbox; not for direct use\n", Argv0)
 		return 125
 	}
-	st := runHelper()
-	if err := json.NewEncoder(status).Encode(st); err != nil {
-		return 125
+	status := json.NewEncoder(os.NewFile(StatusFD, "status"))
+	report := func(st *Status) int {
+		if err := status.Encode(st); err != nil || st.Error != "" {
+			return 125
+		}
+		return 0
 	}
-	if st.Error != "" {
-		return 125
+	// Nothing the helper holds may reach a command.
+	if err := closeOnExec(); err != nil {
+		return report(&Status{Error: err.Error()})
 	}
-	return st.Code()
+	if os.Getenv(PrestartEnv) == "1" {
+		if err := prepare(); err != nil {
+			return report(&Status{Error: err.Error()})
+		}
+	}
+	var nproc unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NPROC, &nproc); err != nil {
+		return report(&Status{Error: fmt.Sprintf("RLIMIT_NPROC: %v", err)})
+	}
+	spec := os.NewFile(SpecFD, "spec")
+	for {
+		s, files, err := readSpec(spec)
+		if errors.Is(err, io.EOF) {
+			return 0
+		}
+		if err != nil {
+			return report(&Status{Error: fmt.Sprintf("reading spec: %v", err)})
+		}
+		if s.MaxProcs == 0 {
+			s.MaxProcs = nproc.Cur
+		}
+		// An action that could not be set up may have left its thread's
+		// state half made: end the helper rather than reuse it.
+		if code := report(runAction(s, files)); code != 0 {
+			return code
+		}
+	}
 }
 
-func runHelper() *Status {
-	fail := func(err error) *Status { return &Status{Error: err.Error()} }
-	prestarted := os.Getenv(PrestartEnv) == "1"
-	if prestarted {
-		if err := prepare(); err != nil {
-			return fail(err)
-		}
+// runAction runs one command and, once it has ended, everything it left.
+func runAction(spec *Spec, files map[string]int) *Status {
+	type started struct {
+		pid int
+		st  *Status
 	}
-	spec, files, err := readSpec()
+	ch := make(chan started, 1)
+	go func() {
+		// Never unlocked: the thread has the action's namespaces, root
+		// and dropped privileges, so the runtime ends it with this
+		// goroutine instead of reusing it.
+		runtime.LockOSThread()
+		pid, st := startCommand(spec, files)
+		ch <- started{pid, st}
+	}()
+	s := <-ch
+	for _, fd := range files {
+		unix.Close(fd) // the command has its own copies; trees were consumed or are unused
+	}
+	if s.st != nil {
+		killAll()
+		return s.st
+	}
+	start := time.Now()
+	ws, err := reapUntil(s.pid)
+	wall := time.Since(start)
+	killAll()
 	if err != nil {
-		return fail(fmt.Errorf("reading spec: %w", err))
+		return &Status{Error: err.Error()}
 	}
-	for name, fd := range files {
-		switch name {
-		case FileStdout, FileStderr:
-			target := 1
-			if name == FileStderr {
-				target = 2
-			}
-			if err := unix.Dup3(fd, target, 0); err != nil {
-				return fail(fmt.Errorf("%s: %w", name, err))
-			}
-			unix.Close(fd)
-		}
+	st := &Status{Done: true, WallNS: int64(wall)}
+	if ws.Signaled() {
+		st.Signal = int(ws.Signal())
+	} else {
+		st.ExitCode = ws.ExitStatus()
 	}
-	// The parent moved us into the action's cgroups after our cgroup
-	// namespace was made: root a namespace there, so the command sees its
-	// cgroups as "/" and learns nothing of the host's hierarchy.
-	if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
-		return fail(fmt.Errorf("cgroup namespace: %w", err))
+	return st
+}
+
+// startCommand makes the action's namespaces and root on the calling
+// thread, which must be locked to its goroutine and never used again,
+// drops the thread's privileges and forks the command from it. It returns
+// the command's pid, or the status of an action that could not start.
+func startCommand(spec *Spec, files map[string]int) (int, *Status) {
+	fail := func(err error) (int, *Status) { return 0, &Status{Error: err.Error()} }
+	// The parent moved the helper into the action's cgroups before sending
+	// the spec: rooting a cgroup namespace there makes the command see its
+	// cgroups as "/" and learn nothing of the host's hierarchy. A new mount
+	// namespace also unshares the thread's root and working directory.
+	if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_NEWNET | unix.CLONE_NEWIPC |
+		unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP); err != nil {
+		return fail(fmt.Errorf("namespaces: %w", err))
 	}
-	if !prestarted {
-		if err := setUpNamespaces(); err != nil {
-			return fail(err)
-		}
+	if err := setUpNamespaces(); err != nil {
+		return fail(err)
 	}
 	trees := treeFDs{execRoot: -1, runtime: -1}
 	if fd, ok := files[FileExecRoot]; ok {
 		trees.execRoot = fd
+		delete(files, FileExecRoot) // attachTree closes it
 	}
 	if fd, ok := files[FileRuntime]; ok {
 		trees.runtime = fd
+		delete(files, FileRuntime)
 	}
 	if err := buildRoot(spec, trees); err != nil {
 		return fail(err)
@@ -174,25 +232,33 @@ func runHelper() *Status {
 	}
 	path, err := lookPath(spec.Args[0], spec.Env)
 	if err != nil {
-		return &Status{Done: true, ExitCode: 127, Message: err.Error()}
+		return 0, &Status{Done: true, ExitCode: 127, Message: err.Error()}
 	}
-	if err := dropPrivileges(); err != nil {
-		return fail(err)
+	// Nice values are per thread; this one may have been made by a
+	// prestarted helper's low-priority thread.
+	if err := unix.Setpriority(unix.PRIO_PROCESS, 0, spec.Nice); err != nil {
+		return fail(fmt.Errorf("nice %d: %w", spec.Nice, err))
 	}
 	// Counted per uid, and each running action has a uid of its own: a
 	// bound on its tasks that holds where no pids cgroup controller does.
 	// The helper (root) is exempt when it forks; the command's setuid and
 	// every fork after it are not.
-	if spec.MaxProcs > 0 {
-		if err := unix.Setrlimit(unix.RLIMIT_NPROC, &unix.Rlimit{Cur: spec.MaxProcs, Max: spec.MaxProcs}); err != nil {
-			return fail(fmt.Errorf("RLIMIT_NPROC: %w", err))
-		}
+	if err := unix.Setrlimit(unix.RLIMIT_NPROC, &unix.Rlimit{Cur: spec.MaxProcs, Max: spec.MaxProcs}); err != nil {
+		return fail(fmt.Errorf("RLIMIT_NPROC: %w", err))
 	}
-
-	start := time.Now()
+	if err := dropPrivileges(); err != nil {
+		return fail(err)
+	}
+	stdio := []uintptr{0, 1, 2}
+	if fd, ok := files[FileStdout]; ok {
+		stdio[1] = uintptr(fd)
+	}
+	if fd, ok := files[FileStderr]; ok {
+		stdio[2] = uintptr(fd)
+	}
 	pid, err := syscall.ForkExec(path, spec.Args, &syscall.ProcAttr{
 		Env:   spec.Env,
-		Files: []uintptr{0, 1, 2},
+		Files: stdio,
 		Sys: &syscall.SysProcAttr{
 			Credential: &syscall.Credential{Uid: uint32(spec.UID), Gid: uint32(spec.GID), Groups: []uint32{}},
 			Setsid:     true,
@@ -200,25 +266,15 @@ func runHelper() *Status {
 	})
 	if err != nil {
 		if code, ok := execFailureCode(err); ok {
-			return &Status{Done: true, ExitCode: code, Message: fmt.Sprintf("cannot run %s: %v", spec.Args[0], err)}
+			return 0, &Status{Done: true, ExitCode: code, Message: fmt.Sprintf("cannot run %s: %v", spec.Args[0], err)}
 		}
 		return fail(fmt.Errorf("starting %s: %w", spec.Args[0], err))
 	}
-	ws, err := reapUntil(pid)
-	if err != nil {
-		return fail(err)
-	}
-	st := &Status{Done: true, WallNS: int64(time.Since(start))}
-	if ws.Signaled() {
-		st.Signal = int(ws.Signal())
-	} else {
-		st.ExitCode = ws.ExitStatus()
-	}
-	return st
+	return pid, nil
 }
 
-// setUpNamespaces does what the namespaces need before anything else:
-// a hostname and the loopback interface.
+// setUpNamespaces does what an action's new namespaces need before
+// anything else: a hostname and the loopback interface.
 func setUpNamespaces() error {
 	if err := unix.Sethostname([]byte("localhost")); err != nil {
 		return fmt.Errorf("sethostname: %w", err)
@@ -226,16 +282,13 @@ func setUpNamespaces() error {
 	return loopbackUp()
 }
 
-// prepare is what a prestarted helper does while it waits for its action:
-// the namespaces' set-up, and dropping its copies of actiondfs mounts.
-// Those were copied from the parent when the helper was cloned; the parent
-// unmounting them later would not reach this namespace, and each copy
-// would keep its FUSE connection (and the server behind it) alive until
-// the helper ends. The execroot comes as a file descriptor instead.
+// prepare is what a prestarted helper does before its first action: drop
+// its copies of actiondfs mounts. Those were copied from the parent when
+// the helper was cloned; the parent unmounting them later would not reach
+// this namespace, and each copy would keep its FUSE connection (and the
+// server behind it) alive until the helper ends. The execroot comes as a
+// file descriptor instead.
 func prepare() error {
-	if err := setUpNamespaces(); err != nil {
-		return err
-	}
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
 	}
@@ -259,15 +312,15 @@ func prepare() error {
 	return nil
 }
 
-// readSpec reads the parent's first byte with the descriptors it carries,
-// then the Spec.
-func readSpec() (*Spec, map[string]int, error) {
+// readSpec reads the parent's next message (see SpecFD): io.EOF when the
+// parent closed the socket.
+func readSpec(sock *os.File) (*Spec, map[string]int, error) {
 	buf := make([]byte, 1)
 	oob := make([]byte, unix.CmsgSpace(8*4))
 	var n, oobn int
 	var err error
 	for {
-		n, oobn, _, _, err = unix.Recvmsg(SpecFD, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		n, oobn, _, _, err = unix.Recvmsg(int(sock.Fd()), buf, oob, unix.MSG_CMSG_CLOEXEC)
 		if !errors.Is(err, unix.EINTR) {
 			break
 		}
@@ -276,7 +329,7 @@ func readSpec() (*Spec, map[string]int, error) {
 		return nil, nil, err
 	}
 	if n != 1 {
-		return nil, nil, errors.New("the parent closed the spec socket")
+		return nil, nil, io.EOF
 	}
 	var fds []int
 	if oobn > 0 {
@@ -292,13 +345,28 @@ func readSpec() (*Spec, map[string]int, error) {
 			fds = append(fds, got...)
 		}
 	}
-	specFile := os.NewFile(SpecFD, "spec")
-	defer specFile.Close()
+	closeAll := func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
+	var size [4]byte
+	if _, err := io.ReadFull(sock, size[:]); err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("spec length: %w", err)
+	}
+	data := make([]byte, binary.BigEndian.Uint32(size[:]))
+	if _, err := io.ReadFull(sock, data); err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("spec: %w", err)
+	}
 	var spec Spec
-	if err := json.NewDecoder(specFile).Decode(&spec); err != nil {
+	if err := json.Unmarshal(data, &spec); err != nil {
+		closeAll()
 		return nil, nil, err
 	}
 	if len(fds) != len(spec.Files) {
+		closeAll()
 		return nil, nil, fmt.Errorf("got %d file descriptors for files %v", len(fds), spec.Files)
 	}
 	files := make(map[string]int, len(fds))
@@ -306,6 +374,19 @@ func readSpec() (*Spec, map[string]int, error) {
 		files[name] = fds[i]
 	}
 	return &spec, files, nil
+}
+
+// killAll kills every process in the helper's PID namespace but the
+// helper (as PID 1, kill(-1) spares only itself) and reaps them, so that
+// nothing of one action is left when the next one starts.
+func killAll() {
+	for {
+		_ = unix.Kill(-1, unix.SIGKILL)
+		_, err := unix.Wait4(-1, nil, unix.WALL, nil)
+		if errors.Is(err, unix.ECHILD) {
+			return
+		}
+	}
 }
 
 // reapUntil reaps every child (as PID 1, orphans are ours) until pid exits.

@@ -75,9 +75,7 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 		func() error {
 			return mountTmpfs(join(root, "tmp"), tmpOptions(spec.TmpSize), unix.MS_NOSUID|unix.MS_NODEV)
 		},
-		func() error {
-			return mountAt(join(root, "proc"), "proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "")
-		},
+		func() error { return mountProc(join(root, "proc")) },
 		func() error { return setAttr(root, false, attrReadOnly) },
 		func() error { return pivot(root) },
 	}
@@ -378,6 +376,20 @@ func setAttr(path string, recursive bool, attr uint64) error {
 		return fmt.Errorf("setting mount attributes on %s: %w", path, err)
 	}
 	return nil
+}
+
+// mountProc mounts a /proc that shows only the action's own processes. It
+// is a view of the helper's PID namespace, where the helper is PID 1 and
+// runs as root: hidepid hides processes of other users, so the command
+// cannot even read what the kernel shows of root's processes to anyone
+// (the helper's mount table, which is a copy of the host's).
+func mountProc(dst string) error {
+	const flags = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	err := mountAt(dst, "proc", "proc", flags, "hidepid=invisible")
+	if errors.Is(err, unix.EINVAL) {
+		err = mountAt(dst, "proc", "proc", flags, "hidepid=2") // before Linux 5.8
+	}
+	return err
 }
 
 func mountTmpfs(dst, options string, flags uintptr) error {

@@ -117,21 +117,17 @@ func seccompFilter() ([]unix.SockFilter, error) {
 	return prog, nil
 }
 
-// installSeccomp loads the filter into every thread of the calling process;
-// no_new_privs must already be set.
+// installSeccomp loads the filter into the calling thread, which forks the
+// command, and only that thread: the helper's other threads go on making
+// namespaces and mounts for later actions. no_new_privs must already be set.
 func installSeccomp() error {
 	filter, err := seccompFilter()
 	if err != nil {
 		return err
 	}
 	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
-	tid, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
-		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&prog)))
-	switch {
-	case errno != 0:
+	if _, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER, 0, uintptr(unsafe.Pointer(&prog))); errno != 0 {
 		return fmt.Errorf("installing seccomp filter: %w", errno)
-	case tid != 0:
-		return fmt.Errorf("installing seccomp filter: thread %d could not be synchronised", tid)
 	}
 	return nil
 }

@@ -1,0 +1,85 @@
+//go:build linux
+
+package sandbox_test
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/actiond/actiond/internal/testutil"
+	"github.com/actiond/actiond/sandbox"
+)
+
+// TestKeptHelperCarriesNothingBetweenActions: a helper runs one action
+// after another. What the first leaves behind (processes, files in /tmp
+// and /dev/shm, System V IPC objects) must be gone for the second, which
+// must also run at this process's priority, not a prestarted helper's.
+func TestKeptHelperCarriesNothingBetweenActions(t *testing.T) {
+	testutil.RequireRoot(t)
+	// No prestarted helpers: the helper started for the first action is
+	// the only idle one when the second comes.
+	sb, err := sandbox.New(sandbox.Config{
+		Runtimes:          []sandbox.Runtime{sandbox.HostRuntime()},
+		StateDir:          t.TempDir(),
+		PrestartedHelpers: -1,
+		Logger:            slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	marker := uniqueSleep()
+	first := fmt.Sprintf(`sleep %s & setsid sleep %[1]s &
+echo left > /tmp/left && echo left > /dev/shm/left
+ipcmk -M 4096 >/dev/null && ipcmk -Q >/dev/null && ipcmk -S 1 >/dev/null
+echo $$`, marker)
+	// The second runs no sleep of its own.
+	second := `for f in /proc/[0-9]*/comm; do [ "$(cat $f 2>/dev/null)" = sleep ] && echo "FOUND process $f"; done
+for f in /tmp/* /tmp/.[!.]* /dev/shm/* /dev/shm/.[!.]*; do [ -e "$f" ] && echo "FOUND file $f"; done
+ipcs -m -q -s | grep '^0x' | sed 's/^/FOUND ipc /'
+cut -d' ' -f19 /proc/self/stat
+echo $$`
+	out1 := mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), first))
+	out2 := mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), second))
+	if strings.Contains(out2, "FOUND") {
+		t.Errorf("the second action saw what the first left:\n%s", out2)
+	}
+	lines := strings.Fields(out2)
+	if len(lines) < 2 {
+		t.Fatalf("second action printed %q", out2)
+	}
+	pid1, err1 := strconv.Atoi(strings.TrimSpace(out1))
+	pid2, err2 := strconv.Atoi(lines[len(lines)-1])
+	if err1 != nil || err2 != nil {
+		t.Fatalf("pids %q and %q", out1, out2)
+	}
+	// Pids grow in a PID namespace: the second shell came after the
+	// first one's sleeps and ipcmks in the same helper. A fresh helper
+	// would have given it about the first shell's pid.
+	if pid2 <= pid1+3 {
+		t.Errorf("second action's shell has pid %d, first's %d: the helper was not kept, so this test proves nothing", pid2, pid1)
+	}
+	prio, err := syscallNice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := lines[len(lines)-2]; got != strconv.Itoa(prio) {
+		t.Errorf("the command's nice value is %s, want this process's %d", got, prio)
+	}
+	assertNoProcess(t, marker)
+}
+
+// syscallNice is this process's nice value, from /proc like the action's.
+func syscallNice() (int, error) {
+	b, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return 0, err
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	return strconv.Atoi(f[16])
+}
