@@ -29,7 +29,7 @@ func TestCannotReadHostFiles(t *testing.T) {
 	writeFile(t, secret, "TOPSECRET\n", 0o644)
 	root := newExecRoot(t, false)
 	script := fmt.Sprintf(`
-for p in /etc/shadow /etc/gshadow /root %[1]s %[2]s /proc/1/root%[1]s /proc/1/root/etc/shadow /proc/1/environ /proc/1/fd/3 /sys/kernel; do
+for p in /etc/shadow /etc/gshadow /root %[1]s %[2]s /proc/1/root%[1]s /proc/1/root/etc/shadow /proc/1/environ /proc/1/fd/3 /proc/1/mountinfo /sys/kernel; do
 	if [ -d "$p" ]; then ls -A "$p" >/dev/null 2>&1 && echo "LEAK $p"; else cat "$p" 2>/dev/null && echo "LEAK $p"; fi
 done
 ls -a /`, secret, secretDir)
