@@ -16,3 +16,7 @@ func TestDiskStore(t *testing.T) {
 		return s
 	})
 }
+
+func TestMemStore(t *testing.T) {
+	castest.TestStore(t, func(t *testing.T) cas.Store { return castest.NewMemStore() })
+}
