@@ -120,8 +120,8 @@ type Config struct {
 	// of actions (cloned into fresh namespaces, past exec and runtime
 	// start, waiting for their action): zero means
 	// DefaultPrestartedHelpers, negative none. Apart from these, a helper
-	// that ran an action cleanly is kept for the next one, up to one per
-	// CPU (GOMAXPROCS) idle at a time.
+	// that ran an action cleanly is kept for a later one: as many are kept
+	// idle as actions have run at once (at most 64).
 	PrestartedHelpers int
 	// TmpSize is the size of the action's /tmp and of its /dev/shm (each
 	// a tmpfs of its own, in memory): zero means DefaultTmpSize, negative

@@ -170,12 +170,17 @@ func (s *Sandbox) takeHelper() *helper {
 	}
 }
 
-// putHelper keeps a helper that ran an action cleanly for the next one,
-// unless the pool is full or closed.
+// maxIdleHelpers bounds the idle helpers kept (each a few MiB).
+const maxIdleHelpers = 64
+
+// putHelper keeps a helper that ran an action cleanly for the next one.
+// Enough are kept for as many actions as have run at once, plus the
+// prestarted ones: fewer, and the pool would run dry at every busy moment
+// and start helpers only to retire others later.
 func (s *Sandbox) putHelper(h *helper) {
 	s.spareMu.Lock()
 	defer s.spareMu.Unlock()
-	if !h.reusable || s.closed {
+	if !h.reusable || s.closed || len(s.spares) >= s.prestart+int(s.peak.Load()) {
 		h.retire()
 		return
 	}

@@ -8,7 +8,6 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -43,6 +42,8 @@ type Sandbox struct {
 	openTree bool
 	spares   chan *helper // idle helpers, prestarted or kept from earlier actions
 	prestart int          // how many idle helpers to keep started ahead
+	running  atomic.Int64 // runs holding a helper
+	peak     atomic.Int64 // the most runs that held helpers at once
 	nice     int          // this process's nice value, which commands get
 	spareMu  sync.Mutex   // serialises filling spares against Close
 	closed   bool
@@ -129,8 +130,7 @@ func New(cfg Config) (*Sandbox, error) {
 	s.prestart = max(n, 0)
 	idle := 0
 	if s.openTree {
-		// Room to keep one helper per action running at once.
-		idle = max(s.prestart, runtime.GOMAXPROCS(0))
+		idle = max(s.prestart, maxIdleHelpers)
 	}
 	s.spares = make(chan *helper, idle)
 	for range s.prestart {
@@ -355,6 +355,13 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 			return nil, err
 		}
 	}
+	for n := s.running.Add(1); ; {
+		p := s.peak.Load()
+		if n <= p || s.peak.CompareAndSwap(p, n) {
+			break
+		}
+	}
+	defer s.running.Add(-1)
 	cg, err := s.cgroups.newRun("actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10))
 	if err != nil {
 		h.kill()
