@@ -33,7 +33,6 @@ type cgroupManager struct {
 	log    *slog.Logger
 	warned sync.Map          // limit kinds already reported as unenforceable
 	v2     string            // where v2 run cgroups go; "" without cgroup v2
-	v2Home string            // this process's v2 cgroup, where idle helpers wait
 	v2Ctrl map[string]bool   // limit controllers usable in v2 run cgroups
 	v1     map[string]string // limit controller → where its v1 run cgroups go
 }
@@ -58,10 +57,6 @@ func newCgroupManager(log *slog.Logger) *cgroupManager {
 		if dir := v2Mount.dir(path); m.usable(dir) {
 			m.v2 = dir
 			m.delegateV2()
-			// Where delegateV2 left this process (and helpers cloned from it).
-			if own, err := ownCgroups(); err == nil {
-				m.v2Home = v2Mount.dir(own[""])
-			}
 		}
 	}
 	for _, c := range limitControllers {
@@ -74,7 +69,55 @@ func newCgroupManager(log *slog.Logger) *cgroupManager {
 			m.v1[c] = dir
 		}
 	}
+	m.removeStale()
 	return m
+}
+
+// removeStale removes the empty helper cgroups that servers killed without
+// a chance to clean up (SIGKILL, a crash) left next to ours: those whose
+// process is gone. A cgroup that still holds a task stays.
+func (m *cgroupManager) removeStale() {
+	parents := []string{m.v2}
+	for _, dir := range m.v1 {
+		parents = append(parents, dir)
+	}
+	for _, parent := range parents {
+		if parent == "" {
+			continue
+		}
+		entries, _ := os.ReadDir(parent)
+		for _, e := range entries {
+			pid, ok := helperCgroupPID(e.Name())
+			if !ok || !e.IsDir() || pid == os.Getpid() || unix.Kill(pid, 0) != unix.ESRCH {
+				continue
+			}
+			if err := unix.Rmdir(filepath.Join(parent, e.Name())); err == nil {
+				m.log.Debug("sandbox: removed a stale helper cgroup", "cgroup", filepath.Join(parent, e.Name()))
+			}
+		}
+	}
+}
+
+// helperCgroupName names the cgroups of the seq-th helper of process pid.
+func helperCgroupName(pid int, seq uint64) string {
+	return "actiond-" + strconv.Itoa(pid) + "-" + strconv.FormatUint(seq, 10)
+}
+
+// helperCgroupPID parses the pid out of a helperCgroupName.
+func helperCgroupPID(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "actiond-")
+	if !ok {
+		return 0, false
+	}
+	pidStr, seq, ok := strings.Cut(rest, "-")
+	if !ok {
+		return 0, false
+	}
+	if _, err := strconv.ParseUint(seq, 10, 64); err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(pidStr)
+	return pid, err == nil && pid > 0
 }
 
 // usable reports whether run cgroups can be created in dir (a read-only
@@ -166,42 +209,54 @@ func (m *cgroupManager) enableV2(controllers []string) error {
 	return nil
 }
 
-// runCgroup is the set of cgroups of one run.
+// runCgroup is the set of cgroups of one helper, which the actions it runs
+// share one after another: the helper is cloned into it and never moves,
+// since moving a process between cgroups waits for an RCU grace period
+// (milliseconds on a busy machine, more in an emulated VM). Each action
+// sets its limits on it; they are lifted again once it has ended.
 type runCgroup struct {
-	name     string            // of the run's cgroups under each hierarchy
+	name     string            // of the helper's cgroups under each hierarchy
 	v2       string            // v2 cgroup; "" if none
-	v1       map[string]string // controller → v1 cgroup
-	memory   int               // cgroup version limiting memory (0: none)
-	enforced []string
+	v2fd     int               // open v2 cgroup, for CLONE_INTO_CGROUP; -1 if none
+	v1       map[string]string // limit controller → v1 cgroup
+	memory   int               // cgroup version limiting the current action's memory (0: none)
+	limited  []limitReset      // what the current action's limits changed
+	enforced []string          // the current action's enforced limits
+	ooms     int64             // OOM kills counted before the current action
 }
 
-// newRun makes the cgroup v2 directory of one run (if v2 is in use).
+// newRun makes a helper's cgroups: a v2 one (if v2 is in use) and one per
+// v1 controller used for limits.
 func (m *cgroupManager) newRun(name string) (*runCgroup, error) {
-	cg := &runCgroup{name: name, v1: map[string]string{}}
+	cg := &runCgroup{name: name, v2fd: -1, v1: map[string]string{}}
 	if m.v2 != "" {
 		dir := filepath.Join(m.v2, name)
 		if err := os.Mkdir(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("cgroup: %w", err)
 		}
 		cg.v2 = dir
+		fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			cg.remove()
+			return nil, fmt.Errorf("cgroup: open %s: %w", dir, err)
+		}
+		cg.v2fd = fd
+	}
+	for c, parent := range m.v1 {
+		dir := filepath.Join(parent, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			cg.remove()
+			return nil, fmt.Errorf("cgroup: %w", err)
+		}
+		cg.v1[c] = dir
 	}
 	return cg, nil
 }
 
-// enter applies lim to the run (see limit) and moves the helper pid into
-// the run's cgroups, limits first.
-func (m *cgroupManager) enter(cg *runCgroup, lim executor.Limits, pid int) error {
-	if err := m.limit(cg, lim); err != nil {
-		return err
-	}
-	dirs := []string{cg.v2}
+// join moves the helper pid into the v1 cgroups (it was cloned into the v2
+// one), before it is given an action.
+func (cg *runCgroup) join(pid int) error {
 	for _, dir := range cg.v1 {
-		dirs = append(dirs, dir)
-	}
-	for _, dir := range dirs {
-		if dir == "" {
-			continue
-		}
 		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
 			return fmt.Errorf("cgroup: adding helper to %s: %w", dir, err)
 		}
@@ -209,50 +264,34 @@ func (m *cgroupManager) enter(cg *runCgroup, lim executor.Limits, pid int) error
 	return nil
 }
 
-// leave moves the helper pid, alone in the run's cgroups once its action
-// has ended, back to the cgroups of this process, where it waits for the
-// next action.
-func (m *cgroupManager) leave(cg *runCgroup, pid int) error {
-	homes := map[string]string{}
-	if cg.v2 != "" {
-		homes[cg.v2] = m.v2Home
-	}
-	for c, dir := range cg.v1 {
-		homes[dir] = m.v1[c]
-	}
-	for dir, home := range homes {
-		if home == "" {
-			return fmt.Errorf("cgroup: no cgroup to move the helper back to from %s", dir)
-		}
-		if err := os.WriteFile(filepath.Join(home, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
-			return fmt.Errorf("cgroup: moving helper back to %s: %w", home, err)
-		}
-	}
-	return nil
-}
-
-// limit applies lim to the run: limit files in its v2 cgroup, or v1
-// cgroups made for the limited controllers. A limit for which no
+// limit applies lim to the helper's next action: limit files in its v2
+// cgroup, or in its v1 cgroup of the controller. A limit for which no
 // controller is available is logged and left out of enforced.
 func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
-	name := cg.name
+	cg.memory, cg.limited, cg.enforced = 0, nil, nil
 	cpuQuota := max(lim.CPUMillis*100, 1000) // µs per 100 ms period
 	limits := []struct {
 		ctrl   string
 		value  int64
 		desc   string
 		v2, v1 []limitFile
+		reset  limitReset
 	}{
 		{"memory", lim.MemoryBytes, "memory=" + formatBytes(lim.MemoryBytes),
 			[]limitFile{{"memory.max", itoa(lim.MemoryBytes), false}, {"memory.swap.max", "0", true}},
-			// memsw (memory+swap) must not be below the memory limit: write it last.
-			[]limitFile{{"memory.limit_in_bytes", itoa(lim.MemoryBytes), false}, {"memory.memsw.limit_in_bytes", itoa(lim.MemoryBytes), true}}},
+			// memsw (memory+swap) must never be below the memory limit:
+			// lift it, set the memory limit, then set it.
+			[]limitFile{{"memory.memsw.limit_in_bytes", "-1", true}, {"memory.limit_in_bytes", itoa(lim.MemoryBytes), false}, {"memory.memsw.limit_in_bytes", itoa(lim.MemoryBytes), true}},
+			limitReset{v2: []limitFile{{"memory.max", "max", false}, {"memory.swap.max", "max", true}},
+				v1: []limitFile{{"memory.memsw.limit_in_bytes", "-1", true}, {"memory.limit_in_bytes", "-1", false}}}},
 		{"pids", lim.Pids, "pids=" + itoa(lim.Pids),
 			[]limitFile{{"pids.max", itoa(lim.Pids), false}},
-			[]limitFile{{"pids.max", itoa(lim.Pids), false}}},
+			[]limitFile{{"pids.max", itoa(lim.Pids), false}},
+			limitReset{v2: []limitFile{{"pids.max", "max", false}}, v1: []limitFile{{"pids.max", "max", false}}}},
 		{"cpu", lim.CPUMillis, "cpu=" + itoa(lim.CPUMillis) + "m",
 			[]limitFile{{"cpu.max", itoa(cpuQuota) + " 100000", false}},
-			[]limitFile{{"cpu.cfs_period_us", "100000", false}, {"cpu.cfs_quota_us", itoa(cpuQuota), false}}},
+			[]limitFile{{"cpu.cfs_period_us", "100000", false}, {"cpu.cfs_quota_us", itoa(cpuQuota), false}},
+			limitReset{v2: []limitFile{{"cpu.max", "max 100000", false}}, v1: []limitFile{{"cpu.cfs_quota_us", "-1", false}}}},
 	}
 	for _, l := range limits {
 		if l.value <= 0 {
@@ -260,6 +299,7 @@ func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
 		}
 		switch {
 		case m.v2Ctrl[l.ctrl]:
+			cg.limited = append(cg.limited, limitReset{dir: cg.v2, v2: l.reset.v2})
 			if err := writeLimits(cg.v2, l.v2); err != nil {
 				return err
 			}
@@ -267,12 +307,9 @@ func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
 			if l.ctrl == "memory" {
 				cg.memory = 2
 			}
-		case m.v1[l.ctrl] != "":
-			dir := filepath.Join(m.v1[l.ctrl], name)
-			if err := os.Mkdir(dir, 0o755); err != nil {
-				return fmt.Errorf("cgroup: %w", err)
-			}
-			cg.v1[l.ctrl] = dir
+		case cg.v1[l.ctrl] != "":
+			dir := cg.v1[l.ctrl]
+			cg.limited = append(cg.limited, limitReset{dir: dir, v1: l.reset.v1})
 			if err := writeLimits(dir, l.v1); err != nil {
 				return err
 			}
@@ -286,6 +323,25 @@ func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
 			}
 		}
 	}
+	cg.ooms = cg.oomCount()
+	return nil
+}
+
+// limitReset lifts one controller's limits in dir.
+type limitReset struct {
+	dir    string
+	v2, v1 []limitFile
+}
+
+// unlimit lifts what the last limit set, so an idle helper is bound by
+// no action's limits.
+func (cg *runCgroup) unlimit() error {
+	for _, r := range cg.limited {
+		if err := writeLimits(r.dir, append(r.v2, r.v1...)); err != nil {
+			return err
+		}
+	}
+	cg.limited = nil
 	return nil
 }
 
@@ -306,7 +362,7 @@ func writeLimits(dir string, files []limitFile) error {
 	return nil
 }
 
-// kill SIGKILLs everything in the run's cgroups.
+// kill SIGKILLs everything in the helper's cgroups, the helper included.
 func (cg *runCgroup) kill() {
 	if cg.v2 != "" {
 		if err := os.WriteFile(filepath.Join(cg.v2, "cgroup.kill"), []byte("1"), 0); err != nil {
@@ -326,26 +382,36 @@ func killProcs(dir string) {
 	}
 }
 
-// oomKilled reports whether the OOM killer killed any process of the run.
+// oomKilled reports whether the OOM killer killed a process of the
+// current action.
 func (cg *runCgroup) oomKilled() bool {
+	return cg.memory != 0 && cg.oomCount() > cg.ooms
+}
+
+// oomCount is how many times the OOM killer acted in the cgroup limiting
+// memory (before Linux 4.13 on cgroup v1: how often the limit was hit).
+func (cg *runCgroup) oomCount() int64 {
 	switch cg.memory {
 	case 2:
-		return keyedValue(filepath.Join(cg.v2, "memory.events"), "oom_kill") > 0
+		return keyedValue(filepath.Join(cg.v2, "memory.events"), "oom_kill")
 	case 1:
 		dir := cg.v1["memory"]
 		if n := keyedValue(filepath.Join(dir, "memory.oom_control"), "oom_kill"); n >= 0 {
-			return n > 0
+			return n
 		}
-		// Kernels before 4.13 do not count kills; hitting the limit is the best hint.
 		n, _ := strconv.ParseInt(strings.TrimSpace(readString(filepath.Join(dir, "memory.failcnt"))), 10, 64)
-		return n > 0
+		return n
 	}
-	return false
+	return 0
 }
 
-// remove kills whatever is left and removes the run's cgroups.
+// remove kills whatever is left and removes the helper's cgroups.
 func (cg *runCgroup) remove() error {
 	cg.kill()
+	if cg.v2fd >= 0 {
+		unix.Close(cg.v2fd)
+		cg.v2fd = -1
+	}
 	var errs []error
 	dirs := []string{cg.v2}
 	for _, dir := range cg.v1 {

@@ -9,9 +9,11 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -22,6 +24,8 @@ import (
 // helper is a started sandbox helper: PID 1 of its own namespaces, past
 // exec and the Go runtime's start, waiting for an action.
 type helper struct {
+	cg       *runCgroup // cloned into it; see runCgroup
+	log      *slog.Logger
 	cmd      *exec.Cmd
 	spec     *os.File                 // our end of the spec socket
 	statuses chan *sandboxinit.Status // one per action; closed when the helper's status pipe ends
@@ -37,6 +41,19 @@ type helper struct {
 // descriptor and may run any number of actions; elsewhere a helper runs
 // one action and sees its execroot by path.
 func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
+	cg, err := s.cgroups.newRun(helperCgroupName(os.Getpid(), helperSeq.Add(1)))
+	if err != nil {
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
+	h, err := s.startHelperIn(cg, prestarted)
+	if err != nil {
+		cg.remove()
+		return nil, err
+	}
+	return h, nil
+}
+
+func (s *Sandbox) startHelperIn(cg *runCgroup, prestarted bool) (*helper, error) {
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
@@ -61,6 +78,8 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 		env = append(env, sandboxinit.PrestartEnv+"=1")
 	}
 	h := &helper{
+		cg:  cg,
+		log: s.log,
 		cmd: &exec.Cmd{
 			Path: "/proc/self/exe",
 			Args: []string{sandboxinit.Argv0},
@@ -85,6 +104,10 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 		done:     make(chan error, 1),
 		reusable: s.openTree,
 	}
+	if cg.v2fd >= 0 {
+		h.cmd.SysProcAttr.UseCgroupFD = true
+		h.cmd.SysProcAttr.CgroupFD = cg.v2fd
+	}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -101,6 +124,13 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 		statusR.Close()
 		return nil, fmt.Errorf("sandbox: start helper: %w", err)
 	}
+	if err := cg.join(h.cmd.Process.Pid); err != nil {
+		_ = h.cmd.Process.Kill()
+		<-h.done
+		specOurs.Close()
+		statusR.Close()
+		return nil, fmt.Errorf("sandbox: %w", err)
+	}
 	go h.readStatuses(statusR)
 	if prestarted {
 		// Starting up in the background must not slow the actions
@@ -109,6 +139,10 @@ func (s *Sandbox) startHelper(prestarted bool) (*helper, error) {
 	}
 	return h, nil
 }
+
+// helperSeq numbers helpers (and so their cgroups) across every Sandbox
+// of the process.
+var helperSeq atomic.Uint64
 
 // prestartNice is the nice value of prestarted helpers until they are used.
 const prestartNice = 10
@@ -142,31 +176,56 @@ func (h *helper) send(spec *sandboxinit.Spec, fds []int) error {
 	return err
 }
 
-// kill ends the helper, with whatever it runs, and waits for it.
+// kill ends the helper, with whatever it runs, waits for it and removes
+// its cgroups.
 func (h *helper) kill() {
 	_ = h.cmd.Process.Kill()
 	<-h.done
 	h.spec.Close()
+	h.removeCgroups()
 }
 
 // retire lets an idle helper end: it exits when its spec socket closes.
-func (h *helper) retire() {
+// Close waits for that.
+func (s *Sandbox) retire(h *helper) {
 	h.spec.Close()
-	go func() { <-h.done }()
+	s.retiring.Add(1)
+	go func() {
+		defer s.retiring.Done()
+		<-h.done
+		h.removeCgroups()
+	}()
+}
+
+func (h *helper) removeCgroups() {
+	if err := h.cg.remove(); err != nil {
+		h.log.Warn("sandbox: removing a helper's cgroups", "cgroup", h.cg.name, "err", err)
+	}
 }
 
 // takeHelper returns an idle helper, or nil when none is ready, and has a
-// spare started when it took the last one.
+// spare started when it took the last one. A helper that died while it
+// waited (killed by someone, or by the OOM killer) is dropped.
 func (s *Sandbox) takeHelper() *helper {
-	select {
-	case h := <-s.spares:
-		_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, 0)
-		if len(s.spares) == 0 {
-			go s.addSpare()
+	for {
+		select {
+		case h := <-s.spares:
+			select {
+			case err := <-h.done:
+				h.done <- err
+				s.log.Warn("sandbox: an idle helper died; dropping it", "pid", h.cmd.Process.Pid, "err", err)
+				h.kill()
+				continue
+			default:
+			}
+			_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, 0)
+			if len(s.spares) == 0 {
+				go s.addSpare()
+			}
+			return h
+		default:
+			return nil
 		}
-		return h
-	default:
-		return nil
 	}
 }
 
@@ -181,13 +240,13 @@ func (s *Sandbox) putHelper(h *helper) {
 	s.spareMu.Lock()
 	defer s.spareMu.Unlock()
 	if !h.reusable || s.closed || len(s.spares) >= s.prestart+int(s.peak.Load()) {
-		h.retire()
+		s.retire(h)
 		return
 	}
 	select {
 	case s.spares <- h:
 	default:
-		h.retire()
+		s.retire(h)
 	}
 }
 

@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
@@ -82,4 +85,63 @@ func syscallNice() (int, error) {
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
 	return strconv.Atoi(f[16])
+}
+
+// TestIdleHelperThatDiedIsReplaced: a kept helper killed while it waits
+// (by an administrator, or by the OOM killer) costs the next action
+// nothing: it gets another helper.
+func TestIdleHelperThatDiedIsReplaced(t *testing.T) {
+	testutil.RequireRoot(t)
+	sb, err := sandbox.New(sandbox.Config{
+		Runtimes:          []sandbox.Runtime{sandbox.HostRuntime()},
+		StateDir:          t.TempDir(),
+		PrestartedHelpers: -1,
+		Logger:            slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "true"))
+	killed := 0
+	for _, pid := range ourHelpers(t) {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
+			killed++
+		}
+	}
+	if killed == 0 {
+		t.Fatal("no idle helper of this process found to kill")
+	}
+	// Let the kills land before the next action takes a helper.
+	for deadline := time.Now().Add(10 * time.Second); len(ourHelpers(t)) > 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "echo again")); got != "again\n" {
+		t.Errorf("stdout = %q", got)
+	}
+}
+
+// ourHelpers lists the live sandbox helpers this process started.
+func ourHelpers(t *testing.T) []int {
+	t.Helper()
+	var pids []int
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range stats {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		f := strings.Fields(s[i+1:])
+		if len(f) < 2 || f[0] == "Z" || f[1] != strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		dir := filepath.Dir(p)
+		if cmdline, _ := os.ReadFile(filepath.Join(dir, "cmdline")); strings.HasPrefix(string(cmdline), "actiond-sandbox-init\x00") {
+			pid, _ := strconv.Atoi(filepath.Base(dir))
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }

@@ -35,7 +35,6 @@ type Sandbox struct {
 
 	etcMu   sync.Mutex
 	etcDirs map[executor.User]string // generated hosts, passwd and group, per user
-	seq     atomic.Uint64
 
 	// openTree: the execroot goes to helpers as an open_tree(2) descriptor
 	// (Linux 5.2), which prestarted helpers need.
@@ -46,6 +45,7 @@ type Sandbox struct {
 	peak     atomic.Int64 // the most runs that held helpers at once
 	nice     int          // this process's nice value, which commands get
 	spareMu  sync.Mutex   // serialises filling spares against Close
+	retiring sync.WaitGroup
 	closed   bool
 }
 
@@ -231,6 +231,7 @@ func (s *Sandbox) Close() error {
 		}
 		break
 	}
+	s.retiring.Wait()
 	var errs []error
 	for _, name := range s.names {
 		if rt := s.runtimes[name]; rt.Image != "" {
@@ -362,20 +363,19 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 		}
 	}
 	defer s.running.Add(-1)
-	cg, err := s.cgroups.newRun("actiond-" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(s.seq.Add(1), 10))
-	if err != nil {
-		h.kill()
-		return nil, fmt.Errorf("sandbox: %w", err)
-	}
-	keep := false // the helper ran the action cleanly and left its cgroups
+	cg := h.cg
+	keep := false // the helper ran the action cleanly; it can run another
 	defer func() {
+		if keep {
+			if err := cg.unlimit(); err != nil {
+				s.log.Warn("sandbox: lifting an action's limits", "cgroup", cg.name, "err", err)
+				keep = false
+			}
+		}
 		if keep {
 			s.putHelper(h)
 		} else {
 			h.kill()
-		}
-		if err := cg.remove(); err != nil {
-			s.log.Warn("sandbox: removing cgroup", "cgroup", cg.name, "err", err)
 		}
 	}()
 	kill := func() {
@@ -385,8 +385,7 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 
 	// The helper waits for its spec before doing anything for the action,
 	// so it is under every limit before the command can start.
-	pid := h.cmd.Process.Pid
-	if err := s.cgroups.enter(cg, spec.Limits, pid); err != nil {
+	if err := s.cgroups.limit(cg, spec.Limits); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	fds := []int{int(stdout.Fd()), int(stderr.Fd())}
@@ -455,15 +454,8 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 	default:
 		return nil, fmt.Errorf("sandbox: helper ended without a status: %v", waitErr)
 	}
-	// The helper killed and reaped everything the command left; it can
-	// run another action once it is out of this one's cgroups.
-	if st != nil && st.Done && !timedOut {
-		if err := s.cgroups.leave(cg, pid); err != nil {
-			s.log.Warn("sandbox: moving a helper out of its action's cgroups", "err", err)
-		} else {
-			keep = true
-		}
-	}
+	// The helper killed and reaped everything the command left.
+	keep = st != nil && st.Done && !timedOut
 	// A process killed for memory that the command survived (exit 0) does
 	// not make the action fail.
 	if oom && res.ExitCode != 0 {
