@@ -26,7 +26,7 @@ var limitControllers = []string{"memory", "pids", "cpu"}
 // its own cgroup must delegate controllers ("no internal processes" rule).
 const supervisorCgroup = "actiond-supervisor"
 
-// cgroupManager creates per-run cgroups below the cgroups this process is
+// cgroupManager creates helpers' cgroups below the cgroups this process is
 // in. It prefers cgroup v2 for every controller that is delegated there and
 // uses cgroup v1 hierarchies for the rest (hybrid hosts).
 type cgroupManager struct {
@@ -325,6 +325,23 @@ func (m *cgroupManager) limit(cg *runCgroup, lim executor.Limits) error {
 	}
 	cg.ooms = cg.oomCount()
 	return nil
+}
+
+// memoryUsage is the memory charged to the helper's cgroups (page cache
+// of earlier actions' files included), or 0 where no memory controller is
+// in use.
+func (m *cgroupManager) memoryUsage(cg *runCgroup) int64 {
+	var file string
+	switch {
+	case m.v2Ctrl["memory"] && cg.v2 != "":
+		file = filepath.Join(cg.v2, "memory.current")
+	case cg.v1["memory"] != "":
+		file = filepath.Join(cg.v1["memory"], "memory.usage_in_bytes")
+	default:
+		return 0
+	}
+	n, _ := strconv.ParseInt(strings.TrimSpace(readString(file)), 10, 64)
+	return n
 }
 
 // limitReset lifts one controller's limits in dir.

@@ -42,12 +42,15 @@
 // with the spec. Without open_tree (Linux before 5.2) a helper runs one
 // action and sees its execroot by path.
 //
-// The parent moves the helper into per-run cgroups (cgroup v2 controllers
-// where they are delegated, cgroup v1 otherwise) for memory, CPU and task
-// limits before it sends the spec, and back out once the action has ended.
-// It enforces the timeout, detects OOM kills and, on a timeout, a
-// cancellation or a failure, kills the helper (which takes its PID
-// namespace with it) and, as a second line, whatever is left in the run's
+// Each helper has cgroups of its own for life (cgroup v2 controllers where
+// they are delegated, cgroup v1 otherwise), which the actions it runs
+// share one after another: the parent sets an action's memory, CPU and
+// task limits there before it sends the spec and lifts them afterwards,
+// so no process ever moves between cgroups (a move waits for an RCU grace
+// period: milliseconds on a busy machine, far more in an emulated VM). The
+// parent enforces the timeout and detects OOM kills; on a timeout, a
+// cancellation or a failure it kills the helper (which takes its PID
+// namespace with it) and, as a second line, whatever is left in its
 // cgroups. Limits apply to everything in the sandbox, the helper (a few
 // threads, a few MiB) included.
 //

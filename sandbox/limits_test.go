@@ -51,6 +51,22 @@ func TestMemoryLimit(t *testing.T) {
 	}
 }
 
+// TestMemoryLimitAfterAHeavyAction: the files an action writes stay
+// charged to its helper's cgroup as page cache; a later action with a
+// small memory limit must still start and run within it.
+func TestMemoryLimitAfterAHeavyAction(t *testing.T) {
+	sb := newSandbox(t)
+	root := newExecRoot(t, true)
+	mustSucceed(t, sb, shSpec(t, root, "head -c 96M /dev/zero > out/big && cat out/big > /dev/null"))
+	for range 3 { // whichever helpers the pool hands out
+		s := spec(t, root, "./probe", "alloc", "8")
+		s.Limits.MemoryBytes = 32 << 20
+		if res, _, _ := run(t, sb, s); res.OOMKilled || res.ExitCode != 0 {
+			t.Errorf("8 MiB under a 32 MiB limit after a 96 MiB output: %+v; want success", res)
+		}
+	}
+}
+
 func TestPidsLimit(t *testing.T) {
 	sb := newSandbox(t)
 	s := spec(t, newExecRoot(t, true), "./probe", "spawn", "200")

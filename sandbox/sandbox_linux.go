@@ -350,6 +350,14 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 		defer unix.Close(runtimeFD)
 	}
 	h := s.takeHelper()
+	// Earlier actions' files stay charged to a kept helper's cgroup as page
+	// cache. Setting a memory limit below that makes the kernel reclaim it
+	// on the spot, and fail (v1) or OOM-kill (v2) where it cannot: give an
+	// action with a memory limit a fresh helper instead of a heavy one.
+	if h != nil && spec.Limits.MemoryBytes > 0 && s.cgroups.memoryUsage(h.cg) > spec.Limits.MemoryBytes/4 {
+		h.kill()
+		h = nil
+	}
 	if h == nil {
 		var err error
 		if h, err = s.startHelper(false); err != nil {
