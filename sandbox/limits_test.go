@@ -12,7 +12,6 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/sandbox"
@@ -172,10 +171,4 @@ func TestCgroupsAreRemoved(t *testing.T) {
 	for _, p := range left(true) {
 		t.Errorf("cgroup left behind after Close: %s", p)
 	}
-}
-
-// isV2 reports whether path is in a cgroup v2 hierarchy.
-func isV2(path string) bool {
-	var st unix.Statfs_t
-	return unix.Statfs(path, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
 }
