@@ -12,7 +12,6 @@ import (
 	"strings"
 	"testing"
 
-
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/sandbox"
 )
