@@ -210,13 +210,10 @@ func (s *Sandbox) takeHelper() *helper {
 	for {
 		select {
 		case h := <-s.spares:
-			select {
-			case err := <-h.done:
-				h.done <- err
-				s.log.Warn("sandbox: an idle helper died; dropping it", "pid", h.cmd.Process.Pid, "err", err)
+			if h.gone() {
+				s.log.Warn("sandbox: an idle helper died; dropping it", "pid", h.cmd.Process.Pid)
 				h.kill()
 				continue
-			default:
 			}
 			_ = unix.Setpriority(unix.PRIO_PROCESS, h.cmd.Process.Pid, 0)
 			if len(s.spares) == 0 {
@@ -227,6 +224,21 @@ func (s *Sandbox) takeHelper() *helper {
 			return nil
 		}
 	}
+}
+
+// gone reports whether the helper has exited: Wait has reported it, or
+// its end of the spec socket is closed (once its last thread has exited,
+// which may be before Wait reports it).
+func (h *helper) gone() bool {
+	select {
+	case err := <-h.done:
+		h.done <- err
+		return true
+	default:
+	}
+	fds := []unix.PollFd{{Fd: int32(h.spec.Fd()), Events: unix.POLLOUT}}
+	n, err := unix.Poll(fds, 0)
+	return err == nil && n > 0 && fds[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0
 }
 
 // maxIdleHelpers bounds the idle helpers kept (each a few MiB).

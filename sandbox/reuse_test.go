@@ -103,18 +103,26 @@ func TestIdleHelperThatDiedIsReplaced(t *testing.T) {
 	}
 	t.Cleanup(func() { sb.Close() })
 	mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "true"))
-	killed := 0
+	var killed []int
 	for _, pid := range ourHelpers(t) {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err == nil {
-			killed++
+			killed = append(killed, pid)
 		}
 	}
-	if killed == 0 {
+	if len(killed) == 0 {
 		t.Fatal("no idle helper of this process found to kill")
 	}
-	// Let the kills land before the next action takes a helper.
-	for deadline := time.Now().Add(10 * time.Second); len(ourHelpers(t)) > 0 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
+	// Let the kills land before the next action takes a helper: until
+	// the helpers are reaped, not just zombies (a zombie leader's other
+	// threads may still be exiting, its descriptors still open). One that
+	// dies at the very moment it is taken fails that action; that race is
+	// not what this test is about.
+	for _, pid := range killed {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); os.IsNotExist(err) {
+				break
+			}
+		}
 	}
 	if got := mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "echo again")); got != "again\n" {
 		t.Errorf("stdout = %q", got)
