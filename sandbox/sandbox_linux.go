@@ -422,6 +422,10 @@ func (s *Sandbox) run(ctx context.Context, spec *executor.RunSpec, hs *sandboxin
 	timedOut := false
 	select {
 	case st = <-h.statuses:
+		if st == nil { // the helper ended without a status: say how
+			waitErr = <-h.done
+			h.done <- waitErr // for the deferred kill
+		}
 	case waitErr = <-h.done:
 		h.done <- waitErr // for the deferred kill
 		st = <-h.statuses // written just before it exited, if at all
