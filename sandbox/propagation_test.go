@@ -3,7 +3,6 @@
 package sandbox_test
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,7 +10,6 @@ import (
 
 	"github.com/actiond/actiond/internal/mountinfo"
 	"github.com/actiond/actiond/internal/testutil"
-	"golang.org/x/sys/unix"
 )
 
 // TestNoMountLeaksUnderSharedRoot: on a systemd host / is rshared, so a
@@ -55,63 +53,6 @@ func shared(t *testing.T, point string) bool {
 	for i := len(entries) - 1; i >= 0; i-- {
 		if entries[i].Point == point {
 			return entries[i].Shared()
-		}
-	}
-	return false
-}
-
-// TestIdleHelpersDoNotPinHostMounts: a kept helper holds a copy of the
-// host's mounts from when it was cloned. On a systemd host (/ rshared) a
-// file system the host unmounts later must leave the helper's namespace
-// too, or it stays in use (a USB disk could not be ejected) for as long as
-// the helper waits for actions.
-func TestIdleHelpersDoNotPinHostMounts(t *testing.T) {
-	if testutil.RunUnderSharedRoot(t) {
-		return
-	}
-	dir := filepath.Join(t.TempDir(), "disk")
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-	if !shared(t, dir) {
-		t.Fatalf("%s is not shared: the test would prove nothing", dir)
-	}
-	sb := newSandbox(t) // its helpers are cloned with a copy of dir's mount
-	mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "true"))
-	helpers := ourHelpers(t)
-	if len(helpers) == 0 {
-		t.Fatal("no idle helper of this process found")
-	}
-	for _, pid := range helpers {
-		if !mountedIn(t, pid, dir) {
-			t.Fatalf("helper %d has no copy of %s to begin with: the test would prove nothing", pid, dir)
-		}
-	}
-	if err := unix.Unmount(dir, 0); err != nil {
-		t.Fatal(err)
-	}
-	for _, pid := range helpers {
-		if mountedIn(t, pid, dir) {
-			t.Errorf("helper %d still has %s mounted after the host unmounted it", pid, dir)
-		}
-	}
-}
-
-// mountedIn reports whether dir is a mount point in process pid's mount
-// namespace.
-func mountedIn(t *testing.T, pid int, dir string) bool {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/mountinfo", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
-			return true
 		}
 	}
 	return false

@@ -282,21 +282,20 @@ func setUpNamespaces() error {
 	return loopbackUp()
 }
 
-// prepare is what a kept helper does before its first action.
+// prepare is what a kept helper does before its first action: make its
+// mounts private, so nothing its actions mount propagates anywhere, and
+// drop its copies of actiondfs mounts. Those were copied from the parent
+// when the helper was cloned; the parent unmounting them later would not
+// reach this namespace, and each copy would keep its FUSE connection (and
+// the server behind it) alive until the helper ends. The execroot comes as
+// a file descriptor instead.
 //
-// Its mounts become slaves of the host's: nothing the helper's actions
-// mount propagates back, but where the host's / is shared (every systemd
-// host) the host's unmounts reach this namespace. A helper may wait for
-// actions for hours, and its copy of a file system the host has unmounted
-// (a USB disk, a rebuilt runtime image) would otherwise keep it in use.
-//
-// It also drops its copies of actiondfs mounts, for hosts whose / is
-// private: each copy would keep its FUSE connection (and the server behind
-// it) alive until the helper ends. The execroot comes as a file descriptor
-// instead.
+// Slave mounts would let the host's later unmounts reach an idle helper,
+// but with them the VM guest's kernel (6.1) once locked up both CPUs in a
+// server and a helper, so they stay private.
 func prepare() error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_SLAVE, ""); err != nil {
-		return fmt.Errorf("making / a slave: %w", err)
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("making / private: %w", err)
 	}
 	mounts, err := mountinfo.Read()
 	if err != nil {
