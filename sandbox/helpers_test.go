@@ -83,12 +83,20 @@ func (e *buildError) Error() string { return e.err.Error() + ": " + e.out }
 // that is closed when the test ends.
 func newSandbox(t testing.TB, extra ...sandbox.Runtime) *sandbox.Sandbox {
 	t.Helper()
+	return newSandboxWith(t, sandbox.Config{Runtimes: append([]sandbox.Runtime{sandbox.HostRuntime()}, extra...)})
+}
+
+// newSandboxWith is newSandbox with cfg, whose StateDir and Logger it
+// fills in, and Runtimes when empty (the host runtime).
+func newSandboxWith(t testing.TB, cfg sandbox.Config) *sandbox.Sandbox {
+	t.Helper()
 	testutil.RequireRoot(t)
-	sb, err := sandbox.New(sandbox.Config{
-		Runtimes: append([]sandbox.Runtime{sandbox.HostRuntime()}, extra...),
-		StateDir: t.TempDir(),
-		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
+	if len(cfg.Runtimes) == 0 {
+		cfg.Runtimes = []sandbox.Runtime{sandbox.HostRuntime()}
+	}
+	cfg.StateDir = t.TempDir()
+	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	sb, err := sandbox.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,6 @@ package sandbox_test
 
 import (
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/sandbox"
 )
 
@@ -22,19 +20,9 @@ import (
 // and /dev/shm, System V IPC objects) must be gone for the second, which
 // must also run at this process's priority, not a prestarted helper's.
 func TestKeptHelperCarriesNothingBetweenActions(t *testing.T) {
-	testutil.RequireRoot(t)
 	// No prestarted helpers: the helper started for the first action is
 	// the only idle one when the second comes.
-	sb, err := sandbox.New(sandbox.Config{
-		Runtimes:          []sandbox.Runtime{sandbox.HostRuntime()},
-		StateDir:          t.TempDir(),
-		PrestartedHelpers: -1,
-		Logger:            slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
+	sb := newSandboxWith(t, sandbox.Config{PrestartedHelpers: -1})
 	marker := uniqueSleep()
 	first := fmt.Sprintf(`sleep %s & setsid sleep %[1]s &
 echo left > /tmp/left && echo left > /dev/shm/left
@@ -91,17 +79,7 @@ func syscallNice() (int, error) {
 // (by an administrator, or by the OOM killer) costs the next action
 // nothing: it gets another helper.
 func TestIdleHelperThatDiedIsReplaced(t *testing.T) {
-	testutil.RequireRoot(t)
-	sb, err := sandbox.New(sandbox.Config{
-		Runtimes:          []sandbox.Runtime{sandbox.HostRuntime()},
-		StateDir:          t.TempDir(),
-		PrestartedHelpers: -1,
-		Logger:            slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
+	sb := newSandboxWith(t, sandbox.Config{PrestartedHelpers: -1})
 	mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), "true"))
 	var killed []int
 	for _, pid := range ourHelpers(t) {
