@@ -82,7 +82,9 @@ type Options struct {
 	// Logger receives structured logs (default slog.Default()).
 	Logger *slog.Logger
 	// Durability is what the disk store waits for before it acknowledges
-	// a blob (default cas.GroupCommit: on disk, sharing syncfs calls).
+	// a blob (default cas.WriteBack: the kernel has it, it is on disk
+	// within about a second, and a power loss before that is detected
+	// at the next start).
 	Durability cas.Durability
 	// NoFsync is Durability cas.NoSync (kill -9 stays safe; a power loss
 	// may lose recent blobs, which verified reads then never serve).
@@ -226,7 +228,13 @@ func New(opts Options) (*Server, error) {
 		}),
 		health: health.NewServer(),
 	}
-	s.closers = append(s.closers, unlock, func() error { s.cas.Close(); return nil })
+	// Closers run last first: the disk store's final flush comes after
+	// everything that writes to it, before the root is unlocked.
+	s.closers = append(s.closers, unlock)
+	if disk != nil {
+		s.closers = append(s.closers, disk.Close)
+	}
+	s.closers = append(s.closers, func() error { s.cas.Close(); return nil })
 	if s.cache == nil {
 		bolt, err := actioncache.Open(filepath.Join(opts.Root, "ac.db"), used)
 		if err != nil {

@@ -43,6 +43,7 @@ type DiskStore struct {
 	// group is the shared syncfs under GroupCommit (nil otherwise).
 	durability Durability
 	group      *groupSync
+	wb         *writeback // the flusher under WriteBack (nil otherwise)
 	// anonTemp: uploads are written to unnamed files (O_TMPFILE) and
 	// linked into place, instead of named temp files renamed there.
 	anonTemp bool
@@ -139,7 +140,7 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 	}
 	if s.durability == GroupCommit && syncFSSupported {
 		s.group = newGroupSync(s.blobDir)
-	} else if s.durability == GroupCommit {
+	} else if (s.durability == GroupCommit || s.durability == WriteBack) && !syncFSSupported {
 		s.durability = FsyncEach
 	}
 	if err := os.RemoveAll(s.tmpDir); err != nil {
@@ -163,8 +164,36 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 		}
 	}
 	s.anonTemp = anonSupported(s.tmpDir)
-	if err := s.load(); err != nil {
+	// A checkpoint is left by a WriteBack run: after its unclean stop on
+	// another boot, the blobs it placed after its last flush are hashed
+	// before anything is answered, whatever this run's durability.
+	cp, since, err := s.uncheckedSince()
+	if err != nil {
+		return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+	}
+	recent, err := s.load(since)
+	if err != nil {
 		return nil, err
+	}
+	if !since.IsZero() {
+		if err := s.checkUnflushed(recent, since); err != nil {
+			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+		}
+	}
+	if s.durability == WriteBack {
+		if err := s.startWriteBack(); err != nil {
+			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+		}
+	} else if cp != nil {
+		// Checked or flushed above: nothing depends on it any more.
+		if !since.IsZero() {
+			if err := syncFS(s.blobDir); err != nil {
+				return nil, fmt.Errorf("open CAS in %s: flush: %w", dir, err)
+			}
+		}
+		if err := os.Remove(filepath.Join(s.dir, checkpointFile)); err != nil {
+			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+		}
 	}
 	s.mu.Lock()
 	s.evictLocked(0)
@@ -173,8 +202,10 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 }
 
 // load indexes the blobs on disk: most recently modified at the front of
-// the LRU list, so the oldest are evicted first.
-func (s *DiskStore) load() error {
+// the LRU list, so the oldest are evicted first. It returns the blobs
+// whose file changed at or after since (none for a zero since), with the
+// size of their file.
+func (s *DiskStore) load(since time.Time) ([]Digest, error) {
 	start := time.Now()
 	type found struct {
 		hash  string
@@ -182,10 +213,11 @@ func (s *DiskStore) load() error {
 		mtime time.Time
 	}
 	var all []found
+	var recent []Digest
 	lastLog := time.Now()
 	shards, err := os.ReadDir(s.blobDir)
 	if err != nil {
-		return fmt.Errorf("read %s: %w", s.blobDir, err)
+		return nil, fmt.Errorf("read %s: %w", s.blobDir, err)
 	}
 	for i, shard := range shards {
 		if !shard.IsDir() || len(shard.Name()) != 2 {
@@ -194,7 +226,7 @@ func (s *DiskStore) load() error {
 		sdir := filepath.Join(s.blobDir, shard.Name())
 		ents, err := os.ReadDir(sdir)
 		if err != nil {
-			return fmt.Errorf("read %s: %w", sdir, err)
+			return nil, fmt.Errorf("read %s: %w", sdir, err)
 		}
 		for _, e := range ents {
 			name := e.Name()
@@ -208,9 +240,12 @@ func (s *DiskStore) load() error {
 				if errors.Is(err, fs.ErrNotExist) {
 					continue
 				}
-				return fmt.Errorf("stat blob %s: %w", name, err)
+				return nil, fmt.Errorf("stat blob %s: %w", name, err)
 			}
 			all = append(all, found{name, info.Size(), info.ModTime()})
+			if !since.IsZero() && !changeTime(info).Before(since) {
+				recent = append(recent, Digest{Hash: name, Size: info.Size()})
+			}
 		}
 		if time.Since(lastLog) > 2*time.Second {
 			s.log.Info("indexing CAS", "shards", fmt.Sprintf("%d/%d", i+1, len(shards)), "blobs", len(all))
@@ -225,7 +260,7 @@ func (s *DiskStore) load() error {
 		s.size += f.size
 	}
 	s.log.Debug("indexed CAS", "dir", s.dir, "blobs", len(all), "bytes", s.size, "took", time.Since(start))
-	return nil
+	return recent, nil
 }
 
 func (s *DiskStore) blobPath(hash string) string {
@@ -241,8 +276,9 @@ type Stats struct {
 	// Quarantined counts blobs found not to match their digest (on a read,
 	// before use as an input, by the scrubber) and moved aside.
 	Quarantined int64
-	// SyncRounds counts the syncfs calls of group commit, and SyncWaits
-	// the durability waits they served (their ratio is the batching).
+	// SyncRounds counts the syncfs calls of group commit, or the flushes
+	// of write-back, and SyncWaits the durability waits group commit's
+	// rounds served (their ratio is the batching).
 	SyncRounds, SyncWaits uint64
 }
 
@@ -253,6 +289,9 @@ func (s *DiskStore) Stats() Stats {
 	st := Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined}
 	if s.group != nil {
 		st.SyncRounds, st.SyncWaits = s.group.stats()
+	}
+	if s.wb != nil {
+		st.SyncRounds = s.wb.rounds.Load()
 	}
 	return st
 }

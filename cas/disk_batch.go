@@ -92,7 +92,7 @@ func (s *DiskStore) putChunk(blobs []Blob, todo []int, errs []error) {
 			errs[i] = fmt.Errorf("blob %s: data hashes to %s: %w", b.Digest, got.Hash, ErrDigestMismatch)
 			return
 		}
-		tmps[k], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability != NoSync && !barrier)
+		tmps[k], errs[i] = s.writeTemp(b.Digest, b.Data, s.durability == FsyncEach && !barrier)
 	})
 	// Under group commit the one round after the renames covers the bytes
 	// too (see GroupCommit); a syncfs of its own makes them durable first.

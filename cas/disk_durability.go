@@ -14,34 +14,52 @@ import (
 type Durability int
 
 const (
-	// GroupCommit (the default) acknowledges a blob once its bytes and its
-	// name are on disk, like FsyncEach, but every upload in flight shares
-	// the same durability barriers: one syncfs(2) of the store's file
-	// system, after the blob is renamed into place, makes the bytes and the
-	// names of all the files written before it started durable at once.
-	// A power loss before that round can leave an unacknowledged blob
-	// under its name with its bytes missing or short: the index then sees
-	// the wrong size and reports it missing (so the client uploads it
-	// again, which replaces it), and reads and input checks hash what they
-	// use, so it is never served. Where syncfs(2) does not exist it is
-	// FsyncEach.
-	GroupCommit Durability = iota
+	// WriteBack (the default) acknowledges a blob once the kernel has it
+	// and its name, and makes it durable a moment later: a flusher syncs
+	// the store's file system (one syncfs(2)) every second while blobs
+	// are being written, and records the time of each flush, and the
+	// kernel's boot ID, in a checkpoint file. A kill -9 of the server
+	// loses nothing (the kernel has the data). A power loss or kernel
+	// crash may lose the blobs of the last second or so, never serve them
+	// wrong: the first start on the next boot hashes every blob placed
+	// after the last flush, and quarantines the damaged ones, before it
+	// answers anything, so FindMissing reports them missing and clients
+	// upload them again (as after an eviction). Where syncfs(2) does not
+	// exist it is FsyncEach.
+	WriteBack Durability = iota
+	// GroupCommit acknowledges a blob once its bytes and its name are on
+	// disk, but every upload in flight shares the same durability
+	// barriers: one syncfs(2) of the store's file system, after the blob
+	// is renamed into place, makes the bytes and the names of all the
+	// files written before it started durable at once. A power loss
+	// before that round can leave an unacknowledged blob under its name
+	// with its bytes missing or short: the index then sees the wrong size
+	// and reports it missing (so the client uploads it again, which
+	// replaces it), and reads and input checks hash what they use, so it
+	// is never served. Where syncfs(2) does not exist it is FsyncEach.
+	GroupCommit
 	// FsyncEach fsyncs each blob's file, then its directory, by itself:
 	// the same guarantee as GroupCommit, at one or two disk flushes per
 	// blob. Choose it when the store shares its file system with other
 	// heavy writers, whose dirty pages a syncfs(2) would also wait for.
 	FsyncEach
-	// NoSync never waits for the disk. A kill -9 of the server loses
-	// nothing (the kernel has the data); a power loss or kernel crash may
-	// lose recently acknowledged blobs or leave them damaged, which
-	// verified reads and input checks then catch (they are quarantined,
-	// never served).
+	// NoSync never waits for the disk and never flushes it. A kill -9 of
+	// the server loses nothing (the kernel has the data); a power loss or
+	// kernel crash may lose acknowledged blobs or leave them damaged,
+	// which verified reads and input checks then catch (they are
+	// quarantined, never served), but FindMissing may report a damaged
+	// blob present until something reads it.
 	NoSync
 )
+
+// durabilities lists the values, the default first.
+var durabilities = []Durability{WriteBack, GroupCommit, FsyncEach, NoSync}
 
 // String names d as the --durability flag spells it.
 func (d Durability) String() string {
 	switch d {
+	case WriteBack:
+		return "writeback"
 	case GroupCommit:
 		return "group"
 	case FsyncEach:
@@ -52,21 +70,22 @@ func (d Durability) String() string {
 	return fmt.Sprintf("Durability(%d)", int(d))
 }
 
-// ParseDurability reads a --durability flag value: group, fsync or none.
+// ParseDurability reads a --durability flag value: writeback, group,
+// fsync or none.
 func ParseDurability(s string) (Durability, error) {
-	for _, d := range []Durability{GroupCommit, FsyncEach, NoSync} {
+	for _, d := range durabilities {
 		if s == d.String() {
 			return d, nil
 		}
 	}
-	return 0, fmt.Errorf("durability %q: want group, fsync or none", s)
+	return 0, fmt.Errorf("durability %q: want writeback, group, fsync or none", s)
 }
 
 // WithDurability sets what the store waits for before acknowledging a
-// blob (default GroupCommit).
+// blob (default WriteBack).
 func WithDurability(d Durability) Option {
 	return func(s *DiskStore) error {
-		if d < GroupCommit || d > NoSync {
+		if d < WriteBack || d > NoSync {
 			return fmt.Errorf("unknown durability %d", int(d))
 		}
 		s.durability = d
@@ -78,7 +97,7 @@ func WithDurability(d Durability) Option {
 // default.
 func WithFsync(on bool) Option {
 	if on {
-		return WithDurability(GroupCommit)
+		return WithDurability(WriteBack)
 	}
 	return WithDurability(NoSync)
 }
@@ -168,7 +187,7 @@ func (s *DiskStore) syncData(f *os.File) error {
 // kill) before the file system commits its journal.
 func (s *DiskStore) syncName(dir string) error {
 	switch {
-	case s.durability == NoSync:
+	case s.durability == NoSync || s.durability == WriteBack:
 		return nil
 	case s.group != nil:
 		return s.group.wait()

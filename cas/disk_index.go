@@ -163,6 +163,9 @@ func (s *DiskStore) link(d Digest, syncDir bool, place func(dst string) error, d
 	s.mu.Unlock()
 
 	err := place(s.blobPath(d.Hash))
+	if err == nil {
+		s.placed()
+	}
 	if err == nil && syncDir {
 		err = s.syncName(filepath.Dir(s.blobPath(d.Hash)))
 	}

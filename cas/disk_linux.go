@@ -2,6 +2,8 @@ package cas
 
 import (
 	"os"
+	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,4 +37,13 @@ func writeBehind(f *os.File, off, n int64) {
 			_ = unix.SyncFileRange(int(fd), off, n, unix.SYNC_FILE_RANGE_WRITE)
 		})
 	}
+}
+
+// changeTime is when the file fi describes last changed: its data, its
+// mode or its names (ctime, which nothing can set back).
+func changeTime(fi os.FileInfo) time.Time {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return time.Unix(st.Ctim.Unix())
+	}
+	return time.Now()
 }

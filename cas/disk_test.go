@@ -28,6 +28,7 @@ func newStore(t testing.TB, dir string, opts ...Option) *DiskStore {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { s.Close() })
 	return s
 }
 

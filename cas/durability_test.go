@@ -104,7 +104,7 @@ func waitFor(t *testing.T, cond func() bool) {
 // named ones, and what was stored is there, intact, after a reopen, with
 // no temp file left behind.
 func TestDurabilityModesStoreAndReopen(t *testing.T) {
-	for _, dur := range []Durability{GroupCommit, FsyncEach, NoSync} {
+	for _, dur := range durabilities {
 		for _, anon := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%s/anon=%v", dur, anon), func(t *testing.T) {
 				dir := t.TempDir()
@@ -179,6 +179,12 @@ func TestDurabilityModesStoreAndReopen(t *testing.T) {
 				if st := s.Stats(); (st.SyncRounds > 0) != (dur == GroupCommit) {
 					t.Errorf("durability %s made %d group syncfs rounds", dur, st.SyncRounds)
 				}
+				if err := s.Close(); err != nil {
+					t.Fatal(err)
+				}
+				if st := s.Stats(); dur == WriteBack && st.SyncRounds == 0 {
+					t.Error("Close made no write-back flush")
+				}
 				s2 := newStore(t, dir)
 				for _, b := range want {
 					if got := get(t, s2, DigestOf(b), 0); !bytes.Equal(got, b) {
@@ -194,7 +200,7 @@ func TestDurabilityModesStoreAndReopen(t *testing.T) {
 }
 
 func TestParseDurability(t *testing.T) {
-	for _, d := range []Durability{GroupCommit, FsyncEach, NoSync} {
+	for _, d := range durabilities {
 		if got, err := ParseDurability(d.String()); err != nil || got != d {
 			t.Errorf("ParseDurability(%q) = %v, %v", d.String(), got, err)
 		}

@@ -42,7 +42,7 @@ func BenchmarkSmallBlobUpload(b *testing.B) {
 		opts func() actiond.Options
 	}
 	subjects := []subject{{"store=memory", func() actiond.Options { return actiond.Options{Store: castest.NewMemStore()} }}}
-	for _, dur := range []cas.Durability{cas.GroupCommit, cas.FsyncEach, cas.NoSync} {
+	for _, dur := range []cas.Durability{cas.WriteBack, cas.GroupCommit, cas.FsyncEach, cas.NoSync} {
 		subjects = append(subjects, subject{"durability=" + dur.String(), func() actiond.Options { return actiond.Options{Durability: dur} }})
 	}
 	for i, sub := range subjects {

@@ -55,17 +55,18 @@ type Config struct {
 	Format         string // actiond.format: auto, never or force
 	Fsck           bool   // actiond.fsck: run e2fsck -p before mounting an existing CAS filesystem
 
-	LogLevel       slog.Level    // actiond.loglevel: debug, info, warn or error
-	DefaultRuntime string        // actiond.default_runtime: runtime of actions without "libc" (default glibc2.36, else the first one)
-	Concurrency    int           // actiond.concurrency: actions at once (0: one per CPU)
-	MaxSize        int64         // actiond.max_size: CAS size limit (0: 90% of the CAS filesystem)
-	Fsync          bool          // actiond.fsync: fsync each blob
-	ScrubRate      int64         // actiond.scrub_rate: bytes per second the CAS scrubber hashes (0: off)
-	InputRoot      string        // actiond.input_root: hardlink or copy
-	DrainTimeout   time.Duration // actiond.drain: how long running calls may take to finish on shutdown
-	Console        string        // actiond.console: device for logs when /dev/console is unusable (e.g. hvc0)
-	Modules        bool          // actiond.modules: load the initramfs's kernel modules
-	Crash          string        // actiond.crash: init or server panics once booted (tests the crash path)
+	LogLevel       slog.Level     // actiond.loglevel: debug, info, warn or error
+	DefaultRuntime string         // actiond.default_runtime: runtime of actions without "libc" (default glibc2.36, else the first one)
+	Concurrency    int            // actiond.concurrency: actions at once (0: one per CPU)
+	MaxSize        int64          // actiond.max_size: CAS size limit (0: 90% of the CAS filesystem)
+	Fsync          bool           // actiond.fsync: 0 is actiond.durability=none
+	Durability     cas.Durability // actiond.durability: what a blob waits for (default writeback)
+	ScrubRate      int64          // actiond.scrub_rate: bytes per second the CAS scrubber hashes (0: off)
+	InputRoot      string         // actiond.input_root: hardlink or copy
+	DrainTimeout   time.Duration  // actiond.drain: how long running calls may take to finish on shutdown
+	Console        string         // actiond.console: device for logs when /dev/console is unusable (e.g. hvc0)
+	Modules        bool           // actiond.modules: load the initramfs's kernel modules
+	Crash          string         // actiond.crash: init or server panics once booted (tests the crash path)
 }
 
 // DefaultConfig is the configuration of an empty command line.
@@ -173,8 +174,12 @@ var params = map[string]param{
 		c.ScrubRate, err = units.ParseSize(v)
 		return err
 	}},
-	"fsync": {"1 to fsync each blob (default 1)", func(c *Config, v string) (err error) {
+	"fsync": {"0 is the same as actiond.durability=none (default 1)", func(c *Config, v string) (err error) {
 		c.Fsync, err = parseBool(v)
+		return err
+	}},
+	"durability": {"what a blob waits for before it is acknowledged: writeback, group, fsync or none (default writeback; see actiond serve --durability)", func(c *Config, v string) (err error) {
+		c.Durability, err = cas.ParseDurability(v)
 		return err
 	}},
 	"input_root": {"hardlink or copy (default hardlink)", func(c *Config, v string) error {

@@ -112,7 +112,7 @@ func serve(st serverState, log *slog.Logger) error {
 			maxSize = max(int64(fs.Blocks)*int64(fs.Bsize)-st.RuntimesCASBytes, 0) / 100 * defaultMaxSizePercent
 		}
 	}
-	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, NoFsync: !cfg.Fsync, DrainTimeout: cfg.DrainTimeout, ScrubRate: cfg.ScrubRate}
+	opts := actiond.Options{Root: st.Root, MaxSize: maxSize, Logger: log, Durability: cfg.Durability, NoFsync: !cfg.Fsync, DrainTimeout: cfg.DrainTimeout, ScrubRate: cfg.ScrubRate}
 	if cfg.ScrubRate == 0 {
 		opts.ScrubRate = -1 // actiond.scrub_rate=0: off
 	}

@@ -135,7 +135,7 @@ func (o *Observer) Attach(srv *actiond.Server) {
 		gauge("actiond_cas_max_bytes", "CAS size limit (0: unlimited).", func() float64 { return float64(disk.Stats().MaxBytes) })
 		counter("actiond_cas_evictions_total", "Blobs evicted to stay under the size limit.", func() float64 { return float64(disk.Stats().Evictions) })
 		counter("actiond_cas_quarantined_total", "Blobs found not to match their digest (on a read, before use as an input, or by the scrubber) and moved to cas/quarantine; clients upload them again.", func() float64 { return float64(disk.Stats().Quarantined) })
-		counter("actiond_cas_sync_rounds_total", "syncfs calls made by group commit (--durability=group).", func() float64 { return float64(disk.Stats().SyncRounds) })
+		counter("actiond_cas_sync_rounds_total", "syncfs calls made by group commit (--durability=group) or by the write-back flusher (--durability=writeback).", func() float64 { return float64(disk.Stats().SyncRounds) })
 		counter("actiond_cas_sync_waits_total", "Durability waits (a blob's bytes, or its name) served by those syncfs calls; waits per round is how much each flush is shared.", func() float64 { return float64(disk.Stats().SyncWaits) })
 		counter("actiond_cas_scrubbed_bytes_total", "Bytes the background scrubber has re-hashed.", func() float64 { return float64(disk.ScrubStats().Bytes) })
 		counter("actiond_cas_scrub_passes_total", "Completed scrubber passes over every blob.", func() float64 { return float64(disk.ScrubStats().Passes) })

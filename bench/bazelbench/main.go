@@ -16,7 +16,11 @@
 //     plus a cc_binary (241 compiles, -O2), after `bazel clean`, executed by
 //     actiond with --input-root=fuse and with --input-root=hardlink
 //     (--noremote_accept_cached: inputs are in the CAS, every action runs),
-//     and with linux-sandbox for reference.
+//     and with linux-sandbox for reference;
+//   - wide: 21 genrules over 45,000 small input files (2,000 each, 5,000
+//     for one), each reading all of its inputs, after `bazel clean`:
+//     linux-sandbox against actiond remote on a fresh root (every input
+//     uploaded), with the default durability and with --durability=group.
 //
 // Strategies take turns within each round, so load changes on the machine
 // affect them alike. Every build passes --nosandbox_debug (Debian's
@@ -49,7 +53,7 @@ func main() {
 	serverArgs := flag.String("server-args", "", "extra `actiond serve` flags (space-separated)")
 	wsSrc := flag.String("workspace", "", "the test workspace (default: testdata/bazel of this module)")
 	runs := flag.Int("runs", 3, "runs per measurement (median reported)")
-	only := flag.String("only", "", "run only these parts (comma-separated): genrules, stress, compile")
+	only := flag.String("only", "", "run only these parts (comma-separated): genrules, stress, compile, wide")
 	jsonOut := flag.String("json", "", "also write the results as JSON to this file")
 	keep := flag.Bool("keep", false, "keep the temporary directory (workspace, output base, server roots)")
 	flag.Parse()
@@ -116,8 +120,8 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 	parts := map[string]bool{}
 	if only != "" {
 		for _, p := range strings.Split(only, ",") {
-			if p != "genrules" && p != "stress" && p != "compile" {
-				return fmt.Errorf("--only %q: want genrules, stress or compile (comma-separated)", only)
+			if p != "genrules" && p != "stress" && p != "compile" && p != "wide" {
+				return fmt.Errorf("--only %q: want genrules, stress, compile or wide (comma-separated)", only)
 			}
 			parts[p] = true
 		}
@@ -135,6 +139,11 @@ func (b *bench) main(wsSrc, only, jsonOut string) error {
 	}
 	if want("compile") {
 		if res.Compile, err = b.compile(); err != nil {
+			return err
+		}
+	}
+	if want("wide") {
+		if res.Wide, err = b.wide(); err != nil {
 			return err
 		}
 	}

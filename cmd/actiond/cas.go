@@ -151,6 +151,7 @@ func runCASGC(args []string) error {
 	if err != nil {
 		return fmt.Errorf("open CAS: %w", err)
 	}
+	defer store.Close()
 	before := store.Stats()
 	log.Info("evicting", "blobs", before.Blobs, "bytes", units.Format(before.Bytes), "max_size", units.Format(maxSize))
 	n := store.Evict(maxSize)

@@ -58,7 +58,7 @@ func runServe(args []string) error {
 	maxSize := int64(50 << 30)
 	fs.Var(sizeFlag{&maxSize}, "max-size", "CAS size limit; least recently used blobs are evicted beyond it (e.g. 20G; 0 = unlimited)")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
-	durability := fs.String("durability", cas.GroupCommit.String(), "what a blob waits for before it is acknowledged: group (on disk; concurrent uploads share syncfs calls), fsync (on disk; one fsync of the file and its directory per blob, for a store sharing its file system with heavy writers), none (never waits: a crash loses nothing, a power loss may lose recent blobs, which are then never served)")
+	durability := fs.String("durability", cas.WriteBack.String(), "what a blob waits for before it is acknowledged: writeback (the kernel has it; flushed every second, and after a power loss the blobs of the last second are hashed at the next start, damaged ones reported missing), group (on disk; concurrent uploads share syncfs calls), fsync (on disk; one fsync of the file and its directory per blob, for a store sharing its file system with heavy writers), none (never waits: a crash loses nothing, a power loss may lose recent blobs, which are then never served)")
 	noFsync := fs.Bool("no-fsync", false, "the same as --durability=none")
 	scrubRate := int64(cas.DefaultScrubRate)
 	fs.Var(sizeFlag{&scrubRate}, "scrub-rate", "bytes per second the background scrubber re-hashes stored blobs at, quarantining any that no longer match their digest (e.g. 32M; 0 = off)")

@@ -25,6 +25,7 @@ func runStats(args []string) error {
 	if err != nil {
 		return fmt.Errorf("open CAS: %w", err)
 	}
+	defer store.Close()
 	st := store.Stats()
 	fmt.Printf("root:          %s\n", *root)
 	fmt.Printf("CAS blobs:     %d\n", st.Blobs)

@@ -50,6 +50,7 @@ type BazelResult struct {
 	Genrules  []Measurement `json:"genrules,omitempty"`
 	Stress    []Measurement `json:"stress,omitempty"`
 	Compile   []Measurement `json:"compile,omitempty"`
+	Wide      []Measurement `json:"wide,omitempty"`
 }
 
 // Measurement is one timed configuration of bazelbench.
