@@ -255,6 +255,9 @@ func (r *InputRoot) SpareMounts() int {
 // or for mutates_inputs an overlay over a read-only mount (or, where
 // overlayfs does not work, a copy the executor makes writable).
 func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTree, dir string, opts executor.StageOptions) (*executor.StagedRoot, error) {
+	if !opts.MutatesInputs && tree.FileCount == 0 && tree.Entries <= plainTreeMaxEntries {
+		return r.stagePlain(ctx, tree, dir)
+	}
 	if opts.MutatesInputs {
 		r.mu.Lock()
 		overlayErr := r.overlayErr
@@ -280,6 +283,26 @@ func (r *InputRoot) StageWithOptions(ctx context.Context, tree *executor.InputTr
 		return nil, err
 	}
 	return m.staged(), nil
+}
+
+// plainTreeMaxEntries bounds the input trees without files that are
+// staged as plain directories: a hostile tree of a million empty
+// directories stays lazy, behind a mount.
+const plainTreeMaxEntries = 256
+
+// stagePlain stages a small tree without files (directories and symlinks:
+// a genrule with no inputs, say) as plain root-owned directories, as the
+// mount would present them: there is no blob to serve or to protect, and
+// a mount, its spare and its unmount cost more CPU than the action's
+// command. The root reports itself self-protected like a mount, so the
+// action may write what it could write on one: its output directories,
+// and anything if it runs as root.
+func (r *InputRoot) stagePlain(ctx context.Context, tree *executor.InputTree, dir string) (*executor.StagedRoot, error) {
+	cleanup, err := executor.LinkInputRoot{Store: r.store}.Stage(ctx, tree, dir)
+	if err != nil {
+		return nil, err
+	}
+	return &executor.StagedRoot{Cleanup: cleanup, SelfProtected: true}, nil
 }
 
 func (r *InputRoot) stageCopy(ctx context.Context, tree *executor.InputTree, dir string) (*executor.StagedRoot, error) {
