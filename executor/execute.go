@@ -351,7 +351,14 @@ func (e *Executor) storeStreams(ctx context.Context, spec *RunSpec, result *repb
 		{spec.StdoutPath, func(d *repb.Digest) { result.StdoutDigest = d }},
 		{spec.StderrPath, func(d *repb.Digest) { result.StderrDigest = d }},
 	} {
-		if _, err := os.Stat(st.path); err != nil {
+		fi, err := os.Stat(st.path)
+		if err != nil {
+			continue
+		}
+		if fi.Mode().IsRegular() && fi.Size() == 0 {
+			// The usual case: nothing to hash or move (every process
+			// that could write to it has ended).
+			st.set(cas.EmptyDigest.Proto())
 			continue
 		}
 		d, err := e.opts.Store.PutFile(ctx, st.path)
