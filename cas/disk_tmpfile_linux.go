@@ -3,6 +3,7 @@ package cas
 import (
 	"os"
 	"strconv"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,9 +20,15 @@ func openAnon(dir string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), ""), nil
 }
 
-// linkAnon gives the unnamed file f the name dst (which must not exist),
-// through /proc/self/fd: linkat's AT_EMPTY_PATH would need
-// CAP_DAC_READ_SEARCH.
+// emptyPathLinks is cleared once linkat's AT_EMPTY_PATH is refused: it
+// needs CAP_DAC_READ_SEARCH (a server running as root has it).
+var emptyPathLinks atomic.Bool
+
+func init() { emptyPathLinks.Store(true) }
+
+// linkAnon gives the unnamed file f the name dst (which must not exist):
+// with AT_EMPTY_PATH where allowed, else through /proc/self/fd (a path
+// walk through procfs per blob, which costs more).
 func linkAnon(f *os.File, dst string) error {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -29,7 +36,18 @@ func linkAnon(f *os.File, dst string) error {
 	}
 	var lerr error
 	if err := rc.Control(func(fd uintptr) {
+		tried := emptyPathLinks.Load()
+		if tried {
+			lerr = unix.Linkat(int(fd), "", unix.AT_FDCWD, dst, unix.AT_EMPTY_PATH)
+			if lerr != unix.EPERM && lerr != unix.ENOENT {
+				return
+			}
+		}
 		lerr = unix.Linkat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(int(fd)), unix.AT_FDCWD, dst, unix.AT_SYMLINK_FOLLOW)
+		if tried && lerr == nil {
+			// Refused for want of the capability, not for dst.
+			emptyPathLinks.Store(false)
+		}
 	}); err != nil {
 		return err
 	}
