@@ -182,17 +182,23 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 	}
 	if s.durability == WriteBack {
 		if err := s.startWriteBack(); err != nil {
-			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+			// Without its checkpoint on disk a power loss could not be
+			// told from a clean stop: wait for the disk instead (a full
+			// disk must not keep the server from starting and evicting).
+			s.log.Warn("CAS: cannot start write-back; blobs wait for the disk (group commit) this run", "err", err)
+			s.durability, s.group = GroupCommit, newGroupSync(s.blobDir)
 		}
-	} else if cp != nil {
-		// Checked or flushed above: nothing depends on it any more.
-		if !since.IsZero() {
-			if err := syncFS(s.blobDir); err != nil {
-				return nil, fmt.Errorf("open CAS in %s: flush: %w", dir, err)
-			}
+	}
+	if s.durability != WriteBack && cp != nil {
+		// Checked or flushed above: nothing depends on it any more once
+		// the check's quarantines are on disk. Left in place, it only
+		// makes the next start check again.
+		err := syncFS(s.blobDir)
+		if err == nil {
+			err = os.Remove(filepath.Join(s.dir, checkpointFile))
 		}
-		if err := os.Remove(filepath.Join(s.dir, checkpointFile)); err != nil {
-			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+		if err != nil {
+			s.log.Warn("CAS: cannot retire the write-back checkpoint; the next start checks again", "err", err)
 		}
 	}
 	s.mu.Lock()

@@ -46,6 +46,10 @@ type syncCheckpoint struct {
 	Clean bool `json:"clean"`
 }
 
+// checkpointFault, set by tests, is what writing a checkpoint fails with
+// (a full disk, say).
+var checkpointFault error
+
 // bootID returns the running kernel's boot ID ("" where unknown: then
 // every unclean stop is treated as a possible power loss). A variable so
 // that tests can pretend to reboot.
@@ -83,6 +87,9 @@ func (s *DiskStore) readCheckpoint() (*syncCheckpoint, error) {
 // start-up must be on disk before any blob is acknowledged without a
 // flush, or a power loss could leave the previous run's clean mark.
 func (s *DiskStore) writeCheckpoint(cp syncCheckpoint) error {
+	if checkpointFault != nil {
+		return checkpointFault
+	}
 	b, err := json.Marshal(cp)
 	if err != nil {
 		return err

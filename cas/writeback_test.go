@@ -3,6 +3,7 @@ package cas
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -196,5 +197,30 @@ func TestWriteBackFlushesInTheBackground(t *testing.T) {
 	time.Sleep(3 * writebackInterval)
 	if got := s.Stats().SyncRounds; got != rounds {
 		t.Errorf("%d flushes while nothing was written", got-rounds)
+	}
+}
+
+// A store that cannot write its checkpoint (a full disk) still opens, and
+// waits for the disk instead: group commit for that run.
+func TestWriteBackFallsBackWithoutItsCheckpoint(t *testing.T) {
+	dir := t.TempDir()
+	s := newStore(t, dir)
+	put(t, s, blob(1, 300))
+	crash(s)
+	checkpointFault = errors.New("no space left on device (test)")
+	defer func() { checkpointFault = nil }()
+	s2 := newStore(t, dir)
+	if s2.durability != GroupCommit || s2.wb != nil {
+		t.Fatalf("durability %s without a checkpoint, want group", s2.durability)
+	}
+	d := put(t, s2, blob(2, 300))
+	if st := s2.Stats(); st.SyncRounds == 0 {
+		t.Error("a blob was acknowledged without waiting for the disk")
+	}
+	if _, err := os.Stat(filepath.Join(dir, checkpointFile)); !os.IsNotExist(err) {
+		t.Errorf("the previous run's checkpoint was kept: %v", err)
+	}
+	if got := get(t, s2, d, 0); !bytes.Equal(got, blob(2, 300)) {
+		t.Error("blob reads back wrong")
 	}
 }
