@@ -2,7 +2,7 @@
 # bench/run.sh: runs actiond's benchmarks side by side with Bazel 4.2.3's own
 # linux-sandbox and prints a Markdown summary table (for BENCHMARKS.md).
 # `make bench` calls it. Needs root (actiond executes only as root) and bazel
-# (Debian: bazel-bootstrap). Takes ~5-8 minutes on a 2-core machine.
+# (Debian: bazel-bootstrap). Takes ~20-30 minutes on a 2-core machine.
 #
 #   1. bench/execlatency: trivial-action latency (/bin/true with no inputs,
 #      and /bin/cat of one input file), actiond Execute vs linux-sandbox
@@ -10,8 +10,9 @@
 #   2. executor BenchmarkStageInputs: input staging, hardlink and copy,
 #      1k/10k/100k files;
 #   3. bench/bazelbench: 200 trivial genrules per action (--jobs=1 and
-#      default) and the stress workspace //:agg cold/warm, remote vs
-#      linux-sandbox (and local for reference);
+#      default), the stress workspace //:agg cold/warm, remote vs
+#      linux-sandbox (and local for reference), and the wide-input build
+#      (21 genrules over 45,000 inputs, cold);
 #   4. actiondfs: input root setup for 1k/10k/100k files and sequential
 #      read of 256 MiB (go test -bench ./fs/), and the compile-heavy build
 #      (241 C compiles) with --input-root=fuse vs hardlink (bazelbench).
@@ -60,7 +61,7 @@ if [ -z "$ONLY" ] || [ "$ONLY" = staging ]; then
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = bazel ]; then
     echo "== Bazel builds"
-    "$OUT/bazelbench" --actiond "$OUT/actiond" --runs "$RUNS" --only genrules,stress --json "$OUT/bazel.json" | tee "$OUT/bazel.txt"
+    "$OUT/bazelbench" --actiond "$OUT/actiond" --runs "$RUNS" --only genrules,stress,wide --json "$OUT/bazel.json" | tee "$OUT/bazel.txt"
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = actiondfs ]; then
     echo "== actiondfs: input root setup and sequential read"

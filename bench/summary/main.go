@@ -108,6 +108,12 @@ func main() {
 		fmt.Printf("| //:agg warm rebuild after clean (all remote cache hits) | %.2f s | | | |\n", warm.MedianMs/1000)
 		fmt.Printf("| //:agg --spawn_strategy=local (unsandboxed reference) | | %.2f s (local) | | |\n", local.MedianMs/1000)
 	}
+	if haveBazel && len(br.Wide) == 3 {
+		sb, cold, group := br.Wide[0], br.Wide[1], br.Wide[2]
+		row(fmt.Sprintf("//wide:all cold build wall, 45,000 inputs (median of %d)", len(cold.Runs)), cold.MedianMs/1000, sb.MedianMs/1000, "s",
+			fmt.Sprintf("≤ 1.0× sandbox: %s", verdict(cold.MedianMs <= sb.MedianMs)))
+		row("//wide:all, actiond with --durability=group", group.MedianMs/1000, sb.MedianMs/1000, "s", "")
+	}
 	actiondfs(dir)
 }
 
