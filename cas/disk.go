@@ -138,9 +138,7 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 			return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
 		}
 	}
-	if s.durability == GroupCommit && syncFSSupported {
-		s.group = newGroupSync(s.blobDir)
-	} else if (s.durability == GroupCommit || s.durability == WriteBack) && !syncFSSupported {
+	if (s.durability == GroupCommit || s.durability == WriteBack) && !syncFSSupported {
 		s.durability = FsyncEach
 	}
 	if err := os.RemoveAll(s.tmpDir); err != nil {
@@ -186,8 +184,11 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 			// told from a clean stop: wait for the disk instead (a full
 			// disk must not keep the server from starting and evicting).
 			s.log.Warn("CAS: cannot start write-back; blobs wait for the disk (group commit) this run", "err", err)
-			s.durability, s.group = GroupCommit, newGroupSync(s.blobDir)
+			s.durability = GroupCommit
 		}
+	}
+	if s.durability == GroupCommit {
+		s.group = newGroupSync(s.blobDir)
 	}
 	if s.durability != WriteBack && cp != nil {
 		// Checked or flushed above: nothing depends on it any more once

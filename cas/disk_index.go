@@ -165,9 +165,9 @@ func (s *DiskStore) link(d Digest, syncDir bool, place func(dst string) error, d
 	err := place(s.blobPath(d.Hash))
 	if err == nil {
 		s.placed()
-	}
-	if err == nil && syncDir {
-		err = s.syncName(filepath.Dir(s.blobPath(d.Hash)))
+		if syncDir {
+			err = s.syncName(filepath.Dir(s.blobPath(d.Hash)))
+		}
 	}
 
 	s.mu.Lock()

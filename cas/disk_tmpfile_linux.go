@@ -20,11 +20,9 @@ func openAnon(dir string) (*os.File, error) {
 	return os.NewFile(uintptr(fd), ""), nil
 }
 
-// emptyPathLinks is cleared once linkat's AT_EMPTY_PATH is refused: it
+// noEmptyPathLinks is set once linkat's AT_EMPTY_PATH is refused: it
 // needs CAP_DAC_READ_SEARCH (a server running as root has it).
-var emptyPathLinks atomic.Bool
-
-func init() { emptyPathLinks.Store(true) }
+var noEmptyPathLinks atomic.Bool
 
 // linkAnon gives the unnamed file f the name dst (which must not exist):
 // with AT_EMPTY_PATH where allowed, else through /proc/self/fd (a path
@@ -36,7 +34,7 @@ func linkAnon(f *os.File, dst string) error {
 	}
 	var lerr error
 	if err := rc.Control(func(fd uintptr) {
-		tried := emptyPathLinks.Load()
+		tried := !noEmptyPathLinks.Load()
 		if tried {
 			lerr = unix.Linkat(int(fd), "", unix.AT_FDCWD, dst, unix.AT_EMPTY_PATH)
 			if lerr != unix.EPERM && lerr != unix.ENOENT {
@@ -46,7 +44,7 @@ func linkAnon(f *os.File, dst string) error {
 		lerr = unix.Linkat(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(int(fd)), unix.AT_FDCWD, dst, unix.AT_SYMLINK_FOLLOW)
 		if tried && lerr == nil {
 			// Refused for want of the capability, not for dst.
-			emptyPathLinks.Store(false)
+			noEmptyPathLinks.Store(true)
 		}
 	}); err != nil {
 		return err

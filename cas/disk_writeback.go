@@ -83,10 +83,14 @@ func (s *DiskStore) readCheckpoint() (*syncCheckpoint, error) {
 	return &cp, nil
 }
 
-// writeCheckpoint replaces the checkpoint, durably: the one written at
-// start-up must be on disk before any blob is acknowledged without a
-// flush, or a power loss could leave the previous run's clean mark.
-func (s *DiskStore) writeCheckpoint(cp syncCheckpoint) error {
+// writeCheckpoint replaces the checkpoint; its content is synced before
+// the rename, so the name never shows a torn file. With durableName the
+// rename is synced too: the checkpoint written at start-up must be on
+// disk before any blob is acknowledged without a flush, or a power loss
+// could leave the previous run's clean mark. A later checkpoint whose
+// rename is lost leaves an earlier one, which only widens the check (and
+// the next flush's syncfs makes the rename durable anyway).
+func (s *DiskStore) writeCheckpoint(cp syncCheckpoint, durableName bool) error {
 	if checkpointFault != nil {
 		return checkpointFault
 	}
@@ -109,7 +113,7 @@ func (s *DiskStore) writeCheckpoint(cp syncCheckpoint) error {
 	if err == nil {
 		err = os.Rename(tmp, filepath.Join(s.dir, checkpointFile))
 	}
-	if err == nil {
+	if err == nil && durableName {
 		err = fsyncDir(s.dir)
 	}
 	if err != nil {
@@ -171,7 +175,7 @@ func (s *DiskStore) startWriteBack() error {
 	if err := syncFS(s.blobDir); err != nil {
 		return fmt.Errorf("flush CAS: %w", err)
 	}
-	if err := s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at}); err != nil {
+	if err := s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at}, true); err != nil {
 		return err
 	}
 	wb := &writeback{stop: make(chan struct{}), done: make(chan struct{})}
@@ -207,7 +211,7 @@ func (s *DiskStore) flush(clean bool) error {
 		return fmt.Errorf("flush CAS: %w", err)
 	}
 	s.wb.rounds.Add(1)
-	return s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at, Clean: clean})
+	return s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at, Clean: clean}, false)
 }
 
 // placed notes that a blob was placed without waiting for the disk.

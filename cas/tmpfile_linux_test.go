@@ -38,10 +38,10 @@ func TestLinkAnonWithoutTheCapability(t *testing.T) {
 			t.Fatalf("%s reads %q, %v", name, b, err)
 		}
 	}
-	defer emptyPathLinks.Store(true)
-	emptyPathLinks.Store(true)
+	defer noEmptyPathLinks.Store(false)
+	noEmptyPathLinks.Store(false)
 	link(open(), "as-root")
-	if !emptyPathLinks.Load() {
+	if noEmptyPathLinks.Load() {
 		t.Fatal("root was refused AT_EMPTY_PATH")
 	}
 
@@ -66,7 +66,7 @@ func TestLinkAnonWithoutTheCapability(t *testing.T) {
 			return
 		}
 		link(f, "without-cap")
-		if emptyPathLinks.Load() {
+		if !noEmptyPathLinks.Load() {
 			t.Error("AT_EMPTY_PATH is still tried after it was refused")
 		}
 		link(open(), "after-the-refusal")

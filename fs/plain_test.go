@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/mountinfo"
 )
 
 // A small input tree without files (a genrule with no inputs) is staged as
@@ -40,7 +41,7 @@ func TestTreeWithoutFilesIsPlainDirectories(t *testing.T) {
 	if !s.SelfProtected || s.Dir != "" || s.OutputPath != nil {
 		t.Errorf("staged %+v; want plain directories where asked, self-protected", s)
 	}
-	if n := mountsAt(dir); n != 0 {
+	if n := mountsAt(t, dir); n != 0 {
 		t.Errorf("%d mounts at or below %s", n, dir)
 	}
 	for _, d := range []string{".", "bazel-out", "bazel-out/k8/bin", "tools"} {
@@ -61,7 +62,7 @@ func TestTreeWithoutFilesIsPlainDirectories(t *testing.T) {
 	}
 
 	_, dir = stage("file", e.tree(map[string]string{"tools/": "", "empty.txt": ""}))
-	if mountsAt(dir) == 0 {
+	if mountsAt(t, dir) == 0 {
 		t.Error("a tree with a file (empty) was not mounted")
 	}
 	big := map[string]string{}
@@ -69,17 +70,21 @@ func TestTreeWithoutFilesIsPlainDirectories(t *testing.T) {
 		big["d"+strconv.Itoa(i)+"/"] = ""
 	}
 	_, dir = stage("big", e.tree(big))
-	if mountsAt(dir) == 0 {
+	if mountsAt(t, dir) == 0 {
 		t.Error("a tree of 300 directories was staged eagerly, not mounted")
 	}
 }
 
 // mountsAt counts the mounts at dir or below it.
-func mountsAt(dir string) int {
-	n := mountsBelow(dir)
-	data, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, l := range strings.Split(string(data), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && f[4] == dir {
+func mountsAt(t *testing.T, dir string) int {
+	t.Helper()
+	ents, err := mountinfo.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if e.Point == dir || strings.HasPrefix(e.Point, dir+"/") {
 			n++
 		}
 	}

@@ -12,7 +12,6 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"io"
 	"log/slog"
@@ -31,6 +30,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/testutil"
 	"github.com/actiond/actiond/internal/vmtest"
 	"github.com/actiond/actiond/vmhost"
@@ -437,16 +437,30 @@ func testVMTarRuntimes(t *testing.T, arch string) {
 	}
 }
 
+// preparedBoot is the amd64 payload with a copy of its CAS image on which
+// the payload's runtimes are prepared (once, see internal/vmtest), for
+// tests that boot it, once or again on the same disk.
+type preparedBoot struct{ initrd, kernel, runtimes, casImage string }
+
+func newPreparedBoot(t *testing.T) preparedBoot {
+	t.Helper()
+	p := vmPayload(t, "amd64")
+	b := preparedBoot{initrd: testInitrd(t, p, "amd64"), kernel: p.Kernel, runtimes: p.Runtimes, casImage: filepath.Join(t.TempDir(), "cas.img")}
+	vmtest.CopyPreparedCASImage(t, "amd64", b.casImage)
+	return b
+}
+
+// boot boots it and waits for the guest's server.
+func (b preparedBoot) boot(t *testing.T) *testVM {
+	t.Helper()
+	return bootTestVM(t, "amd64", b.initrd, b.kernel, b.casImage, b.runtimes, "", true)
+}
+
 // TestVMCgroupLimits proves the memory and pids limits on the guest's pure
 // cgroup v2 (all controllers, unlike this host's): an allocation over
 // "memory" is OOM-killed and reported so, a fork bomb stays under "pids".
 func TestVMCgroupLimits(t *testing.T) {
-	p := vmPayload(t, "amd64")
-	initrd := testInitrd(t, p, "amd64")
-	// The payload's runtimes, prepared once (see internal/vmtest).
-	cas := filepath.Join(t.TempDir(), "cas.img")
-	vmtest.CopyPreparedCASImage(t, "amd64", cas)
-	v := bootTestVM(t, "amd64", initrd, p.Kernel, cas, p.Runtimes, "", true)
+	v := newPreparedBoot(t).boot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
@@ -492,11 +506,8 @@ func TestVMCgroupLimits(t *testing.T) {
 // a damaged one fails the read, and the test), every blob of the first
 // batch is there, and those it lost can be uploaded again.
 func TestVMWriteBackPowerCut(t *testing.T) {
-	p := vmPayload(t, "amd64")
-	initrd := testInitrd(t, p, "amd64")
-	cas := filepath.Join(t.TempDir(), "cas.img")
-	vmtest.CopyPreparedCASImage(t, "amd64", cas)
-	v := bootTestVM(t, "amd64", initrd, p.Kernel, cas, p.Runtimes, "", true)
+	b := newPreparedBoot(t)
+	v := b.boot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
@@ -507,7 +518,7 @@ func TestVMWriteBackPowerCut(t *testing.T) {
 		var batch []*repb.BatchUpdateBlobsRequest_Request
 		for i := from; i < from+n; i++ {
 			data := testutil.Data(7000+i, 1000+37*i)
-			d := &repb.Digest{Hash: fmt.Sprintf("%x", sha256.Sum256(data)), SizeBytes: int64(len(data))}
+			d := cas.DigestOf(data).Proto()
 			batch = append(batch, &repb.BatchUpdateBlobsRequest_Request{Digest: d, Data: data})
 			digests = append(digests, d)
 		}
@@ -528,7 +539,7 @@ func TestVMWriteBackPowerCut(t *testing.T) {
 	upload(early, late)
 	v.kill()
 
-	v = bootTestVM(t, "amd64", initrd, p.Kernel, cas, p.Runtimes, "", true)
+	v = b.boot(t)
 	if m := regexp.MustCompile(`CAS: (unclean stop before a reboot|checked the blobs placed after the last flush)[^\n]*`).FindAllString(v.console.String(), -1); len(m) == 0 {
 		t.Error("the boot after the power cut did not check the blobs placed after the last flush")
 	} else {

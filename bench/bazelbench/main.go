@@ -194,6 +194,13 @@ func (b *bench) analyseThenTime(want string, args []string) (time.Duration, map[
 // the actiond server (with its helpers and commands).
 type cpuUse struct{ client, server time.Duration }
 
+// addRun records one timed build, with its CPU, in m.
+func addRun(m *benchutil.Measurement, took time.Duration, p map[string]int, use cpuUse) {
+	m.Add(took, p)
+	m.ClientCPUMs = append(m.ClientCPUMs, benchutil.Ms(use.client))
+	m.ServerCPUMs = append(m.ServerCPUMs, benchutil.Ms(use.server))
+}
+
 // analyseThenTimeCPU is analyseThenTime that also measures cpuUse; srv is
 // nil for builds that do not use actiond.
 func (b *bench) analyseThenTimeCPU(want string, args []string, srv *benchutil.Server) (time.Duration, map[string]int, cpuUse, error) {
@@ -293,9 +300,7 @@ func (b *bench) genrules() ([]benchutil.Measurement, error) {
 				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, trivialCount)
 			}
 			if run > 0 {
-				ms[i].Add(took, p)
-				ms[i].ClientCPUMs = append(ms[i].ClientCPUMs, benchutil.Ms(use.client))
-				ms[i].ServerCPUMs = append(ms[i].ServerCPUMs, benchutil.Ms(use.server))
+				addRun(&ms[i], took, p, use)
 			}
 		}
 	}

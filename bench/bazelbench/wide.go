@@ -94,9 +94,7 @@ func (b *bench) wide() ([]benchutil.Measurement, error) {
 				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, wideRules)
 			}
 			if run > 0 {
-				ms[i].Add(took, p)
-				ms[i].ClientCPUMs = append(ms[i].ClientCPUMs, benchutil.Ms(use.client))
-				ms[i].ServerCPUMs = append(ms[i].ServerCPUMs, benchutil.Ms(use.server))
+				addRun(&ms[i], took, p, use)
 			}
 		}
 	}
