@@ -1,9 +1,13 @@
 package fs
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/cas"
 	"github.com/actiond/actiond/internal/lru"
@@ -26,12 +30,40 @@ type blobFiles struct {
 	idle  lru.Cache[cas.Digest, *blobFile] // the files with refs == 0; cost 1 each
 }
 
+// blobFile is an open blob. Its descriptor is a raw one, not an *os.File:
+// os.Open tries (and fails) to register a regular file with the runtime's
+// poller, three system calls more per opened input, which is a tenth of
+// what serving a small input costs. The descriptor is closed only once no
+// handle refers to it (refs), and the kernel releases a handle only after
+// its reads were answered, so no read can use a closed (or reused) one.
 type blobFile struct {
 	d    cas.Digest
-	f    *os.File
+	fd   int
 	refs int
 	gone bool // quarantined: close when the last user releases it
 }
+
+// readAt reads len(p) bytes at off, fewer only at the end of the blob
+// (then with io.EOF, as os.File.ReadAt).
+func (bf *blobFile) readAt(p []byte, off int64) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pread(bf.fd, p[done:], off+int64(done))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return done, &os.PathError{Op: "read", Path: "blob " + bf.d.String(), Err: err}
+		}
+		if n == 0 {
+			return done, io.EOF
+		}
+		done += n
+	}
+	return done, nil
+}
+
+func (bf *blobFile) close() { unix.Close(bf.fd) }
 
 func newBlobFiles(store cas.LocalStore, max int) *blobFiles {
 	b := &blobFiles{store: store, max: max, files: make(map[cas.Digest]*blobFile)}
@@ -52,7 +84,7 @@ func (b *blobFiles) dropQuarantined(d cas.Digest) {
 	delete(b.files, d)
 	if bf.refs == 0 {
 		b.idle.Remove(d)
-		bf.f.Close()
+		bf.close()
 		return
 	}
 	bf.gone = true
@@ -71,18 +103,18 @@ func (b *blobFiles) acquire(d cas.Digest) (*blobFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(p)
+	fd, err := openBlob(p)
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", d, err)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if bf, ok := b.files[d]; ok { // opened concurrently
-		f.Close()
+		unix.Close(fd)
 		b.use(bf)
 		return bf, nil
 	}
-	bf := &blobFile{d: d, f: f, refs: 1}
+	bf := &blobFile{d: d, fd: fd, refs: 1}
 	b.files[d] = bf
 	return bf, nil
 }
@@ -96,7 +128,7 @@ func (b *blobFiles) release(bf *blobFile) {
 		return
 	}
 	if bf.gone {
-		bf.f.Close()
+		bf.close()
 		return
 	}
 	b.idle.Add(bf.d, bf, 1)
@@ -116,7 +148,21 @@ func (b *blobFiles) use(bf *blobFile) {
 // held.
 func (b *blobFiles) closeIdleFile(d cas.Digest, bf *blobFile) {
 	delete(b.files, d)
-	bf.f.Close()
+	bf.close()
+}
+
+// openBlob opens a blob file for reading.
+func openBlob(path string) (int, error) {
+	for {
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return -1, &os.PathError{Op: "open", Path: path, Err: err}
+		}
+		return fd, nil
+	}
 }
 
 // closeIdle closes every file nobody uses.

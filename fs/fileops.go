@@ -204,19 +204,19 @@ func (afs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error
 func (afs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error {
 	afs.mu.Lock()
 	h := afs.handles[op.Handle]
-	var f *os.File
+	var readAt func([]byte, int64) (int, error)
 	if h != nil {
 		if h.blob != nil {
-			f = h.blob.f
-		} else {
-			f = h.n.f
+			readAt = h.blob.readAt
+		} else if h.n.f != nil {
+			readAt = h.n.f.ReadAt
 		}
 	}
 	afs.mu.Unlock()
 	if h == nil {
 		return syscall.EBADF
 	}
-	if f == nil { // the empty blob
+	if readAt == nil { // the empty blob
 		return nil
 	}
 	dst := op.Dst
@@ -227,7 +227,7 @@ func (afs *actionFS) ReadFile(ctx context.Context, op *fuseops.ReadFileOp) error
 		pooled = readBufs.Get().(*[]byte)
 		dst = (*pooled)[:min(op.Size, int64(len(*pooled)))]
 	}
-	n, err := f.ReadAt(dst, op.Offset)
+	n, err := readAt(dst, op.Offset)
 	if err != nil && err != io.EOF {
 		if pooled != nil {
 			readBufs.Put(pooled)
