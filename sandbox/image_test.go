@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -139,4 +140,102 @@ func TestLoadRuntimes(t *testing.T) {
 			t.Errorf("%d mounts left on %s after Close", n, name)
 		}
 	}
+}
+
+// TestKeptHelperRootTemplate: a kept helper builds the part of its actions'
+// roots that does not depend on the action once per runtime, and each
+// action's root starts as a copy of it. Actions on the same runtime share
+// that read-only base but get /tmp of their own, and the base follows the
+// runtime: another runtime, or a rebuilt image of the same one, is seen by
+// the next action on the same helper.
+func TestKeptHelperRootTemplate(t *testing.T) {
+	testutil.RequireRoot(t)
+	_, err := exec.LookPath("mksquashfs")
+	testutil.Require(t, err == nil, "needs mksquashfs (Debian package squashfs-tools)")
+	images, mnt := t.TempDir(), t.TempDir()
+	makeImage(t, filepath.Join(images, "tiny.squashfs"), map[string]string{"os-release": "ID=tiny\n"})
+	t.Cleanup(func() {
+		for mountCount(t, filepath.Join(mnt, "tiny")) > 0 {
+			if exec.Command("umount", "-l", filepath.Join(mnt, "tiny")).Run() != nil {
+				break
+			}
+		}
+	})
+	rts, err := sandbox.LoadRuntimes(images, mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No prestarted helpers: the helper started for the first action is
+	// the only idle one when each next one comes.
+	sb := newSandboxWith(t, sandbox.Config{Runtimes: append(rts, sandbox.HostRuntime()), PrestartedHelpers: -1})
+	root := newExecRoot(t, true)
+	lastPID := 0
+	probe := func(rt string, args ...string) string {
+		t.Helper()
+		s := spec(t, root, append([]string{"./probe"}, args...)...)
+		s.Runtime = rt
+		return mustSucceed(t, sb, s)
+	}
+	// born returns when the action's / and /tmp were created (device
+	// numbers of freed file systems are reused, birth times are not), and
+	// checks that the helper was kept (pids grow in its PID namespace).
+	born := func(rt string) (string, string) {
+		t.Helper()
+		f := strings.Fields(probe(rt, "btime", "/", "/tmp"))
+		if len(f) != 3 {
+			t.Fatalf("probe btime printed %q", f)
+		}
+		pid, err := strconv.Atoi(strings.TrimPrefix(f[2], "pid="))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pid <= lastPID {
+			t.Fatalf("probe's pid %d after %d: the helper was not kept, so this test proves nothing", pid, lastPID)
+		}
+		lastPID = pid
+		return f[0], f[1]
+	}
+	if got := probe("tiny", "cat", "/etc/os-release"); got != "ID=tiny\n" {
+		t.Fatalf("/etc/os-release = %q", got)
+	}
+	root1, tmp1 := born("tiny")
+	root2, tmp2 := born("tiny")
+	if root1 != root2 {
+		t.Errorf("two actions on one runtime and helper have roots made at %s and %s: the template was not used", root1, root2)
+	}
+	if tmp1 == tmp2 {
+		t.Errorf("two actions share /tmp (made at %s)", tmp1)
+	}
+	// The shared base is read-only: nothing an action leaves there can
+	// reach the next one.
+	for _, p := range []string{"/left", "/etc/left", "/dev/left", "/etc/hosts"} {
+		s := spec(t, root, "./probe", "write", p, "left")
+		s.Runtime = "tiny"
+		if res, _, _ := run(t, sb, s); res.ExitCode == 0 {
+			t.Errorf("an action wrote %s", p)
+		}
+		if got := probe("tiny", "exists", p); p != "/etc/hosts" && got != "false\n" {
+			t.Errorf("%s, written by the previous action, exists", p)
+		}
+	}
+	if got := probe("host", "cat", "/etc/hosts"); got != "127.0.0.1\tlocalhost\n::1\tlocalhost\n" {
+		t.Errorf("host runtime after tiny: /etc/hosts = %q", got)
+	}
+	hostRoot, _ := born("host")
+	if hostRoot == root2 {
+		t.Errorf("the host runtime's action has the tiny runtime's root (made at %s)", hostRoot)
+	}
+	if got := probe("tiny", "cat", "/etc/os-release"); got != "ID=tiny\n" {
+		t.Errorf("tiny after host: /etc/os-release = %q", got)
+	}
+
+	// A rebuilt image, loaded again under the same name and path.
+	makeImage(t, filepath.Join(images, "tiny.squashfs"), map[string]string{"os-release": "ID=tiny2\n"})
+	if _, err := sandbox.LoadRuntimes(images, mnt); err != nil {
+		t.Fatal(err)
+	}
+	if got := probe("tiny", "cat", "/etc/os-release"); got != "ID=tiny2\n" {
+		t.Errorf("after rebuilding the image: /etc/os-release = %q; want the new one", got)
+	}
+	born("tiny") // still the same helper
 }

@@ -134,6 +134,13 @@ func helperMain() int {
 			return report(&Status{Error: err.Error()})
 		}
 	}
+	// A kept helper builds the part of its actions' roots they all share
+	// once (see template); one started for a single action builds all of
+	// its root in the action's namespace.
+	var tpl *template
+	if os.Getenv(PrestartEnv) == "1" {
+		tpl = &template{}
+	}
 	var nproc unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NPROC, &nproc); err != nil {
 		return report(&Status{Error: fmt.Sprintf("RLIMIT_NPROC: %v", err)})
@@ -152,14 +159,27 @@ func helperMain() int {
 		}
 		// An action that could not be set up may have left its thread's
 		// state half made: end the helper rather than reuse it.
-		if code := report(runAction(s, files)); code != 0 {
+		if code := report(runAction(s, files, tpl)); code != 0 {
 			return code
 		}
 	}
 }
 
 // runAction runs one command and, once it has ended, everything it left.
-func runAction(spec *Spec, files map[string]int) *Status {
+// With tpl, the action's root starts from the helper's template.
+func runAction(spec *Spec, files map[string]int, tpl *template) *Status {
+	var generated []string // with tpl: the generated /etc files
+	if tpl != nil {
+		// In the helper's own mount namespace, which the action's is
+		// copied from.
+		var err error
+		if generated, err = tpl.ensure(spec, files); err != nil {
+			for _, fd := range files {
+				unix.Close(fd)
+			}
+			return &Status{Error: err.Error()}
+		}
+	}
 	type started struct {
 		pid int
 		st  *Status
@@ -170,7 +190,7 @@ func runAction(spec *Spec, files map[string]int) *Status {
 		// and dropped privileges, so the runtime ends it with this
 		// goroutine instead of reusing it.
 		runtime.LockOSThread()
-		pid, st := startCommand(spec, files)
+		pid, st := startCommand(spec, files, tpl != nil, generated)
 		ch <- started{pid, st}
 	}()
 	s := <-ch
@@ -201,7 +221,9 @@ func runAction(spec *Spec, files map[string]int) *Status {
 // thread, which must be locked to its goroutine and never used again,
 // drops the thread's privileges and forks the command from it. It returns
 // the command's pid, or the status of an action that could not start.
-func startCommand(spec *Spec, files map[string]int) (int, *Status) {
+// With templated, the base of the root is already at spec.RootDir (see
+// template) and generated names the files of spec.EtcDir.
+func startCommand(spec *Spec, files map[string]int, templated bool, generated []string) (int, *Status) {
 	fail := func(err error) (int, *Status) { return 0, &Status{Error: err.Error()} }
 	// The parent moved the helper into the action's cgroups before sending
 	// the spec: rooting a cgroup namespace there makes the command see its
@@ -223,7 +245,16 @@ func startCommand(spec *Spec, files map[string]int) (int, *Status) {
 		trees.runtime = fd
 		delete(files, FileRuntime)
 	}
-	if err := buildRoot(spec, trees); err != nil {
+	build := func() error { return buildRoot(spec, trees) }
+	if templated {
+		build = func() error {
+			if err := makePrivate(); err != nil {
+				return err
+			}
+			return finishRoot(spec, trees.execRoot, generated)
+		}
+	}
+	if err := build(); err != nil {
 		return fail(err)
 	}
 	wd := join(spec.ExecRootMount, spec.WorkingDirectory)

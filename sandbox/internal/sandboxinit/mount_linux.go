@@ -37,10 +37,37 @@ const (
 // trees holds detached mount trees (see Spec.Files) to use instead of the
 // paths spec.ExecRoot and spec.Runtime.Root, or -1.
 func buildRoot(spec *Spec, trees treeFDs) error {
-	// Nothing below may propagate back to the host.
+	if err := makePrivate(); err != nil {
+		return err
+	}
+	if err := buildBase(spec, trees.runtime); err != nil {
+		return err
+	}
+	generated, err := generatedEtcNames(spec.EtcDir)
+	if err != nil {
+		return err
+	}
+	return finishRoot(spec, trees.execRoot, generated)
+}
+
+// makePrivate makes every mount of the calling thread's mount namespace
+// private: nothing mounted in it may propagate back to the host.
+func makePrivate() error {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return fmt.Errorf("making / private: %w", err)
 	}
+	return nil
+}
+
+// buildBase builds, at spec.RootDir, the part of an action's root that does
+// not depend on the action: a read-only tmpfs with the runtime's system
+// directories, /etc (with empty files where the generated ones go), /dev
+// (without /dev/shm), and the mount points of what finishRoot adds. A kept
+// helper builds it once per runtime as its template (see template) and each
+// action's mount namespace starts with a copy of it.
+//
+// runtimeFD is a detached tree of spec.Runtime.Root, or -1.
+func buildBase(spec *Spec, runtimeFD int) error {
 	root := spec.RootDir
 	if err := mountTmpfs(root, "mode=0755,size=1m", unix.MS_NOSUID|unix.MS_NODEV); err != nil {
 		return err
@@ -48,15 +75,17 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 	// A runtime tree is moved to a scratch point in the new root while
 	// its entries are bound, then removed.
 	runtimeStage := ""
-	if trees.runtime >= 0 {
+	if runtimeFD >= 0 {
 		runtimeStage = join(root, ".actiond-runtime")
 		if err := os.Mkdir(runtimeStage, 0o700); err != nil {
 			return err
 		}
-		if err := attachTree(trees.runtime, runtimeStage); err != nil {
+		if err := attachTree(runtimeFD, runtimeStage); err != nil {
 			return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
 		}
-		spec.Runtime.Root = runtimeStage
+		rt := spec.Runtime
+		rt.Root = runtimeStage
+		spec = &Spec{RootDir: spec.RootDir, EtcDir: spec.EtcDir, Runtime: rt, ExecRootMount: spec.ExecRootMount}
 	}
 	steps := []func() error{
 		func() error { return mountRuntime(root, spec) },
@@ -70,13 +99,37 @@ func buildRoot(spec *Spec, trees treeFDs) error {
 			}
 			return os.Remove(runtimeStage)
 		},
-		func() error { return mountExecRoot(root, spec, trees.execRoot) },
-		func() error { return mountDev(root, spec.TmpSize) },
+		func() error { return os.MkdirAll(join(root, spec.ExecRootMount), 0o755) },
+		func() error { return os.Mkdir(join(root, "tmp"), 0o755) },
+		func() error { return os.Mkdir(join(root, "proc"), 0o755) },
+		func() error { return mountDev(root) },
+		func() error { return setAttr(root, false, attrReadOnly) },
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// finishRoot adds what is the action's own to the base at spec.RootDir
+// (see buildBase): the generated /etc files (named in generated), the
+// execroot, /tmp, /dev/shm and /proc. Then it pivots into the root.
+//
+// execRootFD is a detached tree of spec.ExecRoot, or -1.
+func finishRoot(spec *Spec, execRootFD int, generated []string) error {
+	root := spec.RootDir
+	steps := []func() error{
+		func() error { return bindGeneratedEtc(root, spec.EtcDir, generated) },
+		func() error { return mountExecRoot(root, spec, execRootFD) },
+		func() error {
+			return mountTmpfs(join(root, "dev", "shm"), tmpOptions(spec.TmpSize), unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC)
+		},
 		func() error {
 			return mountTmpfs(join(root, "tmp"), tmpOptions(spec.TmpSize), unix.MS_NOSUID|unix.MS_NODEV)
 		},
 		func() error { return mountProc(join(root, "proc")) },
-		func() error { return setAttr(root, false, attrReadOnly) },
 		func() error { return pivot(root) },
 	}
 	for _, step := range steps {
@@ -138,19 +191,17 @@ func mountRuntime(root string, spec *Spec) error {
 }
 
 // mountEtc provides /etc: the runtime's /etc (for the host runtime only
-// ld.so.cache and alternatives) with the files of spec.EtcDir over it.
+// ld.so.cache and alternatives), with an empty file (or the runtime's own)
+// where each generated file of spec.EtcDir goes; bindGeneratedEtc binds
+// them there.
 func mountEtc(root string, spec *Spec) error {
 	etc := join(root, "etc")
 	if err := os.Mkdir(etc, 0o755); err != nil {
 		return err
 	}
-	genEntries, err := os.ReadDir(spec.EtcDir)
+	generated, err := generatedEtcNames(spec.EtcDir)
 	if err != nil {
-		return fmt.Errorf("generated /etc: %w", err)
-	}
-	var generated []string
-	for _, e := range genEntries {
-		generated = append(generated, e.Name())
+		return err
 	}
 	var src string
 	var names []string
@@ -160,17 +211,9 @@ func mountEtc(root string, spec *Spec) error {
 	default:
 		src = join(spec.Runtime.Root, "etc")
 		if hasRegularFiles(src, generated) {
-			// The common case: bind the runtime's /etc whole and the
-			// generated files over their namesakes.
-			if err := bind(src, etc, attrReadOnly); err != nil {
-				return err
-			}
-			for _, name := range generated {
-				if err := bind(join(spec.EtcDir, name), join(etc, name), attrReadOnly); err != nil {
-					return err
-				}
-			}
-			return nil
+			// The common case: bind the runtime's /etc whole; the
+			// generated files go over their namesakes.
+			return bind(src, etc, attrReadOnly)
 		}
 		// Otherwise build /etc entry by entry.
 		entries, err := os.ReadDir(src)
@@ -182,7 +225,7 @@ func mountEtc(root string, spec *Spec) error {
 		}
 	}
 	for _, name := range generated {
-		if err := bindEntry(join(spec.EtcDir, name), join(etc, name), attrReadOnly); err != nil {
+		if err := createFile(join(etc, name)); err != nil {
 			return err
 		}
 	}
@@ -195,6 +238,30 @@ func mountEtc(root string, spec *Spec) error {
 		}
 	}
 	return nil
+}
+
+// bindGeneratedEtc binds the files named generated of etcDir over their
+// places in /etc (see mountEtc).
+func bindGeneratedEtc(root, etcDir string, generated []string) error {
+	for _, name := range generated {
+		if err := bind(join(etcDir, name), join(root, "etc", name), attrReadOnly); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// generatedEtcNames lists the generated /etc files in dir.
+func generatedEtcNames(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("generated /etc: %w", err)
+	}
+	names := make([]string, len(entries))
+	for i, e := range entries {
+		names[i] = e.Name()
+	}
+	return names, nil
 }
 
 func hasRegularFiles(dir string, names []string) bool {
@@ -262,9 +329,9 @@ func tmpOptions(size int64) string {
 	return "mode=1777"
 }
 
-// mountDev builds a minimal read-only /dev with a writable /dev/shm of
-// shmSize bytes.
-func mountDev(root string, shmSize int64) error {
+// mountDev builds a minimal read-only /dev, with an empty shm directory
+// for finishRoot's writable /dev/shm.
+func mountDev(root string) error {
 	dev := join(root, "dev")
 	if err := mountTmpfs(dev, "mode=0755,size=64k", unix.MS_NOSUID|unix.MS_NOEXEC|unix.MS_NODEV); err != nil {
 		return err
@@ -280,7 +347,7 @@ func mountDev(root string, shmSize int64) error {
 			return err
 		}
 	}
-	if err := mountTmpfs(join(dev, "shm"), tmpOptions(shmSize), unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC); err != nil {
+	if err := os.Mkdir(join(dev, "shm"), 0o755); err != nil {
 		return err
 	}
 	return setAttr(dev, false, unix.MOUNT_ATTR_RDONLY|unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NOEXEC|unix.MOUNT_ATTR_NODEV)
@@ -334,15 +401,22 @@ func bindEntry(src, dst string, attr uint64) error {
 			return err
 		}
 	default:
-		// A raw open: os.OpenFile would also try the poller (two more
-		// system calls), and WriteFile a write of nothing.
-		fd, err := unix.Open(dst, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
-		if err != nil {
-			return &os.PathError{Op: "create", Path: dst, Err: err}
+		if err := createFile(dst); err != nil {
+			return err
 		}
-		unix.Close(fd)
 	}
 	return bind(src, dst, attr)
+}
+
+// createFile creates an empty file (a mount point) at path. A raw open:
+// os.OpenFile would also try the poller (two more system calls), and
+// WriteFile a write of nothing.
+func createFile(path string) error {
+	fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o644)
+	if err != nil {
+		return &os.PathError{Op: "create", Path: path, Err: err}
+	}
+	return unix.Close(fd)
 }
 
 // bind bind-mounts src (recursively) on the existing dst and applies attr to

@@ -34,6 +34,16 @@ func main() {
 	case "exists":
 		_, err := os.Lstat(args[0])
 		fmt.Println(err == nil)
+	case "btime": // when paths were created, and the probe's pid
+		for _, p := range args {
+			var stx unix.Statx_t
+			check(unix.Statx(unix.AT_FDCWD, p, 0, unix.STATX_BTIME, &stx))
+			if stx.Mask&unix.STATX_BTIME == 0 {
+				fail(p + ": no birth time")
+			}
+			fmt.Printf("%s=%d.%09d ", p, stx.Btime.Sec, stx.Btime.Nsec)
+		}
+		fmt.Printf("pid=%d\n", os.Getpid())
 	case "id":
 		fmt.Printf("uid=%d euid=%d gid=%d egid=%d groups=%v\n", os.Getuid(), os.Geteuid(), os.Getgid(), os.Getegid(), must(os.Getgroups()))
 	case "syscalls":
