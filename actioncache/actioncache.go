@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -31,6 +32,20 @@ type Cache interface {
 // ErrNotFound is wrapped when there is no usable result.
 var ErrNotFound = errors.New("action result not found")
 
+// WriteBehind is a Cache that can also record a result without waiting for
+// it to reach the disk. The executor records the results of the actions it
+// ran this way: the client already has the result, and an entry lost to a
+// crash is only a cache miss, while waiting for the commit (two fdatasyncs
+// in bbolt; in the VM guest two flushes of the disk image on the host) would
+// add to every action's latency.
+type WriteBehind interface {
+	Cache
+	// PutBehind records result like Put but may return before it is
+	// durable. Until it is, Get returns it from memory. A commit that
+	// fails is reported to onError (if not nil) and the result is dropped.
+	PutBehind(action cas.Digest, result *repb.ActionResult, onError func(error)) error
+}
+
 var bucket = []byte("ac")
 
 // BoltCache is a Cache in a bbolt file, checked against a CAS.
@@ -40,6 +55,18 @@ type BoltCache struct {
 	hits   atomic.Int64
 	misses atomic.Int64
 	limits atomic.Pointer[Limits]
+
+	// Results recorded by PutBehind and not yet committed.
+	behindMu sync.Mutex
+	pending  map[string]*behindEntry // by key
+	writing  chan struct{}           // closed when the running writer ends; nil when none runs
+	closed   bool
+}
+
+// behindEntry is a result waiting for its commit.
+type behindEntry struct {
+	data    []byte
+	onError func(error)
 }
 
 // Limits are the limits Get checks results within (DefaultLimits unless
@@ -72,23 +99,121 @@ func Open(path string, store cas.Store) (*BoltCache, error) {
 	return &BoltCache{db: db, store: store}, nil
 }
 
-// Close closes the database.
-func (c *BoltCache) Close() error { return c.db.Close() }
+// Close commits what PutBehind recorded and closes the database.
+func (c *BoltCache) Close() error {
+	c.behindMu.Lock()
+	c.closed = true
+	c.behindMu.Unlock()
+	c.Flush()
+	return c.db.Close()
+}
+
+var _ WriteBehind = (*BoltCache)(nil)
+
+// PutBehind implements WriteBehind. Results recorded while a commit runs
+// are committed together in the next one: one transaction (and its syncs)
+// for all the actions that finished meanwhile.
+func (c *BoltCache) PutBehind(action cas.Digest, result *repb.ActionResult, onError func(error)) error {
+	data, err := proto.Marshal(result)
+	if err != nil {
+		return fmt.Errorf("encode result of %s: %w", action, err)
+	}
+	c.behindMu.Lock()
+	defer c.behindMu.Unlock()
+	if c.closed {
+		return fmt.Errorf("store result of %s: action cache closed", action)
+	}
+	if c.pending == nil {
+		c.pending = make(map[string]*behindEntry)
+	}
+	c.pending[string(key(action))] = &behindEntry{data: data, onError: onError}
+	if c.writing == nil {
+		c.writing = make(chan struct{})
+		go c.writeBehind(c.writing)
+	}
+	return nil
+}
+
+// writeBehind commits pending results until there are none, then closes
+// done.
+func (c *BoltCache) writeBehind(done chan struct{}) {
+	for {
+		c.behindMu.Lock()
+		if len(c.pending) == 0 {
+			c.writing = nil
+			c.behindMu.Unlock()
+			close(done)
+			return
+		}
+		batch := make(map[string]*behindEntry, len(c.pending))
+		for k, e := range c.pending {
+			batch[k] = e
+		}
+		c.behindMu.Unlock()
+		err := c.db.Update(func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucket)
+			for k, e := range batch {
+				if err := b.Put([]byte(k), e.data); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		c.behindMu.Lock()
+		for k, e := range batch {
+			if c.pending[k] == e { // not replaced by a newer result meanwhile
+				delete(c.pending, k)
+			}
+		}
+		c.behindMu.Unlock()
+		if err != nil {
+			for k, e := range batch {
+				if e.onError != nil {
+					e.onError(fmt.Errorf("store result of %s: %w", k, storeErr(err)))
+				}
+			}
+		}
+	}
+}
+
+// Flush waits until every result PutBehind recorded before it was called
+// is committed (or failed).
+func (c *BoltCache) Flush() {
+	for {
+		c.behindMu.Lock()
+		done := c.writing
+		c.behindMu.Unlock()
+		if done == nil {
+			return
+		}
+		<-done
+	}
+}
 
 func key(d cas.Digest) []byte { return []byte(d.String()) }
 
 // Get implements Cache.
 func (c *BoltCache) Get(ctx context.Context, action cas.Digest) (*repb.ActionResult, error) {
+	// An empty result (exit 0, nothing else) encodes as no bytes: found
+	// tells it from none.
 	var data []byte
-	if err := c.db.View(func(tx *bolt.Tx) error {
-		if v := tx.Bucket(bucket).Get(key(action)); v != nil {
-			data = append([]byte(nil), v...)
-		}
-		return nil
-	}); err != nil {
-		return nil, fmt.Errorf("read action cache: %w", err)
+	found := false
+	c.behindMu.Lock()
+	if e := c.pending[string(key(action))]; e != nil {
+		data, found = e.data, true // never changed once recorded
 	}
-	if data == nil {
+	c.behindMu.Unlock()
+	if !found {
+		if err := c.db.View(func(tx *bolt.Tx) error {
+			if v := tx.Bucket(bucket).Get(key(action)); v != nil {
+				data, found = append([]byte(nil), v...), true
+			}
+			return nil
+		}); err != nil {
+			return nil, fmt.Errorf("read action cache: %w", err)
+		}
+	}
+	if !found {
 		c.misses.Add(1)
 		return nil, fmt.Errorf("action %s: %w", action, ErrNotFound)
 	}
@@ -124,12 +249,17 @@ func (c *BoltCache) Put(_ context.Context, action cas.Digest, result *repb.Actio
 	if err := c.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucket).Put(key(action), data)
 	}); err != nil {
-		if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-			return fmt.Errorf("store result of %s: %w: %w", action, cas.ErrNoSpace, err)
-		}
-		return fmt.Errorf("store result of %s: %w", action, err)
+		return fmt.Errorf("store result of %s: %w", action, storeErr(err))
 	}
 	return nil
+}
+
+// storeErr marks a commit that failed for want of space as cas.ErrNoSpace.
+func storeErr(err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		return fmt.Errorf("%w: %w", cas.ErrNoSpace, err)
+	}
+	return err
 }
 
 // Stats are lookup counts since start.
@@ -138,8 +268,10 @@ type Stats struct {
 	Entries      int
 }
 
-// Stats returns hit and miss counts and the number of stored results.
+// Stats returns hit and miss counts and the number of stored results
+// (once what PutBehind recorded is committed).
 func (c *BoltCache) Stats() Stats {
+	c.Flush()
 	s := Stats{Hits: c.hits.Load(), Misses: c.misses.Load()}
 	c.db.View(func(tx *bolt.Tx) error {
 		s.Entries = tx.Bucket(bucket).Stats().KeyN

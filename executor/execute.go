@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/actiond/actiond/actioncache"
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -406,9 +407,7 @@ func (e *Executor) respond(ctx context.Context, x *execution, s *staging, run *R
 		return resp, nil
 	}
 	if run.ExitCode == 0 && !x.action.DoNotCache {
-		if err := e.opts.Cache.Put(ctx, x.req.ActionDigest, result); err != nil {
-			e.log.Warn("store action result", "action", x.req.ActionDigest.String(), "err", err)
-		}
+		e.storeResult(ctx, x.req.ActionDigest, result)
 	}
 	resp.Result = e.inlineStreams(ctx, result)
 	e.log.Debug("action done", "action", x.req.ActionDigest.String(), "exit", run.ExitCode,
@@ -478,6 +477,22 @@ func (e *Executor) stageErr(ctx context.Context, err error, timeout time.Duratio
 		return status.Errorf(codes.DeadlineExceeded, "action timed out after %s while fetching and staging its inputs (the timeout counts from the start of input staging)", timeout)
 	}
 	return err
+}
+
+// storeResult records the result of an action that ran in the
+// ActionCache, behind the response where the cache can (see
+// actioncache.WriteBehind). A failure only costs a later cache miss.
+func (e *Executor) storeResult(ctx context.Context, action cas.Digest, result *repb.ActionResult) {
+	warn := func(err error) { e.log.Warn("store action result", "action", action.String(), "err", err) }
+	var err error
+	if wb, ok := e.opts.Cache.(actioncache.WriteBehind); ok {
+		err = wb.PutBehind(action, result, warn)
+	} else {
+		err = e.opts.Cache.Put(ctx, action, result)
+	}
+	if err != nil {
+		warn(err)
+	}
 }
 
 func (e *Executor) serverLog(req Request, plat Platform, inputRoot string, tree *InputTree, run *RunResult) string {
