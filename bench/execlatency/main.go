@@ -163,9 +163,12 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	// The server's CPU over the measured runs is its actions' alone (the
 	// other subjects run in processes of their own): server, helpers and
 	// commands, which it reaps.
-	var cpu0 time.Duration
+	var cpu0, own0 time.Duration
 	if srv != nil {
 		var err error
+		if own0, _, err = srv.SplitCPU(); err != nil {
+			return err
+		}
 		if cpu0, err = srv.CPU(); err != nil {
 			return err
 		}
@@ -184,11 +187,16 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 		if err != nil {
 			return err
 		}
+		own1, _, err := srv.SplitCPU()
+		if err != nil {
+			return err
+		}
 		res.ServerCPUPerAction = float64((cpu1 - cpu0).Microseconds()) / 1e3 / float64(n)
+		res.ActiondCPUPerAction = float64((own1 - own0).Microseconds()) / 1e3 / float64(n)
 	}
 	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s; %d inputs)\n", n, res.Load, res.InputRoot, inputs)
 	if srv != nil {
-		fmt.Printf("actiond CPU per action (server, helpers and commands): %.2f ms\n", res.ServerCPUPerAction)
+		fmt.Printf("actiond CPU per action (server, helpers and commands): %.2f ms, of which server and helpers: %.2f ms\n", res.ServerCPUPerAction, res.ActiondCPUPerAction)
 	}
 	for _, s := range subjects {
 		st := benchutil.Summarise(s.name, s.samples)

@@ -40,6 +40,9 @@ type ExecResult struct {
 	// ServerCPUPerAction is the private server's CPU (its own, its
 	// helpers' and the commands') per measured action, in ms.
 	ServerCPUPerAction float64 `json:"server_cpu_ms_per_action,omitempty"`
+	// ActiondCPUPerAction is the part of ServerCPUPerAction that is the
+	// server's and its helpers' own, without the commands' (ms).
+	ActiondCPUPerAction float64 `json:"actiond_cpu_ms_per_action,omitempty"`
 }
 
 // BazelResult is the JSON output of bazelbench (bazel.json, compile.json);

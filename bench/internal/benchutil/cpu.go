@@ -47,34 +47,75 @@ func liveChildren(pid int) []int {
 	return kids
 }
 
+// ServerCPU splits ProcessCPU of a server whose children are its sandbox
+// helpers: server is the server's own time and its helpers' (those it
+// reaped included), commands the time of what the helpers ran, reaped by
+// them or still running. A command's process counts from its fork, so the
+// helper's last steps before exec (the uid switch, the exec) are the
+// command's.
+func ServerCPU(pid int) (server, commands time.Duration, err error) {
+	self, reaped, err := statTimes(pid)
+	if err != nil {
+		return 0, 0, err
+	}
+	server = self + reaped
+	for _, helper := range liveChildren(pid) {
+		hself, hreaped, err := statTimes(helper)
+		if err != nil {
+			continue // ended since it was listed: in the server's reaped time
+		}
+		server += hself
+		commands += hreaped
+		for _, cmd := range liveChildren(helper) {
+			if c, err := ProcessCPU(cmd); err == nil {
+				commands += c
+			}
+		}
+	}
+	return server, commands, nil
+}
+
 // statCPU is the CPU time of pid and its reaped children, from
 // /proc/PID/stat.
 func statCPU(pid int) (time.Duration, error) {
+	self, reaped, err := statTimes(pid)
+	return self + reaped, err
+}
+
+// statTimes is the CPU time of pid itself and that of its reaped children,
+// from /proc/PID/stat.
+func statTimes(pid int) (self, reaped time.Duration, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name (field 2) may hold spaces: fields count from ")".
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no ')' in %q", pid, s)
+		return 0, 0, fmt.Errorf("/proc/%d/stat: no ')' in %q", pid, s)
 	}
 	f := strings.Fields(s[i+1:])
 	// f[0] is field 3 (state); utime, stime, cutime, cstime are 14-17.
 	if len(f) < 15 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+		return 0, 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
 	}
-	var ticks int64
-	for _, field := range f[11:15] {
+	var ticks [4]int64
+	for j, field := range f[11:15] {
 		n, err := strconv.ParseInt(field, 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+			return 0, 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
 		}
-		ticks += n
+		ticks[j] = n
 	}
-	return time.Duration(ticks) * time.Second / clockTicks, nil
+	tick := func(n int64) time.Duration { return time.Duration(n) * time.Second / clockTicks }
+	return tick(ticks[0] + ticks[1]), tick(ticks[2] + ticks[3]), nil
 }
 
 // CPU is ProcessCPU of the server.
 func (s *Server) CPU() (time.Duration, error) { return ProcessCPU(s.cmd.Process.Pid) }
+
+// SplitCPU is ServerCPU of the server.
+func (s *Server) SplitCPU() (server, commands time.Duration, err error) {
+	return ServerCPU(s.cmd.Process.Pid)
+}

@@ -67,3 +67,44 @@ func TestProcessCPUCountsLiveChildren(t *testing.T) {
 		t.Errorf("our CPU grew by %v while a live child used %v", after-before, child)
 	}
 }
+
+// ServerCPU counts what a helper (our child) reaped from its commands as
+// the commands' time, not the server's.
+func TestServerCPUSplitsCommands(t *testing.T) {
+	_, before, err := ServerCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The "helper" runs a spinning "command", reaps it, then waits.
+	cmd := exec.Command("sh", "-c", `sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'; echo spun; read x`)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "spun\n" {
+		t.Fatalf("helper said %q, %v", line, err)
+	}
+	_, reaped, err := statTimes(cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reaped == 0 {
+		t.Fatal("the command used no CPU that /proc shows; spin longer")
+	}
+	_, after, err := ServerCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after-before < reaped {
+		t.Errorf("commands' CPU grew by %v while the helper reaped %v", after-before, reaped)
+	}
+}
