@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -244,11 +245,11 @@ func (e *Executor) stageRoot(ctx context.Context, x *execution, s *staging) erro
 	}
 	s.dir = dir
 	s.cleanups = append(s.cleanups, func() {
-		if err := os.RemoveAll(dir); err != nil {
+		if err := removeStage(dir); err != nil {
 			e.log.Warn("remove stage directory", "dir", dir, "err", err)
 		}
 	})
-	execRoot := filepath.Join(dir, "root")
+	execRoot := filepath.Join(dir, stageRootName)
 	inputRoot := e.opts.InputRoot
 	staged, err := stageInputs(s.ctx, inputRoot, e.opts.Store, s.tree, execRoot, StageOptions{MutatesInputs: x.plat.MutatesInputs, User: s.user})
 	if err != nil {
@@ -299,8 +300,8 @@ func (e *Executor) run(ctx context.Context, x *execution, s *staging) (*RunSpec,
 		Runtime:          x.plat.Runtime,
 		Limits:           x.plat.Limits,
 		Timeout:          remaining,
-		StdoutPath:       filepath.Join(s.dir, "stdout"),
-		StderrPath:       filepath.Join(s.dir, "stderr"),
+		StdoutPath:       filepath.Join(s.dir, stageStdoutName),
+		StderrPath:       filepath.Join(s.dir, stageStderrName),
 		User:             s.user,
 	}
 	x.md.ExecutionStartTimestamp = timestamppb.Now()
@@ -477,6 +478,27 @@ func (e *Executor) stageErr(ctx context.Context, err error, timeout time.Duratio
 		return status.Errorf(codes.DeadlineExceeded, "action timed out after %s while fetching and staging its inputs (the timeout counts from the start of input staging)", timeout)
 	}
 	return err
+}
+
+// The entries of a stage directory: the input root (which cleans up
+// after itself) and the command's output files.
+const (
+	stageRootName   = "root"
+	stageStdoutName = "stdout"
+	stageStderrName = "stderr"
+)
+
+// removeStage removes a stage directory, its usual entries by name first:
+// a generic os.RemoveAll costs a dozen more system calls per action
+// (failed unlink and rmdir attempts, opens, directory reads). Anything else
+// left (a root that could not clean up after itself) goes the generic way.
+func removeStage(dir string) error {
+	for _, name := range []string{stageStdoutName, stageStderrName, stageRootName, ""} {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return os.RemoveAll(dir)
+		}
+	}
+	return nil
 }
 
 // storeResult records the result of an action that ran in the
