@@ -152,7 +152,12 @@ func (c *BoltCache) writeBehind(done chan struct{}) {
 		c.behindMu.Unlock()
 		err := c.db.Update(func(tx *bolt.Tx) error {
 			b := tx.Bucket(bucket)
+			c.behindMu.Lock()
+			defer c.behindMu.Unlock()
 			for k, e := range batch {
+				if c.pending[k] != e {
+					continue // a Put replaced it: the newer result stands
+				}
 				if err := b.Put([]byte(k), e.data); err != nil {
 					return err
 				}
@@ -246,6 +251,12 @@ func (c *BoltCache) Put(_ context.Context, action cas.Digest, result *repb.Actio
 	if err != nil {
 		return fmt.Errorf("encode result of %s: %w", action, err)
 	}
+	// A result recorded behind for the same action is older: it must not
+	// be committed over this one (the writer checks under behindMu, in its
+	// transaction, which this one's follows if it is running).
+	c.behindMu.Lock()
+	delete(c.pending, string(key(action)))
+	c.behindMu.Unlock()
 	if err := c.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucket).Put(key(action), data)
 	}); err != nil {

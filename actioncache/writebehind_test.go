@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/actiond/actiond/cas"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -140,5 +142,48 @@ func TestPutBehindReportsAFailedCommit(t *testing.T) {
 		if err == nil {
 			t.Error("Get found the dropped result")
 		}
+	}
+}
+
+// A result stored with Put is newer than one recorded behind for the same
+// action and not yet committed: it stands.
+func TestPutReplacesAPendingResult(t *testing.T) {
+	c := openTestCache(t, filepath.Join(t.TempDir(), "ac.db"))
+	defer c.Close()
+	tx, err := c.db.Begin(true) // holds the writer
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, old := resultFor(1)
+	if err := c.PutBehind(d, old, nil); err != nil {
+		t.Fatal(err)
+	}
+	newer := &repb.ActionResult{ExitCode: 42}
+	put := make(chan error, 1)
+	go func() { put <- c.Put(context.Background(), d, newer) }()
+	// Put has dropped the pending result before it waits for the
+	// database; the writer then commits nothing over it, whichever of the
+	// two transactions comes first.
+	for start := time.Now(); ; runtime.Gosched() {
+		c.behindMu.Lock()
+		n := len(c.pending)
+		c.behindMu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Since(start) > 10*time.Second {
+			tx.Rollback()
+			t.Fatal("Put left the older result pending")
+		}
+	}
+	if err := tx.Rollback(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-put; err != nil {
+		t.Fatal(err)
+	}
+	c.Flush()
+	if got, err := c.Get(context.Background(), d); err != nil || got.ExitCode != 42 {
+		t.Errorf("Get = %v, %v; want the result of Put", got, err)
 	}
 }

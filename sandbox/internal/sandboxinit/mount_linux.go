@@ -83,9 +83,9 @@ func buildBase(spec *Spec, runtimeFD int) error {
 		if err := attachTree(runtimeFD, runtimeStage); err != nil {
 			return fmt.Errorf("runtime %q: %w", spec.Runtime.Name, err)
 		}
-		rt := spec.Runtime
-		rt.Root = runtimeStage
-		spec = &Spec{RootDir: spec.RootDir, EtcDir: spec.EtcDir, Runtime: rt, ExecRootMount: spec.ExecRootMount}
+		staged := *spec
+		staged.Runtime.Root = runtimeStage
+		spec = &staged
 	}
 	steps := []func() error{
 		func() error { return mountRuntime(root, spec) },

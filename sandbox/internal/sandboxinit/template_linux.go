@@ -20,7 +20,7 @@ import (
 // read-only mounts, whose flags an action (no capabilities) cannot change,
 // and /tmp, /dev/shm and the execroot are mounted fresh per action.
 //
-// It is rebuilt whenever what it was made from changes (see key): another
+// It is rebuilt whenever what it was made from changes (see templateKey): another
 // runtime, a rebuilt runtime tree, or the host files the host runtime
 // binds into /etc (ldconfig replaces /etc/ld.so.cache, a bound copy would
 // go stale).
