@@ -61,6 +61,8 @@ type BoltCache struct {
 	pending  map[string]*behindEntry // by key
 	writing  chan struct{}           // closed when the running writer ends; nil when none runs
 	closed   bool
+	// What PutBehind recorded, and the transactions that committed it.
+	behindResults, behindCommits atomic.Int64
 }
 
 // behindEntry is a result waiting for its commit.
@@ -127,6 +129,7 @@ func (c *BoltCache) PutBehind(action cas.Digest, result *repb.ActionResult, onEr
 		c.pending = make(map[string]*behindEntry)
 	}
 	c.pending[string(key(action))] = &behindEntry{data: data, onError: onError}
+	c.behindResults.Add(1)
 	if c.writing == nil {
 		c.writing = make(chan struct{})
 		go c.writeBehind(c.writing)
@@ -164,6 +167,7 @@ func (c *BoltCache) writeBehind(done chan struct{}) {
 			}
 			return nil
 		})
+		c.behindCommits.Add(1)
 		c.behindMu.Lock()
 		for k, e := range batch {
 			if c.pending[k] == e { // not replaced by a newer result meanwhile
@@ -277,13 +281,17 @@ func storeErr(err error) error {
 type Stats struct {
 	Hits, Misses int64
 	Entries      int
+	// BehindResults are the results PutBehind recorded since start, and
+	// BehindCommits the transactions that committed them: results per
+	// commit is how much each commit was shared.
+	BehindResults, BehindCommits int64
 }
 
 // Stats returns hit and miss counts and the number of stored results
 // (once what PutBehind recorded is committed).
 func (c *BoltCache) Stats() Stats {
 	c.Flush()
-	s := Stats{Hits: c.hits.Load(), Misses: c.misses.Load()}
+	s := Stats{Hits: c.hits.Load(), Misses: c.misses.Load(), BehindResults: c.behindResults.Load(), BehindCommits: c.behindCommits.Load()}
 	c.db.View(func(tx *bolt.Tx) error {
 		s.Entries = tx.Bucket(bucket).Stats().KeyN
 		return nil

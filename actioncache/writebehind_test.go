@@ -105,8 +105,8 @@ func TestPutBehindCommitsTogether(t *testing.T) {
 	if left != 0 {
 		t.Errorf("%d results left pending", left)
 	}
-	if got := c.Stats().Entries; got != n {
-		t.Errorf("%d entries committed, want %d", got, n)
+	if st := c.Stats(); st.Entries != n || st.BehindResults != n || st.BehindCommits != 1 {
+		t.Errorf("stats %+v: want %d entries and results in 1 commit", st, n)
 	}
 	// One transaction writes each dirty page once and the meta page: far
 	// fewer writes than a transaction per result would make.

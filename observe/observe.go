@@ -145,6 +145,8 @@ func (o *Observer) Attach(srv *actiond.Server) {
 		counter("actiond_ac_misses_total", "ActionCache lookups that found nothing usable.", func() float64 { return float64(ac.Stats().Misses) })
 		gauge("actiond_ac_hit_ratio", "ActionCache hits / lookups since start (0 before any lookup).", func() float64 { return hitRatio(ac.Stats().Hits, ac.Stats().Misses) })
 		gauge("actiond_ac_entries", "ActionResults stored.", func() float64 { return float64(ac.Stats().Entries) })
+		counter("actiond_ac_behind_results_total", "Results of executed actions recorded behind their Execute response.", func() float64 { return float64(ac.Stats().BehindResults) })
+		counter("actiond_ac_behind_commits_total", "Transactions that committed those results; results per commit is how much each commit was shared.", func() float64 { return float64(ac.Stats().BehindCommits) })
 	}
 	if srv.Execution != nil {
 		gauge("actiond_actions_queued", "Actions waiting for a free slot.", func() float64 { q, _ := srv.Execution.Load(); return float64(q) })
