@@ -13,6 +13,7 @@ import (
 
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/internal/mountinfo"
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 // A small input tree without files (a genrule with no inputs) is staged as
@@ -78,15 +79,7 @@ func TestTreeWithoutFilesIsPlainDirectories(t *testing.T) {
 // mountsAt counts the mounts at dir or below it.
 func mountsAt(t *testing.T, dir string) int {
 	t.Helper()
-	ents, err := mountinfo.Read()
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, e := range ents {
-		if e.Point == dir || strings.HasPrefix(e.Point, dir+"/") {
-			n++
-		}
-	}
-	return n
+	return testutil.CountMounts(t, func(e mountinfo.Entry) bool {
+		return e.Point == dir || strings.HasPrefix(e.Point, dir+"/")
+	})
 }

@@ -201,6 +201,23 @@ func addRun(m *benchutil.Measurement, took time.Duration, p map[string]int, use 
 	m.ServerCPUMs = append(m.ServerCPUMs, benchutil.Ms(use.server))
 }
 
+// timeRun times one build of args (see analyseThenTimeCPU), checks that it
+// ran count processes of kind want, and adds it to m when record is set
+// (not a warm-up).
+func (b *bench) timeRun(m *benchutil.Measurement, record bool, name, want string, args []string, srv *benchutil.Server, count int) error {
+	took, p, use, err := b.analyseThenTimeCPU(want, args, srv)
+	if err != nil {
+		return err
+	}
+	if p[want] != count {
+		return fmt.Errorf("%s: %d %s processes, want %d", name, p[want], want, count)
+	}
+	if record {
+		addRun(m, took, p, use)
+	}
+	return nil
+}
+
 // analyseThenTimeCPU is analyseThenTime that also measures cpuUse; srv is
 // nil for builds that do not use actiond.
 func (b *bench) analyseThenTimeCPU(want string, args []string, srv *benchutil.Server) (time.Duration, map[string]int, cpuUse, error) {
@@ -292,15 +309,8 @@ func (b *bench) genrules() ([]benchutil.Measurement, error) {
 			if c.want == "remote" {
 				cs = srv
 			}
-			took, p, use, err := b.analyseThenTimeCPU(c.want, append(append([]string{}, c.flags...), define, "//trivial"), cs)
-			if err != nil {
+			if err := b.timeRun(&ms[i], run > 0, c.name, c.want, append(append([]string{}, c.flags...), define, "//trivial"), cs, trivialCount); err != nil {
 				return nil, err
-			}
-			if p[c.want] != trivialCount {
-				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, trivialCount)
-			}
-			if run > 0 {
-				addRun(&ms[i], took, p, use)
 			}
 		}
 	}

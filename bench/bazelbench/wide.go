@@ -82,19 +82,13 @@ func (b *bench) wide() ([]benchutil.Measurement, error) {
 				}
 				flags = remoteFlags(srv.Addr)
 			}
-			took, p, use, err := b.analyseThenTimeCPU(c.want, append(append([]string{}, flags...), "//wide:all"), srv)
+			err := b.timeRun(&ms[i], run > 0, c.name, c.want, append(append([]string{}, flags...), "//wide:all"), srv, wideRules)
 			if srv != nil {
 				srv.Stop()
 				os.RemoveAll(srv.Root)
 			}
 			if err != nil {
 				return nil, err
-			}
-			if p[c.want] != wideRules {
-				return nil, fmt.Errorf("%s: %d %s processes, want %d", c.name, p[c.want], c.want, wideRules)
-			}
-			if run > 0 {
-				addRun(&ms[i], took, p, use)
 			}
 		}
 	}

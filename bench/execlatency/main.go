@@ -163,13 +163,11 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 	// The server's CPU over the measured runs is its actions' alone (the
 	// other subjects run in processes of their own): server, helpers and
 	// commands, which it reaps.
-	var cpu0, own0 time.Duration
+	// The split (benchutil.ServerCPU) adds up to the whole.
+	var own0, cmds0 time.Duration
 	if srv != nil {
 		var err error
-		if own0, _, err = srv.SplitCPU(); err != nil {
-			return err
-		}
-		if cpu0, err = srv.CPU(); err != nil {
+		if own0, cmds0, err = srv.SplitCPU(); err != nil {
 			return err
 		}
 	}
@@ -183,15 +181,11 @@ func run(addr, actiond, serverArgs, instance string, n, warmup int, sandboxBin s
 		}
 	}
 	if srv != nil {
-		cpu1, err := srv.CPU()
+		own1, cmds1, err := srv.SplitCPU()
 		if err != nil {
 			return err
 		}
-		own1, _, err := srv.SplitCPU()
-		if err != nil {
-			return err
-		}
-		res.ServerCPUPerAction = float64((cpu1 - cpu0).Microseconds()) / 1e3 / float64(n)
+		res.ServerCPUPerAction = float64((own1 + cmds1 - own0 - cmds0).Microseconds()) / 1e3 / float64(n)
 		res.ActiondCPUPerAction = float64((own1 - own0).Microseconds()) / 1e3 / float64(n)
 	}
 	fmt.Printf("trivial action latency, %d runs each, interleaved (load before: %s; actiond input root: %s; %d inputs)\n", n, res.Load, res.InputRoot, inputs)

@@ -33,25 +33,8 @@ func TestProcessCPUCountsLiveChildren(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The child spins, then waits for its stdin to close.
-	cmd := exec.Command("sh", "-c", `i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo spun; read x`)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Wait()
-	defer stdin.Close()
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil || line != "spun\n" {
-		t.Fatalf("child said %q, %v", line, err)
-	}
+	// The child spins, then waits.
+	cmd := startSpun(t, `i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done`)
 	child, err := statCPU(cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
@@ -76,23 +59,7 @@ func TestServerCPUSplitsCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The "helper" runs a spinning "command", reaps it, then waits.
-	cmd := exec.Command("sh", "-c", `sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'; echo spun; read x`)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Wait()
-	defer stdin.Close()
-	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "spun\n" {
-		t.Fatalf("helper said %q, %v", line, err)
-	}
+	cmd := startSpun(t, `sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'`)
 	_, reaped, err := statTimes(cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
@@ -107,4 +74,30 @@ func TestServerCPUSplitsCommands(t *testing.T) {
 	if after-before < reaped {
 		t.Errorf("commands' CPU grew by %v while the helper reaped %v", after-before, reaped)
 	}
+}
+
+// startSpun starts a shell child that runs script, then waits for its
+// stdin to close (at the test's end); it returns once script has run.
+func startSpun(t *testing.T, script string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sh", "-c", script+"; echo spun; read x")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		cmd.Wait()
+	})
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "spun\n" {
+		t.Fatalf("child said %q, %v", line, err)
+	}
+	return cmd
 }
