@@ -49,6 +49,17 @@ type DiskStore struct {
 	anonTemp bool
 	log      *slog.Logger
 
+	// Packs (see disk_pack.go). packMu serializes appends and guards
+	// active and packSeq; it is never taken with mu held.
+	packDir string
+	noPacks bool
+	packMu  sync.Mutex
+	active  *pack
+	packSeq uint64
+	// packCheck, while the store opens after an unclean stop on another
+	// boot, is the last flush's mark: records past it are hashed.
+	packCheck *packMark
+
 	mu        sync.Mutex
 	index     map[string]*entry
 	lru       *list.List // of *entry, most recently used at the front
@@ -63,6 +74,14 @@ type DiskStore struct {
 	quarantined  int64
 	onQuarantine []func(Digest)
 	scrub        scrubCounters
+	// packs are the readable packs by id; packDead their dead bytes.
+	packs            map[uint64]*pack
+	packDead         int64
+	compactQueue     []*pack
+	compactorRunning bool
+	// opening: the index is being built, without mu; no compaction may
+	// start. closing: Close has begun; none may start either.
+	opening, closing bool
 	// unverifiedReads makes Get return the bare file, as before reads
 	// were verified; only benchmarks set it (SetVerifyReads in tests).
 	unverifiedReads atomic.Bool
@@ -82,6 +101,12 @@ type entry struct {
 	// again; an on-disk mark would need its own invalidation (mtime and
 	// ctime cannot see bit rot) and could itself go stale.
 	verified bool
+	// Where the blob is: its own file (file), a pack record (pk, the
+	// offset of its data pkOff), or both (a packed blob given a file for
+	// a hardlinked input root). Every indexed entry has one of them.
+	file  bool
+	pk    *pack
+	pkOff int64
 }
 
 // Option configures a DiskStore; one given a value it cannot use makes
@@ -132,6 +157,9 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 		lru:       list.New(),
 		pins:      make(map[string]int),
 		pending:   make(map[string]int),
+		packDir:   filepath.Join(dir, "packs"),
+		packs:     make(map[uint64]*pack),
+		opening:   true,
 	}
 	for _, o := range opts {
 		if err := o(s); err != nil {
@@ -148,7 +176,7 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 	if err := os.RemoveAll(s.execDir); err != nil {
 		return nil, fmt.Errorf("remove executable copies in %s: %w", s.execDir, err)
 	}
-	for _, d := range []string{s.blobDir, s.tmpDir, s.execDir} {
+	for _, d := range []string{s.blobDir, s.tmpDir, s.execDir, s.packDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
@@ -168,6 +196,9 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 	cp, since, err := s.uncheckedSince()
 	if err != nil {
 		return nil, fmt.Errorf("open CAS in %s: %w", dir, err)
+	}
+	if !since.IsZero() {
+		s.packCheck = &packMark{cp.PackID, cp.PackEnd}
 	}
 	recent, err := s.load(since)
 	if err != nil {
@@ -202,8 +233,19 @@ func NewDiskStore(dir string, opts ...Option) (*DiskStore, error) {
 			s.log.Warn("CAS: cannot retire the write-back checkpoint; the next start checks again", "err", err)
 		}
 	}
+	s.packCheck = nil
 	s.mu.Lock()
+	s.opening = false
 	s.evictLocked(0)
+	for _, p := range s.packs {
+		if p.end < packTarget/16 && !p.compacting {
+			// A small pack of an earlier run joins this run's: packs
+			// (and their open descriptors) do not pile up with restarts.
+			s.queueCompactionLocked(p)
+		} else {
+			s.maybeCompactLocked(p)
+		}
+	}
 	s.mu.Unlock()
 	return s, nil
 }
@@ -218,6 +260,7 @@ func (s *DiskStore) load(since time.Time) ([]Digest, error) {
 		hash  string
 		size  int64
 		mtime time.Time
+		rec   *packFound // a pack record, not a file
 	}
 	var all []found
 	var recent []Digest
@@ -249,7 +292,7 @@ func (s *DiskStore) load(since time.Time) ([]Digest, error) {
 				}
 				return nil, fmt.Errorf("stat blob %s: %w", name, err)
 			}
-			all = append(all, found{name, info.Size(), info.ModTime()})
+			all = append(all, found{name, info.Size(), info.ModTime(), nil})
 			if !since.IsZero() && !changeTime(info).Before(since) {
 				recent = append(recent, Digest{Hash: name, Size: info.Size()})
 			}
@@ -259,9 +302,44 @@ func (s *DiskStore) load(since time.Time) ([]Digest, error) {
 			lastLog = time.Now()
 		}
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].mtime.After(all[j].mtime) })
+	recs, err := s.loadPacks()
+	if err != nil {
+		return nil, err
+	}
+	for i := range recs {
+		r := &recs[i]
+		all = append(all, found{r.hash, r.size, r.p.mtime, r})
+	}
+	// Newest first. Among the same age: files, then the later records
+	// (a later record of a blob is a re-upload, meant to replace it).
+	sort.SliceStable(all, func(i, j int) bool {
+		a, b := all[i], all[j]
+		if !a.mtime.Equal(b.mtime) {
+			return a.mtime.After(b.mtime)
+		}
+		if (a.rec == nil) != (b.rec == nil) {
+			return a.rec == nil
+		}
+		if a.rec == nil {
+			return false
+		}
+		if a.rec.p.id != b.rec.p.id {
+			return a.rec.p.id > b.rec.p.id
+		}
+		return a.rec.off > b.rec.off
+	})
 	for _, f := range all {
-		e := &entry{hash: f.hash, size: f.size, diskTime: f.mtime}
+		if f.rec != nil {
+			s.indexRecord(*f.rec)
+			continue
+		}
+		if _, ok := s.index[f.hash]; ok {
+			// Its pack record came first: the file is a copy made for a
+			// path (or a stray), and would be a second copy to verify.
+			os.Remove(s.blobPath(f.hash))
+			continue
+		}
+		e := &entry{hash: f.hash, size: f.size, diskTime: f.mtime, file: true}
 		e.elem = s.lru.PushBack(e)
 		s.index[f.hash] = e
 		s.size += f.size
@@ -287,13 +365,17 @@ type Stats struct {
 	// of write-back, and SyncWaits the durability waits group commit's
 	// rounds served (their ratio is the batching).
 	SyncRounds, SyncWaits uint64
+	// Packs counts the pack files of small blobs, PackDeadBytes their
+	// records nothing refers to any more (reclaimed by compaction).
+	Packs         int
+	PackDeadBytes int64
 }
 
 // Stats returns current counts.
 func (s *DiskStore) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined}
+	st := Stats{Blobs: len(s.index), Bytes: s.size, MaxBytes: s.maxSize, Evictions: s.evictions, Quarantined: s.quarantined, Packs: len(s.packs), PackDeadBytes: s.packDead}
 	if s.group != nil {
 		st.SyncRounds, st.SyncWaits = s.group.stats()
 	}
@@ -322,6 +404,12 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 	}
 	if !s.has(d) {
 		return nil, fmt.Errorf("blob %s: %w", d, ErrNotFound)
+	}
+	if data, packed, err := s.readPacked(d); packed {
+		if err != nil {
+			return nil, err
+		}
+		return io.NopCloser(bytes.NewReader(data[offset:])), nil
 	}
 	f, err := os.Open(s.blobPath(d.Hash))
 	if err != nil {
@@ -356,6 +444,19 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 func (s *DiskStore) Put(ctx context.Context, d Digest, r io.Reader) error {
 	if err := d.Validate(); err != nil {
 		return err
+	}
+	if s.packable(d.Size) {
+		if s.maxSize > 0 && d.Size > s.maxSize {
+			return fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
+		}
+		data, err := io.ReadAll(io.LimitReader(r, d.Size+1))
+		if err != nil {
+			return err
+		}
+		if got := DigestOf(data); got != d {
+			return fmt.Errorf("blob %s: got %d bytes hashing to %s: %w", d, len(data), got.Hash, ErrDigestMismatch)
+		}
+		return s.putPacked([]Blob{{d, data}})[0]
 	}
 	if d.Size == 0 {
 		// Only the empty blob has size 0; still verify the caller sent nothing.

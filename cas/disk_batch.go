@@ -50,6 +50,7 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		seen[d.Hash] = i
 		todo = append(todo, i)
 	}
+	todo = s.putPackedBatch(blobs, todo, errs)
 	for len(todo) > 0 {
 		chunk := todo[:min(len(todo), batchChunk)]
 		todo = todo[len(chunk):]
@@ -68,6 +69,44 @@ func (s *DiskStore) PutBatch(ctx context.Context, blobs []Blob) []error {
 		}
 	}
 	return errs
+}
+
+// putPackedBatch stores the blobs of todo that go to packs, hashing them
+// on a few goroutines and appending them together, and returns the rest.
+func (s *DiskStore) putPackedBatch(blobs []Blob, todo []int, errs []error) []int {
+	var packed, rest []int
+	for _, i := range todo {
+		if s.packable(blobs[i].Digest.Size) {
+			packed = append(packed, i)
+		} else {
+			rest = append(rest, i)
+		}
+	}
+	if len(packed) == 0 {
+		return rest
+	}
+	parallel(len(packed), func(k int) {
+		b := blobs[packed[k]]
+		if got := DigestOf(b.Data); got != b.Digest {
+			errs[packed[k]] = fmt.Errorf("blob %s: data hashes to %s: %w", b.Digest, got.Hash, ErrDigestMismatch)
+		}
+	})
+	var good []int
+	var put []Blob
+	for _, i := range packed {
+		if errs[i] == nil {
+			good = append(good, i)
+			put = append(put, blobs[i])
+		}
+	}
+	for len(put) > 0 {
+		n := min(len(put), batchChunk)
+		for k, err := range s.putPacked(put[:n]) {
+			errs[good[k]] = err
+		}
+		put, good = put[n:], good[n:]
+	}
+	return rest
 }
 
 // batchChunk bounds the temp files a batch holds open at once (unnamed

@@ -4,6 +4,7 @@
 package cas
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -32,20 +33,33 @@ func (s *DiskStore) LocalPath(_ context.Context, d Digest, executable bool) (str
 	}
 	p := s.blobPath(d.Hash)
 	if !executable {
+		// A packed blob gets a file the first time someone needs one.
+		if _, err := s.materialize(d); err != nil {
+			return "", err
+		}
 		return p, nil
 	}
 	ep := filepath.Join(s.execDir, d.Hash)
 	if _, err := os.Stat(ep); err == nil {
 		return ep, nil
 	}
-	src, err := os.Open(p)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("blob %s: %w", d, ErrNotFound)
+	var src io.Reader
+	if data, packed, err := s.readPacked(d); packed {
+		if err != nil {
+			return "", err
 		}
-		return "", fmt.Errorf("open blob %s: %w", d, err)
+		src = bytes.NewReader(data)
+	} else {
+		f, err := os.Open(p)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return "", fmt.Errorf("blob %s: %w", d, ErrNotFound)
+			}
+			return "", fmt.Errorf("open blob %s: %w", d, err)
+		}
+		defer f.Close()
+		src = f
 	}
-	defer src.Close()
 	tmp, err := s.createTemp("exec")
 	if err != nil {
 		return "", err

@@ -57,7 +57,7 @@ const findMissingChunk = 4096
 // refresh when its mtime is stale.
 func (s *DiskStore) useLocked(e *entry, now time.Time, touch []string) []string {
 	s.lru.MoveToFront(e.elem)
-	if now.Sub(e.diskTime) > touchInterval {
+	if e.file && now.Sub(e.diskTime) > touchInterval {
 		e.diskTime = now
 		touch = append(touch, e.hash)
 	}
@@ -106,9 +106,11 @@ func (s *DiskStore) forget(hash string) {
 		if _, err := os.Lstat(s.blobPath(hash)); err == nil {
 			return // re-added since
 		}
-		s.lru.Remove(e.elem)
-		delete(s.index, hash)
-		s.size -= e.size
+		if e.pk != nil {
+			e.file = false // the pack record is still there
+			return
+		}
+		s.dropLocked(e)
 	}
 }
 
@@ -181,11 +183,16 @@ func (s *DiskStore) link(d Digest, syncDir bool, place func(dst string) error, d
 	}
 	if e, ok := s.index[d.Hash]; ok { // replaced, or another upload of d got there first
 		s.size += d.Size - e.size
-		e.size, e.verified, e.diskTime = d.Size, true, time.Now()
+		if e.pk != nil && (e.size != d.Size || !e.verified) {
+			// A record not known good: the verified file replaces it.
+			s.deadEntryLocked(e)
+			e.pk = nil
+		}
+		e.size, e.verified, e.diskTime, e.file = d.Size, true, time.Now(), true
 		s.lru.MoveToFront(e.elem)
 		return nil
 	}
-	e := &entry{hash: d.Hash, size: d.Size, diskTime: time.Now(), verified: true}
+	e := &entry{hash: d.Hash, size: d.Size, diskTime: time.Now(), verified: true, file: true}
 	e.elem = s.lru.PushFront(e)
 	s.index[d.Hash] = e
 	s.size += d.Size
@@ -203,11 +210,12 @@ func (s *DiskStore) evictLocked(need int64) bool {
 		e := el.Value.(*entry)
 		prev := el.Prev()
 		if s.pins[e.hash] == 0 && s.pending[e.hash] == 0 {
-			s.lru.Remove(el)
-			delete(s.index, e.hash)
-			s.size -= e.size
+			file := e.file
+			s.dropLocked(e)
 			s.evictions++
-			os.Remove(s.blobPath(e.hash))
+			if file {
+				os.Remove(s.blobPath(e.hash))
+			}
 			os.Remove(filepath.Join(s.execDir, e.hash))
 		}
 		el = prev

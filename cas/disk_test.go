@@ -82,16 +82,26 @@ func assertTmpEmpty(t testing.TB, s *DiskStore) {
 	}
 }
 
-// checkInvariants verifies that every indexed blob has its file with the
-// right content and that the size accounting adds up.
+// checkInvariants verifies that every indexed blob has its file or pack
+// record (or both) with the right content and that the size accounting
+// adds up.
 func checkInvariants(t testing.TB, s *DiskStore) {
 	t.Helper()
 	s.mu.Lock()
 	var sum int64
-	var ds []Digest
+	type loc struct {
+		d    Digest
+		file bool
+		pk   *pack
+		off  int64
+	}
+	var ls []loc
 	for h, e := range s.index {
 		sum += e.size
-		ds = append(ds, Digest{h, e.size})
+		if !e.file && e.pk == nil {
+			t.Errorf("indexed blob %s/%d has neither a file nor a pack record", h, e.size)
+		}
+		ls = append(ls, loc{Digest{h, e.size}, e.file, e.pk, e.pkOff})
 	}
 	if sum != s.size || s.lru.Len() != len(s.index) {
 		t.Errorf("accounting: sum %d, size %d, lru %d, index %d", sum, s.size, s.lru.Len(), len(s.index))
@@ -99,8 +109,25 @@ func checkInvariants(t testing.TB, s *DiskStore) {
 	if s.maxSize > 0 && s.size > s.maxSize {
 		t.Errorf("size %d over the limit %d", s.size, s.maxSize)
 	}
+	var dead int64
+	for _, p := range s.packs {
+		dead += p.dead
+	}
+	if dead != s.packDead {
+		t.Errorf("pack dead bytes: packs say %d, store %d", dead, s.packDead)
+	}
 	s.mu.Unlock()
-	for _, d := range ds {
+	for _, l := range ls {
+		d := l.d
+		if l.pk != nil {
+			data := make([]byte, d.Size)
+			if _, err := l.pk.f.ReadAt(data, l.off); err != nil || DigestOf(data) != d {
+				t.Errorf("pack record of %s holds %v (%v)", d, DigestOf(data), err)
+			}
+		}
+		if !l.file {
+			continue
+		}
 		f, err := os.Open(s.blobPath(d.Hash))
 		if err != nil {
 			t.Errorf("indexed blob %s has no file: %v", d, err)
@@ -115,7 +142,7 @@ func checkInvariants(t testing.TB, s *DiskStore) {
 }
 
 func TestDiskPutGet(t *testing.T) {
-	s := newStore(t, "")
+	s := newStore(t, "", WithSmallBlobPacks(false))
 	data := []byte("hello, world")
 	d := put(t, s, data)
 	if got := get(t, s, d, 0); !bytes.Equal(got, data) {
@@ -221,8 +248,10 @@ func TestDiskEmptyBlob(t *testing.T) {
 	}
 }
 
-func TestDiskFindMissing(t *testing.T) {
-	s := newStore(t, "")
+func TestDiskFindMissing(t *testing.T) { forPacks(t, testDiskFindMissing) }
+
+func testDiskFindMissing(t *testing.T, packs Option) {
+	s := newStore(t, "", packs)
 	var all, want []Digest
 	for i := 0; i < 20; i++ {
 		data := blob(i, 100+i)
@@ -298,8 +327,10 @@ func TestDiskInvalidDigests(t *testing.T) {
 	}
 }
 
-func TestDiskWriter(t *testing.T) {
-	s := newStore(t, "")
+func TestDiskWriter(t *testing.T) { forPacks(t, testDiskWriter) }
+
+func testDiskWriter(t *testing.T, packs Option) {
+	s := newStore(t, "", packs)
 	data := blob(1, 10000)
 	d := DigestOf(data)
 	w, err := s.NewWriter(d)
@@ -392,8 +423,10 @@ func TestDiskWriterLarge(t *testing.T) {
 	}
 }
 
-func TestDiskLRUEviction(t *testing.T) {
-	s := newStore(t, "", WithMaxSize(300))
+func TestDiskLRUEviction(t *testing.T) { forPacks(t, testDiskLRUEviction) }
+
+func testDiskLRUEviction(t *testing.T, packs Option) {
+	s := newStore(t, "", WithMaxSize(300), packs)
 	a := put(t, s, blob(1, 100))
 	b := put(t, s, blob(2, 100))
 	c := put(t, s, blob(3, 100))
@@ -432,7 +465,7 @@ func TestDiskLRUEviction(t *testing.T) {
 
 func TestDiskLRUAcrossRestart(t *testing.T) {
 	dir := t.TempDir()
-	s := newStore(t, dir)
+	s := newStore(t, dir, WithSmallBlobPacks(false))
 	a := put(t, s, blob(1, 100))
 	b := put(t, s, blob(2, 100))
 	c := put(t, s, blob(3, 100))
@@ -445,10 +478,10 @@ func TestDiskLRUAcrossRestart(t *testing.T) {
 		}
 	}
 	// A restart orders by mtime: a is the oldest.
-	s = newStore(t, dir)
+	s = newStore(t, dir, WithSmallBlobPacks(false))
 	present(t, s, a) // a is used: its stale mtime is refreshed
 	// Restart with room for two: b (now the oldest on disk) goes.
-	s = newStore(t, dir, WithMaxSize(200))
+	s = newStore(t, dir, WithMaxSize(200), WithSmallBlobPacks(false))
 	if !present(t, s, a) || present(t, s, b) || !present(t, s, c) {
 		t.Fatalf("after restart: a %v b %v c %v; want a and c kept", present(t, s, a), present(t, s, b), present(t, s, c))
 	}
@@ -458,8 +491,10 @@ func TestDiskLRUAcrossRestart(t *testing.T) {
 	checkInvariants(t, s)
 }
 
-func TestDiskPin(t *testing.T) {
-	s := newStore(t, "", WithMaxSize(200))
+func TestDiskPin(t *testing.T) { forPacks(t, testDiskPin) }
+
+func testDiskPin(t *testing.T, packs Option) {
+	s := newStore(t, "", WithMaxSize(200), packs)
 	a := put(t, s, blob(1, 100))
 	b := put(t, s, blob(2, 100))
 	release := s.Pin([]Digest{a, b})
@@ -633,8 +668,10 @@ func TestDiskPutFileCrossDevice(t *testing.T) {
 	assertTmpEmpty(t, s)
 }
 
-func TestDiskBlobPath(t *testing.T) {
-	s := newStore(t, "", WithMaxSize(1000))
+func TestDiskBlobPath(t *testing.T) { forPacks(t, testDiskBlobPath) }
+
+func testDiskBlobPath(t *testing.T, packs Option) {
+	s := newStore(t, "", WithMaxSize(1000), packs)
 	data := blob(1, 500)
 	d := put(t, s, data)
 	p, err := s.BlobPath(d, false)
@@ -682,9 +719,11 @@ func TestDiskBlobPath(t *testing.T) {
 	assertTmpEmpty(t, s)
 }
 
-func TestDiskRestartCleansUp(t *testing.T) {
+func TestDiskRestartCleansUp(t *testing.T) { forPacks(t, testDiskRestartCleansUp) }
+
+func testDiskRestartCleansUp(t *testing.T, packs Option) {
 	dir := t.TempDir()
-	s := newStore(t, dir)
+	s := newStore(t, dir, packs)
 	a := put(t, s, blob(1, 100))
 	if _, err := s.BlobPath(a, true); err != nil {
 		t.Fatal(err)
@@ -703,7 +742,7 @@ func TestDiskRestartCleansUp(t *testing.T) {
 	}
 	os.WriteFile(filepath.Join(dir, "sha256", shard, wrong.Hash), []byte("misplaced"), 0o444)
 
-	s = newStore(t, dir)
+	s = newStore(t, dir, packs)
 	assertTmpEmpty(t, s)
 	if !present(t, s, a) || present(t, s, wrong) {
 		t.Fatal("index after restart is wrong")
@@ -719,10 +758,12 @@ func TestDiskRestartCleansUp(t *testing.T) {
 	checkInvariants(t, s)
 }
 
-func TestDiskPutBatch(t *testing.T) {
+func TestDiskPutBatch(t *testing.T) { forPacks(t, testDiskPutBatch) }
+
+func testDiskPutBatch(t *testing.T, packs Option) {
 	for _, fsync := range []bool{true, false} {
 		t.Run(fmt.Sprintf("fsync=%v", fsync), func(t *testing.T) {
-			s := newStore(t, "", WithFsync(fsync))
+			s := newStore(t, "", WithFsync(fsync), packs)
 			old := put(t, s, blob(0, 10))
 			var blobs []Blob
 			// A digest sent twice, first with the wrong data.
@@ -772,8 +813,10 @@ func TestDiskPutBatch(t *testing.T) {
 
 // TestDiskConcurrency hammers one store with uploads of the same and of
 // different blobs, reads and lookups under a size limit; run with -race.
-func TestDiskConcurrency(t *testing.T) {
-	s := newStore(t, "", WithMaxSize(20*1000), WithFsync(false))
+func TestDiskConcurrency(t *testing.T) { forPacks(t, testDiskConcurrency) }
+
+func testDiskConcurrency(t *testing.T, packs Option) {
+	s := newStore(t, "", WithMaxSize(20*1000), WithFsync(false), packs)
 	var wg sync.WaitGroup
 	errc := make(chan error, 100)
 	for g := 0; g < 8; g++ {

@@ -44,6 +44,11 @@ type syncCheckpoint struct {
 	SyncedThrough time.Time `json:"synced_through"`
 	// Clean is set by Close, after the last flush: nothing is unflushed.
 	Clean bool `json:"clean"`
+	// PackID and PackEnd say which pack records the flush covered:
+	// every record of an older pack, and those of pack PackID that end
+	// at or before PackEnd (see packMark).
+	PackID  uint64 `json:"pack_id,omitempty"`
+	PackEnd int64  `json:"pack_end,omitempty"`
 }
 
 // checkpointFault, set by tests, is what writing a checkpoint fails with
@@ -172,10 +177,11 @@ func (s *DiskStore) checkUnflushed(recent []Digest, since time.Time) error {
 // this run unclean, and starts the flusher.
 func (s *DiskStore) startWriteBack() error {
 	at := time.Now()
+	mark := s.packMark()
 	if err := syncFS(s.blobDir); err != nil {
 		return fmt.Errorf("flush CAS: %w", err)
 	}
-	if err := s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at}, true); err != nil {
+	if err := s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at, PackID: mark.id, PackEnd: mark.end}, true); err != nil {
 		return err
 	}
 	wb := &writeback{stop: make(chan struct{}), done: make(chan struct{})}
@@ -207,11 +213,12 @@ func (s *DiskStore) flushLoop(wb *writeback) {
 // flush makes every blob placed so far durable and records it.
 func (s *DiskStore) flush(clean bool) error {
 	at := time.Now()
+	mark := s.packMark() // before the sync: what it is sure to cover
 	if err := syncFS(s.blobDir); err != nil {
 		return fmt.Errorf("flush CAS: %w", err)
 	}
 	s.wb.rounds.Add(1)
-	return s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at, Clean: clean}, false)
+	return s.writeCheckpoint(syncCheckpoint{BootID: bootID(), SyncedThrough: at, Clean: clean, PackID: mark.id, PackEnd: mark.end}, false)
 }
 
 // placed notes that a blob was placed without waiting for the disk.
@@ -226,6 +233,8 @@ func (s *DiskStore) placed() {
 // checked at the next start only after a reboot. Close is for the end: the
 // store must not be used after it.
 func (s *DiskStore) Close() error {
+	s.stopCompactions() // before the last flush: nothing is written after it
+	defer s.closePacks()
 	wb := s.wb
 	if wb == nil {
 		return nil

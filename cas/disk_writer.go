@@ -75,6 +75,9 @@ func (s *DiskStore) NewWriter(d Digest) (BlobWriter, error) {
 	if s.maxSize > 0 && d.Size > s.maxSize {
 		return nil, fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
 	}
+	if s.packable(d.Size) {
+		return &packWriter{s: s, d: d, buf: make([]byte, 0, d.Size)}, nil
+	}
 	if s.anonTemp {
 		f, err := openAnon(s.tmpDir)
 		if err != nil {

@@ -103,12 +103,14 @@ func waitFor(t *testing.T, cond func() bool) {
 // copy) works under every durability, with unnamed temp files and with
 // named ones, and what was stored is there, intact, after a reopen, with
 // no temp file left behind.
-func TestDurabilityModesStoreAndReopen(t *testing.T) {
+func TestDurabilityModesStoreAndReopen(t *testing.T) { forPacks(t, testDurabilityModesStoreAndReopen) }
+
+func testDurabilityModesStoreAndReopen(t *testing.T, packs Option) {
 	for _, dur := range durabilities {
 		for _, anon := range []bool{true, false} {
 			t.Run(fmt.Sprintf("%s/anon=%v", dur, anon), func(t *testing.T) {
 				dir := t.TempDir()
-				s := newStore(t, dir, WithDurability(dur))
+				s := newStore(t, dir, WithDurability(dur), packs)
 				if anon {
 					testutil.Require(t, s.anonTemp, "the test directory's file system has no O_TMPFILE (or /proc is not mounted)")
 				}
@@ -123,7 +125,7 @@ func TestDurabilityModesStoreAndReopen(t *testing.T) {
 				add(large)
 
 				// Resumed: half, Idle (the file must outlive its descriptor), the rest.
-				resumed := blob(3, 4096)
+				resumed := blob(3, PackMaxBlob+4096) // a file upload: packed ones are not resumable
 				w, err := s.NewWriter(DigestOf(resumed))
 				if err != nil {
 					t.Fatal(err)
@@ -185,7 +187,7 @@ func TestDurabilityModesStoreAndReopen(t *testing.T) {
 				if st := s.Stats(); dur == WriteBack && st.SyncRounds == 0 {
 					t.Error("Close made no write-back flush")
 				}
-				s2 := newStore(t, dir)
+				s2 := newStore(t, dir, packs)
 				for _, b := range want {
 					if got := get(t, s2, DigestOf(b), 0); !bytes.Equal(got, b) {
 						t.Errorf("blob %s reads back wrong after a reopen", DigestOf(b))

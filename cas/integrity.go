@@ -71,9 +71,12 @@ func (s *DiskStore) quarantineFile(d Digest, f *os.File, why string) {
 	}
 	os.Remove(filepath.Join(s.execDir, d.Hash))
 	if e, ok := s.index[d.Hash]; ok {
-		s.lru.Remove(e.elem)
-		delete(s.index, d.Hash)
-		s.size -= e.size
+		if e.pk != nil {
+			// The record is another copy: it stays, to be hashed before use.
+			e.file, e.verified = false, false
+		} else {
+			s.dropLocked(e)
+		}
 	}
 	s.quarantined++
 	hooks := s.onQuarantine
@@ -121,6 +124,20 @@ func (s *DiskStore) intact(d Digest) bool {
 		return false
 	}
 	s.touchFiles(touch, now)
+	if p, off, packed := s.packedLoc(d); packed {
+		// Records are never rewritten; a pack cut short (a power loss
+		// on a root that does not sync) is what a cheap check can see.
+		fi, err := p.f.Stat()
+		if err == nil && fi.Size() >= off+d.Size {
+			return true
+		}
+		s.mu.Lock()
+		if e, ok := s.index[d.Hash]; ok && e.pk == p && e.pkOff == off {
+			e.verified = false // cut short: the next upload replaces it
+		}
+		s.mu.Unlock()
+		return false
+	}
 	fi, err := os.Stat(s.blobPath(d.Hash))
 	return err == nil && fi.Size() == d.Size
 }
@@ -374,6 +391,12 @@ func (s *DiskStore) VerifyBlobsWithin(ctx context.Context, ds []Digest, maxBytes
 // verifyStored hashes the stored file of d, quarantining it if it does not
 // match. A blob that vanished meanwhile (evicted) is not corrupt.
 func (s *DiskStore) verifyStored(d Digest) (corrupt bool, err error) {
+	if _, packed, err := s.readPacked(d); packed {
+		if errors.Is(err, ErrCorrupt) {
+			return true, nil
+		}
+		return false, err
+	}
 	f, err := os.Open(s.blobPath(d.Hash))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {

@@ -4,15 +4,36 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 )
 
-// rot rewrites the stored file of d with other bytes of the same size.
+// rot rewrites the stored file (or pack record) of d with other bytes of
+// the same size.
 func rot(t testing.TB, s *DiskStore, d Digest) {
 	t.Helper()
+	if pk, off, packed := s.packedLoc(d); packed {
+		os.Chmod(pk.path, 0o644)
+		f, err := os.OpenFile(pk.path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := make([]byte, d.Size)
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		for i := range b {
+			b[i] ^= 0xff
+		}
+		if _, err := f.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
 	p := s.blobPath(d.Hash)
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -40,8 +61,19 @@ func isVerified(s *DiskStore, d Digest) bool {
 // VerifyBlobs, which hashes only what is not marked and quarantines what is
 // bad.
 func TestVerifyBlobsMarks(t *testing.T) {
+	forPacks(t, testVerifyBlobsMarks)
+}
+
+// forPacks runs test with blobs in files of their own and in packs.
+func forPacks(t *testing.T, test func(t *testing.T, packs Option)) {
+	for _, on := range []bool{false, true} {
+		t.Run(fmt.Sprintf("packs=%v", on), func(t *testing.T) { test(t, WithSmallBlobPacks(on)) })
+	}
+}
+
+func testVerifyBlobsMarks(t *testing.T, packs Option) {
 	dir := t.TempDir()
-	s := newStore(t, dir, WithFsync(false))
+	s := newStore(t, dir, WithFsync(false), packs)
 	var ds []Digest
 	for i := range 4 {
 		ds = append(ds, put(t, s, blob(i, 3000+i)))
@@ -58,7 +90,7 @@ func TestVerifyBlobsMarks(t *testing.T) {
 		t.Fatalf("VerifyBlobs of marked blobs = %v, %v", bad, err)
 	}
 
-	s = newStore(t, dir, WithFsync(false))
+	s = newStore(t, dir, WithFsync(false), packs)
 	for _, d := range ds {
 		if isVerified(s, d) {
 			t.Fatalf("%s marked verified right after a restart", d)
@@ -135,17 +167,22 @@ func TestWritePathsHealBadCopies(t *testing.T) {
 }
 
 // A size limit still holds while a truncated copy is replaced.
-func TestHealUnderSizeLimit(t *testing.T) {
+func TestHealUnderSizeLimit(t *testing.T) { forPacks(t, testHealUnderSizeLimit) }
+
+func testHealUnderSizeLimit(t *testing.T, packs Option) {
 	dir := t.TempDir()
 	data := blob(3, 10000)
-	s := newStore(t, dir, WithFsync(false), WithMaxSize(15000))
+	s := newStore(t, dir, WithFsync(false), WithMaxSize(15000), packs)
 	d := put(t, s, data)
-	p := s.blobPath(d.Hash)
+	p, cut := s.blobPath(d.Hash), int64(4000)
+	if pk, off, packed := s.packedLoc(d); packed {
+		p, cut = pk.path, off+4000 // a pack cut in the record
+	}
 	os.Chmod(p, 0o644)
-	if err := os.Truncate(p, 4000); err != nil {
+	if err := os.Truncate(p, cut); err != nil {
 		t.Fatal(err)
 	}
-	s = newStore(t, dir, WithFsync(false), WithMaxSize(15000))
+	s = newStore(t, dir, WithFsync(false), WithMaxSize(15000), packs)
 	if present(t, s, d) {
 		t.Fatal("truncated blob reported present")
 	}
@@ -189,15 +226,17 @@ func TestGetCorruptFailsBeforeTheEnd(t *testing.T) {
 
 // The scrubber finds a bad blob nobody reads, marks the good ones verified
 // and stops with its context.
-func TestScrubQuarantines(t *testing.T) {
+func TestScrubQuarantines(t *testing.T) { forPacks(t, testScrubQuarantines) }
+
+func testScrubQuarantines(t *testing.T, packs Option) {
 	dir := t.TempDir()
-	s := newStore(t, dir, WithFsync(false))
+	s := newStore(t, dir, WithFsync(false), packs)
 	var ds []Digest
 	for i := range 10 {
 		ds = append(ds, put(t, s, blob(i, 1000*(i+1))))
 	}
 	rot(t, s, ds[4])
-	s = newStore(t, dir, WithFsync(false)) // nothing verified
+	s = newStore(t, dir, WithFsync(false), packs) // nothing verified
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); s.Scrub(ctx, 1<<30, time.Millisecond) }()

@@ -112,6 +112,16 @@ func (s *DiskStore) Scrub(ctx context.Context, rate int64, pause time.Duration) 
 // scrubOne hashes the stored file of d, calling throttle after each chunk
 // (it returns false to stop), and quarantines the file if it is bad.
 func (s *DiskStore) scrubOne(d Digest, buf []byte, throttle func(int) bool) (corrupt bool, err error) {
+	if _, packed, err := s.readPacked(d); packed {
+		s.scrub.bytes.Add(d.Size)
+		if errors.Is(err, ErrCorrupt) {
+			return true, nil
+		}
+		if err == nil && !throttle(int(d.Size)) {
+			return false, nil
+		}
+		return false, err
+	}
 	f, err := os.Open(s.blobPath(d.Hash))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {

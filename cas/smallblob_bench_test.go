@@ -45,6 +45,17 @@ func BenchmarkSmallBlobUpload(b *testing.B) {
 	for _, dur := range []cas.Durability{cas.WriteBack, cas.GroupCommit, cas.FsyncEach, cas.NoSync} {
 		subjects = append(subjects, subject{"durability=" + dur.String(), func() actiond.Options { return actiond.Options{Durability: dur} }})
 	}
+	// The same without packs: a file per blob, as before packs.
+	for _, dur := range []cas.Durability{cas.WriteBack, cas.GroupCommit} {
+		subjects = append(subjects, subject{"durability=" + dur.String() + ",packs=off", func() actiond.Options {
+			s, err := cas.NewDiskStore(b.TempDir(), cas.WithDurability(dur), cas.WithSmallBlobPacks(false))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { s.Close() }) // before its directory goes
+			return actiond.Options{Store: s}
+		}})
+	}
 	for i, sub := range subjects {
 		for _, method := range []string{"bytestream", "batch"} {
 			b.Run(fmt.Sprintf("%s/%s", method, sub.name), func(b *testing.B) {

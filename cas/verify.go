@@ -119,7 +119,11 @@ walk:
 	}
 	close(paths)
 	wg.Wait()
-	rep.Blobs, rep.Bytes, rep.Took = blobs.Load(), bytesDone.Load(), time.Since(start)
+	rep.Blobs, rep.Bytes = blobs.Load(), bytesDone.Load()
+	if walkErr == nil {
+		walkErr = verifyPacks(ctx, dir, qdir, &rep)
+	}
+	rep.Took = time.Since(start)
 	return &rep, walkErr
 }
 

@@ -3,6 +3,7 @@ package cas_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -10,12 +11,20 @@ import (
 	"testing"
 
 	"github.com/actiond/actiond/cas"
+	"github.com/actiond/actiond/internal/testutil"
 )
 
 func TestVerifyQuarantinesCorruptBlobs(t *testing.T) {
+	for _, packs := range []bool{false, true} {
+		t.Run(fmt.Sprintf("packs=%v", packs), func(t *testing.T) { testVerifyQuarantines(t, packs) })
+	}
+}
+
+func testVerifyQuarantines(t *testing.T, packs bool) {
 	ctx := context.Background()
-	dir := filepath.Join(t.TempDir(), "cas")
-	store, err := cas.NewDiskStore(dir, cas.WithFsync(false))
+	root := t.TempDir()
+	dir := filepath.Join(root, "cas")
+	store, err := cas.NewDiskStore(dir, cas.WithFsync(false), cas.WithSmallBlobPacks(packs))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,14 +38,10 @@ func TestVerifyQuarantinesCorruptBlobs(t *testing.T) {
 		ds = append(ds, d)
 	}
 	bad := ds[7]
-	// Blobs are read-only files; corrupt one the way a bad disk would.
+	// Corrupt one the way a bad disk would: every byte changed.
+	testutil.CorruptBlob(t, root, bad.Hash, "same-size")
+	rotten := bytes.Repeat([]byte{^byte(7)}, int(bad.Size))
 	p := filepath.Join(dir, "sha256", bad.Hash[:2], bad.Hash)
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, []byte("bit rot"), 0o644); err != nil {
-		t.Fatal(err)
-	}
 
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	rep, err := cas.Verify(ctx, dir, log)
@@ -46,14 +51,14 @@ func TestVerifyQuarantinesCorruptBlobs(t *testing.T) {
 	if rep.Blobs != int64(len(ds)) {
 		t.Errorf("verified %d blobs, want %d", rep.Blobs, len(ds))
 	}
-	if len(rep.Corrupt) != 1 || rep.Corrupt[0].Hash != bad.Hash || rep.Corrupt[0].Got != cas.DigestOf([]byte("bit rot")).Hash {
+	if len(rep.Corrupt) != 1 || rep.Corrupt[0].Hash != bad.Hash || rep.Corrupt[0].Got != cas.DigestOf(rotten).Hash {
 		t.Fatalf("corrupt = %+v, want just %s", rep.Corrupt, bad.Hash)
 	}
 	q := filepath.Join(dir, cas.QuarantineDir, bad.Hash)
 	if rep.Corrupt[0].Quarantined != q {
 		t.Errorf("quarantined to %q, want %q", rep.Corrupt[0].Quarantined, q)
 	}
-	if b, err := os.ReadFile(q); err != nil || string(b) != "bit rot" {
+	if b, err := os.ReadFile(q); err != nil || !bytes.Equal(b, rotten) {
 		t.Errorf("quarantined copy: %q, %v", b, err)
 	}
 	if _, err := os.Stat(p); !os.IsNotExist(err) {
@@ -62,7 +67,7 @@ func TestVerifyQuarantinesCorruptBlobs(t *testing.T) {
 
 	// A store opened afterwards (a server restart) reports it missing, so
 	// clients upload it again; the rest are intact.
-	store2, err := cas.NewDiskStore(dir, cas.WithFsync(false))
+	store2, err := cas.NewDiskStore(dir, cas.WithFsync(false), cas.WithSmallBlobPacks(packs))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,6 +48,28 @@ func shortSlack(t *testing.T) {
 // truncates it (n < its size).
 func damage(t *testing.T, s *DiskStore, d Digest, n int64) {
 	t.Helper()
+	if pk, off, packed := s.packedLoc(d); packed {
+		// A record: n < d.Size cuts the pack there (the torn tail of a
+		// pack; d must be its last record).
+		f, err := os.OpenFile(pk.path, os.O_RDWR, 0)
+		if err != nil {
+			os.Chmod(pk.path, 0o644)
+			f, err = os.OpenFile(pk.path, os.O_RDWR, 0)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if n < d.Size {
+			err = f.Truncate(off + n)
+		} else {
+			_, err = f.WriteAt(bytes.Repeat([]byte{'x'}, int(n)), off)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
 	p := s.blobPath(d.Hash)
 	os.Chmod(p, 0o644)
 	if err := os.WriteFile(p, bytes.Repeat([]byte{'x'}, int(n)), 0o444); err != nil {
@@ -60,12 +82,16 @@ func damage(t *testing.T, s *DiskStore, d Digest, n int64) {
 // power loss does to unflushed files) are missing from then on; blobs
 // flushed before are not hashed again at start-up (reads still verify).
 func TestWriteBackChecksBlobsPlacedAfterTheLastFlush(t *testing.T) {
+	forPacks(t, testWriteBackChecksBlobsPlacedAfterTheLastFlush)
+}
+
+func testWriteBackChecksBlobsPlacedAfterTheLastFlush(t *testing.T, packs Option) {
 	shortSlack(t)
 	reboot(t, "boot-1")
 	for _, reopenAs := range []Durability{WriteBack, GroupCommit} {
 		t.Run(reopenAs.String(), func(t *testing.T) {
 			dir := t.TempDir()
-			s := newStore(t, dir)
+			s := newStore(t, dir, packs)
 			if cp := readCheckpointFile(t, dir); cp.Clean || cp.BootID != "boot-1" {
 				t.Fatalf("checkpoint at start %+v: want unclean, on boot-1", cp)
 			}
@@ -87,7 +113,7 @@ func TestWriteBackChecksBlobsPlacedAfterTheLastFlush(t *testing.T) {
 			damage(t, s, short, 10)
 
 			reboot(t, "boot-2")
-			s2 := newStore(t, dir, WithDurability(reopenAs))
+			s2 := newStore(t, dir, WithDurability(reopenAs), packs)
 			all := []Digest{old, oldBad, good, bad, short}
 			missing, err := s2.FindMissing(ctx, all)
 			if err != nil {
@@ -126,12 +152,16 @@ func TestWriteBackChecksBlobsPlacedAfterTheLastFlush(t *testing.T) {
 // boot; one stopped uncleanly on the same boot (a kill -9: the kernel still
 // has its writes) is not either.
 func TestWriteBackTrustsACleanCloseAndTheSameBoot(t *testing.T) {
+	forPacks(t, testWriteBackTrustsACleanCloseAndTheSameBoot)
+}
+
+func testWriteBackTrustsACleanCloseAndTheSameBoot(t *testing.T, packs Option) {
 	shortSlack(t)
 	reboot(t, "boot-1")
 	for _, how := range []string{"closed", "killed on the same boot"} {
 		t.Run(how, func(t *testing.T) {
 			dir := t.TempDir()
-			s := newStore(t, dir)
+			s := newStore(t, dir, packs)
 			d := put(t, s, blob(1, 300))
 			if how == "closed" {
 				if err := s.Close(); err != nil {
@@ -145,7 +175,7 @@ func TestWriteBackTrustsACleanCloseAndTheSameBoot(t *testing.T) {
 				crash(s)
 			}
 			damage(t, s, d, d.Size) // not by a power loss: only a read finds it
-			s2 := newStore(t, dir)
+			s2 := newStore(t, dir, packs)
 			if q := s2.Stats().Quarantined; q != 0 {
 				t.Errorf("%d blobs hashed and quarantined at start", q)
 			}
@@ -159,15 +189,19 @@ func TestWriteBackTrustsACleanCloseAndTheSameBoot(t *testing.T) {
 // A checkpoint that cannot be read is a possible power loss at any time:
 // every blob is hashed at start.
 func TestWriteBackUnreadableCheckpointChecksEverything(t *testing.T) {
+	forPacks(t, testWriteBackUnreadableCheckpointChecksEverything)
+}
+
+func testWriteBackUnreadableCheckpointChecksEverything(t *testing.T, packs Option) {
 	dir := t.TempDir()
-	s := newStore(t, dir)
+	s := newStore(t, dir, packs)
 	d := put(t, s, blob(1, 300))
 	crash(s)
 	damage(t, s, d, d.Size)
 	if err := os.WriteFile(filepath.Join(dir, checkpointFile), []byte("{garbage"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s2 := newStore(t, dir)
+	s2 := newStore(t, dir, packs)
 	if missing, _ := s2.FindMissing(ctx, []Digest{d}); len(missing) != 1 {
 		t.Error("a damaged blob is reported present after an unreadable checkpoint")
 	}

@@ -146,13 +146,7 @@ func TestMetricsAndCASVerify(t *testing.T) {
 	}
 
 	// Server stopped: corrupt seed.txt's blob the way a bad disk would.
-	blob := filepath.Join(root, "cas", "sha256", seed.Hash[:2], seed.Hash)
-	if err := os.Chmod(blob, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(blob, []byte("corrupted by the test\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testutil.CorruptBlob(t, root, seed.Hash, "same-size")
 	out, code := runActiond(t, "cas", "verify", "--root", root)
 	if code == 0 || !strings.Contains(out, "corrupt "+seed.Hash) {
 		t.Fatalf("cas verify: exit %d, want non-zero naming %s:\n%s", code, seed.Hash, out)

@@ -39,16 +39,25 @@ type blobFiles struct {
 type blobFile struct {
 	d    cas.Digest
 	fd   int
+	base int64 // where the blob starts in the file: a pack holds many
 	refs int
 	gone bool // quarantined: close when the last user releases it
 }
 
 // readAt reads len(p) bytes at off, fewer only at the end of the blob
-// (then with io.EOF, as os.File.ReadAt).
+// (then with io.EOF, as os.File.ReadAt). It never reads past the blob's
+// size: in a pack, the next blob follows.
 func (bf *blobFile) readAt(p []byte, off int64) (int, error) {
+	if off >= bf.d.Size {
+		return 0, io.EOF
+	}
+	var short error
+	if rest := bf.d.Size - off; int64(len(p)) > rest {
+		p, short = p[:rest], io.EOF
+	}
 	done := 0
 	for done < len(p) {
-		n, err := unix.Pread(bf.fd, p[done:], off+int64(done))
+		n, err := unix.Pread(bf.fd, p[done:], bf.base+off+int64(done))
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
@@ -60,7 +69,7 @@ func (bf *blobFile) readAt(p []byte, off int64) (int, error) {
 		}
 		done += n
 	}
-	return done, nil
+	return done, short
 }
 
 func (bf *blobFile) close() { unix.Close(bf.fd) }
@@ -99,13 +108,9 @@ func (b *blobFiles) acquire(d cas.Digest) (*blobFile, error) {
 		return bf, nil
 	}
 	b.mu.Unlock()
-	p, err := b.store.BlobPath(d, false)
+	fd, base, err := b.open(d)
 	if err != nil {
 		return nil, err
-	}
-	fd, err := openBlob(p)
-	if err != nil {
-		return nil, fmt.Errorf("open blob %s: %w", d, err)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -114,7 +119,7 @@ func (b *blobFiles) acquire(d cas.Digest) (*blobFile, error) {
 		b.use(bf)
 		return bf, nil
 	}
-	bf := &blobFile{d: d, fd: fd, refs: 1}
+	bf := &blobFile{d: d, fd: fd, base: base, refs: 1}
 	b.files[d] = bf
 	return bf, nil
 }
@@ -149,6 +154,30 @@ func (b *blobFiles) use(bf *blobFile) {
 func (b *blobFiles) closeIdleFile(d cas.Digest, bf *blobFile) {
 	delete(b.files, d)
 	bf.close()
+}
+
+// spanOpener is implemented by stores that keep some blobs inside larger
+// files (cas.DiskStore's packs): it opens the file holding d and says
+// where in it d starts.
+type spanOpener interface {
+	OpenSpan(d cas.Digest) (fd int, off int64, err error)
+}
+
+// open opens d for reading: where it is, when the store can say, or its
+// local file (which a packed blob gets on demand).
+func (b *blobFiles) open(d cas.Digest) (fd int, base int64, err error) {
+	if so, ok := b.store.(spanOpener); ok {
+		return so.OpenSpan(d)
+	}
+	p, err := b.store.BlobPath(d, false)
+	if err != nil {
+		return -1, 0, err
+	}
+	fd, err = openBlob(p)
+	if err != nil {
+		return -1, 0, fmt.Errorf("open blob %s: %w", d, err)
+	}
+	return fd, 0, nil
 }
 
 // openBlob opens a blob file for reading.

@@ -133,6 +133,8 @@ func (o *Observer) Attach(srv *actiond.Server) {
 		gauge("actiond_cas_blobs", "Blobs stored.", func() float64 { return float64(disk.Stats().Blobs) })
 		gauge("actiond_cas_stored_bytes", "Bytes of blobs stored.", func() float64 { return float64(disk.Stats().Bytes) })
 		gauge("actiond_cas_max_bytes", "CAS size limit (0: unlimited).", func() float64 { return float64(disk.Stats().MaxBytes) })
+		gauge("actiond_cas_packs", "Pack files holding small blobs (see docs/guide.md, Small blobs live in packs).", func() float64 { return float64(disk.Stats().Packs) })
+		gauge("actiond_cas_pack_dead_bytes", "Bytes of pack records no blob uses any more (evicted or replaced), until compaction reclaims them.", func() float64 { return float64(disk.Stats().PackDeadBytes) })
 		counter("actiond_cas_evictions_total", "Blobs evicted to stay under the size limit.", func() float64 { return float64(disk.Stats().Evictions) })
 		counter("actiond_cas_quarantined_total", "Blobs found not to match their digest (on a read, before use as an input, or by the scrubber) and moved to cas/quarantine; clients upload them again.", func() float64 { return float64(disk.Stats().Quarantined) })
 		counter("actiond_cas_sync_rounds_total", "syncfs calls made by group commit (--durability=group) or by the write-back flusher (--durability=writeback).", func() float64 { return float64(disk.Stats().SyncRounds) })

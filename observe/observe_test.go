@@ -143,6 +143,8 @@ func TestMetricsMoveWithGRPCCalls(t *testing.T) {
 		{"actiond_ac_hits_total", 0},
 		{"actiond_ac_hit_ratio", 0},
 		{"actiond_cas_evictions_total", 0},
+		{"actiond_cas_packs", 1}, // both blobs are small: one batch, one pack
+		{"actiond_cas_pack_dead_bytes", 0},
 	}
 	for _, c := range checks {
 		if got, ok := after[c.name]; !ok || got != c.want {
@@ -224,13 +226,7 @@ func TestScrubberQuarantineCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := cas.DigestOf(bad)
-	p := filepath.Join(root, "cas", "sha256", d.Hash[:2], d.Hash)
-	if err := os.Chmod(p, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(p, []byte(strings.Repeat("ROT", 3000)), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testutil.CorruptBlob(t, root, d.Hash, "same-size")
 	var m map[string]float64
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		m = scrape(t, e.web.URL)

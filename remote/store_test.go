@@ -134,7 +134,7 @@ func TestStoreRefetchesCorruptLocalCopy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	data := castest.Blob(3, 5000)
+	data := castest.Blob(3, cas.PackMaxBlob+5000) // a file of its own, to corrupt
 	d := cas.DigestOf(data)
 	if err := remote.NewCachedStore(f.conn, local, remote.Options{}).Put(ctx, d, bytes.NewReader(data)); err != nil {
 		t.Fatal(err)

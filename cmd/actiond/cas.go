@@ -155,6 +155,7 @@ func runCASGC(args []string) error {
 	before := store.Stats()
 	log.Info("evicting", "blobs", before.Blobs, "bytes", units.Format(before.Bytes), "max_size", units.Format(maxSize))
 	n := store.Evict(maxSize)
+	store.WaitCompactions() // packs left mostly dead are rewritten now, before the exit
 	after := store.Stats()
 	fmt.Printf("evicted %d blobs (%s); %d blobs, %s stored\n", n, units.Format(before.Bytes-after.Bytes), after.Blobs, units.Format(after.Bytes))
 	return nil

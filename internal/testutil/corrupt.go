@@ -1,6 +1,9 @@
 package testutil
 
 import (
+	"bytes"
+	"encoding/binary"
+	"encoding/hex"
 	"os"
 	"path/filepath"
 	"testing"
@@ -9,14 +12,22 @@ import (
 // Corruptions are the ways CorruptBlob makes a stored blob go bad.
 var Corruptions = []string{"flip", "truncate", "same-size"}
 
-// CorruptBlob changes the stored file of the blob with the given hash in the
-// disk store of the server root root (cas/sha256/ab/<hash>) the way kind
-// says: "flip" one bit in the middle, "truncate" to half its length,
-// "same-size" every byte changed and the length kept. Blobs are read-only
-// files; a bad disk or a root user ignores that, and so does this, leaving
-// the file read-only again.
+// CorruptBlob changes the stored copy of the blob with the given hash in
+// the disk store of the server root root the way kind says: "flip" one bit
+// in the middle, "truncate" to half its length, "same-size" every byte
+// changed and the length kept. The copy is the blob's record in a pack
+// (cas/packs/*.pack) if it has one, where "truncate" is what a power loss
+// does to an unflushed record: the pack cut in its middle if it is the
+// last, its second half zeros if not. Otherwise it is the blob's file
+// (cas/sha256/ab/<hash>). (A packed blob's file is a copy made for a
+// path, which the store drops when it opens.) Blob files and packs are read-only; a bad
+// disk or a root user ignores that, and so does this, leaving them
+// read-only again.
 func CorruptBlob(t testing.TB, root, hash, kind string) {
 	t.Helper()
+	if corruptPacked(t, root, hash, kind) {
+		return
+	}
 	p := filepath.Join(root, "cas", "sha256", hash[:2], hash)
 	b, err := os.ReadFile(p)
 	if err != nil {
@@ -34,6 +45,58 @@ func CorruptBlob(t testing.TB, root, hash, kind string) {
 	default:
 		t.Fatalf("unknown corruption %q", kind)
 	}
+	writeReadOnly(t, p, b)
+}
+
+// corruptPacked is CorruptBlob for a blob in a pack; it reports whether
+// the blob has a record. The record layout (see cas/disk_pack.go) is
+// "adp1", the raw SHA-256, a big-endian uint32 size, then the bytes.
+func corruptPacked(t testing.TB, root, hash, kind string) bool {
+	t.Helper()
+	raw, err := hex.DecodeString(hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	header := append([]byte("adp1"), raw...)
+	packs, _ := filepath.Glob(filepath.Join(root, "cas", "packs", "*.pack"))
+	for _, p := range packs {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := bytes.Index(b, header)
+		if i < 0 {
+			continue
+		}
+		start := i + len(header) + 4
+		n := int(binary.BigEndian.Uint32(b[i+len(header):]))
+		data := b[start : start+n]
+		switch kind {
+		case "flip":
+			data[n/2] ^= 0x40
+		case "truncate":
+			if start+n == len(b) {
+				b = b[:start+n/2] // a torn tail
+			} else {
+				clear(data[n/2:]) // blocks never written read as zeros
+			}
+		case "same-size":
+			for i := range data {
+				data[i] ^= 0xff
+			}
+		default:
+			t.Fatalf("unknown corruption %q", kind)
+		}
+		writeReadOnly(t, p, b)
+		return true
+	}
+	return false
+}
+
+// writeReadOnly replaces the content of the read-only file p in place (a
+// pack stays the same inode, as an open descriptor sees it).
+func writeReadOnly(t testing.TB, p string, b []byte) {
+	t.Helper()
 	if err := os.Chmod(p, 0o644); err != nil {
 		t.Fatal(err)
 	}
