@@ -519,13 +519,14 @@ func (s *DiskStore) putPacked(blobs []Blob) []error {
 	errs := make([]error, len(blobs))
 	todo := make([]Blob, 0, len(blobs))
 	var grow int64
+	var touch []string
 	now := time.Now()
 	s.mu.Lock()
 	for i, b := range blobs {
 		d := b.Digest
 		e, ok := s.index[d.Hash]
 		if ok && e.size == d.Size && e.verified {
-			s.useLocked(e, now, nil)
+			touch = s.useLocked(e, now, touch)
 			continue
 		}
 		if s.maxSize > 0 {
@@ -551,6 +552,7 @@ func (s *DiskStore) putPacked(blobs []Blob) []error {
 	}
 	s.reserved += grow
 	s.mu.Unlock()
+	s.touchFiles(touch, now)
 	if len(todo) == 0 {
 		return errs
 	}

@@ -124,10 +124,17 @@ func (s *DiskStore) intact(d Digest) bool {
 		return false
 	}
 	s.touchFiles(touch, now)
-	if p, off, packed := s.packedLoc(d); packed {
-		// Records are never rewritten; a pack cut short (a power loss
+	for try := 0; try < 3; try++ {
+		p, off, packed := s.packedLoc(d)
+		if !packed {
+			break
+		}
+		// A record's bytes are never rewritten; a pack cut short (a power loss
 		// on a root that does not sync) is what a cheap check can see.
 		fi, err := p.f.Stat()
+		if errors.Is(err, os.ErrClosed) {
+			continue // compacted meanwhile: look again
+		}
 		if err == nil && fi.Size() >= off+d.Size {
 			return true
 		}
