@@ -82,6 +82,10 @@ type pack struct {
 	dead       int64       // bytes of records nothing in the index points at
 	sealed     bool        // no more appends: a candidate for compaction
 	compacting bool
+	// unindexed counts appends to p whose records are not indexed (or
+	// counted dead) yet: their writer is waiting for the disk. p is not
+	// compacted meanwhile, or the compaction would miss them.
+	unindexed int
 }
 
 // recordSize is the bytes a blob of size n takes in a pack.
@@ -352,6 +356,11 @@ func (s *DiskStore) indexRecord(r packFound) {
 			os.Remove(s.blobPath(r.hash))
 			s.size += r.size - e.size
 			e.pk, e.pkOff, e.file, e.verified, e.size = r.p, r.off, false, r.ok, r.size
+		} else if e.size == r.size && (r.p.id > e.pk.id || (r.p.id == e.pk.id && r.off > e.pkOff)) {
+			// A later record of the blob (a re-upload that replaced a
+			// copy not known good) wins, whatever the packs' mtimes say.
+			s.deadEntryLocked(e)
+			e.pk, e.pkOff, e.verified = r.p, r.off, r.ok
 		} else {
 			s.deadLocked(r.p, r.off, r.size) // an older copy
 		}
@@ -385,7 +394,7 @@ func (p *pack) tombstone(off int64) {
 // maybeCompactLocked queues p for compaction when it is sealed and more
 // than half dead. Called with mu held.
 func (s *DiskStore) maybeCompactLocked(p *pack) {
-	if !p.sealed || p.compacting || p.dead*2 < p.end || s.packs[p.id] != p || s.opening || s.closing {
+	if !p.sealed || p.compacting || p.unindexed > 0 || p.dead*2 < p.end || s.packs[p.id] != p || s.opening || s.closing {
 		return
 	}
 	s.queueCompactionLocked(p)
@@ -451,14 +460,21 @@ func (s *DiskStore) appendRecords(blobs []Blob) (*pack, []int64, error) {
 		offs[i] += p.end
 	}
 	p.end += total
+	s.mu.Lock()
+	p.unindexed++            // the caller calls indexedLocked once it has
 	if p.end >= packTarget { // sealed: the next append starts a new pack
 		s.active = nil
-		s.mu.Lock()
 		p.sealed = true
-		s.maybeCompactLocked(p)
-		s.mu.Unlock()
 	}
+	s.mu.Unlock()
 	return p, offs, nil
+}
+
+// indexedLocked ends an append to p that appendRecords counted: its
+// records are indexed or counted dead. Called with mu held.
+func (s *DiskStore) indexedLocked(p *pack) {
+	p.unindexed--
+	s.maybeCompactLocked(p)
 }
 
 // activePackLocked returns the pack appends go to, creating it if needed.
@@ -610,6 +626,9 @@ func (s *DiskStore) putPacked(blobs []Blob) []error {
 			e.size, e.verified, e.diskTime, e.pk, e.pkOff, e.file = b.Digest.Size, true, now, p, offs[i], false
 			s.lru.MoveToFront(e.elem)
 		}
+	}
+	if p != nil {
+		s.indexedLocked(p)
 	}
 	if err != nil {
 		for i, b := range blobs {
@@ -911,6 +930,7 @@ func (s *DiskStore) compact(p *pack) error {
 				s.deadLocked(w.p, off, blobs[k].Digest.Size)
 				k++
 			}
+			s.indexedLocked(w.p)
 		}
 		s.mu.Unlock()
 		return err
@@ -950,6 +970,7 @@ func (s *DiskStore) compact(p *pack) error {
 			}
 			k++
 		}
+		s.indexedLocked(w.p)
 	}
 	// Entries still pointing at p (none should) lose their record.
 	for _, e := range s.index {

@@ -245,11 +245,19 @@ func TestPackLocalPathAndOpenSpan(t *testing.T) {
 	checkInvariants(t, s2)
 }
 
-// Concurrent uploads, reads, materialization and evictions of small blobs
-// keep every invariant (run with -race).
+// Concurrent uploads, reads, materialization, evictions and compactions
+// of small blobs keep every invariant, under each durability (an upload
+// that filled a pack waits for the disk while others evict from it; run
+// with -race): every blob the index holds reads back.
 func TestPackConcurrency(t *testing.T) {
+	for _, dur := range durabilities {
+		t.Run(dur.String(), func(t *testing.T) { testPackConcurrency(t, dur) })
+	}
+}
+
+func testPackConcurrency(t *testing.T, dur Durability) {
 	smallPacks(t, 16<<10)
-	s := newStore(t, "", WithMaxSize(60<<10))
+	s := newStore(t, "", WithMaxSize(60<<10), WithDurability(dur))
 	var wg sync.WaitGroup
 	for g := range 4 {
 		wg.Add(1)
@@ -288,6 +296,17 @@ func TestPackConcurrency(t *testing.T) {
 	wg.Wait()
 	s.WaitCompactions()
 	checkInvariants(t, s)
+	s.mu.Lock()
+	var held []Digest
+	for h, e := range s.index {
+		held = append(held, Digest{h, e.size})
+	}
+	s.mu.Unlock()
+	for _, d := range held {
+		if _, err := ReadAll(ctx, s, d); err != nil {
+			t.Errorf("indexed blob %s does not read: %v", d, err)
+		}
+	}
 }
 
 // Dead records stay dead across restarts: an evicted blob does not come
