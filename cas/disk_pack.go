@@ -785,10 +785,12 @@ func (s *DiskStore) materialize(d Digest) (ok bool, err error) {
 	return true, fmt.Errorf("blob %s: %w", d, ErrNotFound)
 }
 
-// OpenSpan returns a new read-only, close-on-exec descriptor of a local
-// file and the offset at which d's bytes start in it: the blob's own file,
-// or its pack. The caller closes it. The descriptor reads d's bytes for as
-// long as it is open, whatever happens to the store meanwhile.
+// OpenSpan returns a new close-on-exec descriptor of a local file and the
+// offset at which d's bytes start in it: the blob's own file (opened
+// read-only), or its pack (a duplicate of the store's own descriptor, so
+// open for writing too: callers only read, at most d.Size bytes from off).
+// The caller closes it. The descriptor reads d's bytes for as long as it
+// is open, whatever happens to the store meanwhile.
 func (s *DiskStore) OpenSpan(d Digest) (fd int, off int64, err error) {
 	if err := d.Validate(); err != nil {
 		return -1, 0, err
