@@ -310,24 +310,10 @@ func (s *DiskStore) load(since time.Time) ([]Digest, error) {
 		r := &recs[i]
 		all = append(all, found{r.hash, r.size, r.p.mtime, r})
 	}
-	// Newest first. Among the same age: files, then the later records
-	// (a later record of a blob is a re-upload, meant to replace it).
-	sort.SliceStable(all, func(i, j int) bool {
-		a, b := all[i], all[j]
-		if !a.mtime.Equal(b.mtime) {
-			return a.mtime.After(b.mtime)
-		}
-		if (a.rec == nil) != (b.rec == nil) {
-			return a.rec == nil
-		}
-		if a.rec == nil {
-			return false
-		}
-		if a.rec.p.id != b.rec.p.id {
-			return a.rec.p.id > b.rec.p.id
-		}
-		return a.rec.off > b.rec.off
-	})
+	// Newest first. Which copy of a blob wins (a record over a file, a
+	// later record over an earlier one) does not depend on this order:
+	// indexRecord and the file branch below decide it.
+	sort.Slice(all, func(i, j int) bool { return all[i].mtime.After(all[j].mtime) })
 	for _, f := range all {
 		if f.rec != nil {
 			s.indexRecord(*f.rec)
@@ -444,19 +430,6 @@ func (s *DiskStore) Get(_ context.Context, d Digest, offset int64) (io.ReadClose
 func (s *DiskStore) Put(ctx context.Context, d Digest, r io.Reader) error {
 	if err := d.Validate(); err != nil {
 		return err
-	}
-	if s.packable(d.Size) {
-		if s.maxSize > 0 && d.Size > s.maxSize {
-			return fmt.Errorf("blob %s is larger than the store's size limit of %d bytes: %w", d, s.maxSize, ErrNoSpace)
-		}
-		data, err := io.ReadAll(io.LimitReader(r, d.Size+1))
-		if err != nil {
-			return err
-		}
-		if got := DigestOf(data); got != d {
-			return fmt.Errorf("blob %s: got %d bytes hashing to %s: %w", d, len(data), got.Hash, ErrDigestMismatch)
-		}
-		return s.putPacked([]Blob{{d, data}})[0]
 	}
 	if d.Size == 0 {
 		// Only the empty blob has size 0; still verify the caller sent nothing.

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -62,10 +63,14 @@ var bootID = readBootID
 
 // writeback is the state of the flusher under WriteBack.
 type writeback struct {
-	dirty  atomic.Bool // a blob was placed since the last flush began
-	rounds atomic.Uint64
-	stop   chan struct{}
-	done   chan struct{}
+	// flushMu orders flushes (the flusher's, Close's): each takes its
+	// mark and writes its checkpoint after the previous one, so the
+	// checkpoint never moves back, and they never share the temp file.
+	flushMu sync.Mutex
+	dirty   atomic.Bool // a blob was placed since the last flush began
+	rounds  atomic.Uint64
+	stop    chan struct{}
+	done    chan struct{}
 }
 
 // readCheckpoint returns the store's checkpoint, or nil if it has none.
@@ -212,6 +217,8 @@ func (s *DiskStore) flushLoop(wb *writeback) {
 
 // flush makes every blob placed so far durable and records it.
 func (s *DiskStore) flush(clean bool) error {
+	s.wb.flushMu.Lock()
+	defer s.wb.flushMu.Unlock()
 	at := time.Now()
 	mark := s.packMark() // before the sync: what it is sure to cover
 	if err := syncFS(s.blobDir); err != nil {

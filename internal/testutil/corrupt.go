@@ -20,9 +20,9 @@ var Corruptions = []string{"flip", "truncate", "same-size"}
 // does to an unflushed record: the pack cut in its middle if it is the
 // last, its second half zeros if not. Otherwise it is the blob's file
 // (cas/sha256/ab/<hash>). (A packed blob's file is a copy made for a
-// path, which the store drops when it opens.) Blob files and packs are read-only; a bad
-// disk or a root user ignores that, and so does this, leaving them
-// read-only again.
+// path, which the store drops when it opens.) Blob files are read-only; a
+// bad disk or a root user ignores that, and so does this, leaving each
+// file with the mode it had.
 func CorruptBlob(t testing.TB, root, hash, kind string) {
 	t.Helper()
 	if corruptPacked(t, root, hash, kind) {
@@ -33,19 +33,29 @@ func CorruptBlob(t testing.TB, root, hash, kind string) {
 	if err != nil {
 		t.Fatalf("blob %s (%s): %v", hash, kind, err)
 	}
+	if !spoil(t, b, kind) {
+		b = b[:len(b)/2]
+	}
+	writeInPlace(t, p, b)
+}
+
+// spoil changes b in place the way kind says ("flip", "same-size"); it
+// reports false for "truncate", whose shape depends on where b lives.
+func spoil(t testing.TB, b []byte, kind string) bool {
+	t.Helper()
 	switch kind {
 	case "flip":
 		b[len(b)/2] ^= 0x40
-	case "truncate":
-		b = b[:len(b)/2]
 	case "same-size":
 		for i := range b {
 			b[i] ^= 0xff
 		}
+	case "truncate":
+		return false
 	default:
 		t.Fatalf("unknown corruption %q", kind)
 	}
-	writeReadOnly(t, p, b)
+	return true
 }
 
 // corruptPacked is CorruptBlob for a blob in a pack; it reports whether
@@ -71,39 +81,35 @@ func corruptPacked(t testing.TB, root, hash, kind string) bool {
 		start := i + len(header) + 4
 		n := int(binary.BigEndian.Uint32(b[i+len(header):]))
 		data := b[start : start+n]
-		switch kind {
-		case "flip":
-			data[n/2] ^= 0x40
-		case "truncate":
+		if !spoil(t, data, kind) {
 			if start+n == len(b) {
 				b = b[:start+n/2] // a torn tail
 			} else {
 				clear(data[n/2:]) // blocks never written read as zeros
 			}
-		case "same-size":
-			for i := range data {
-				data[i] ^= 0xff
-			}
-		default:
-			t.Fatalf("unknown corruption %q", kind)
 		}
-		writeReadOnly(t, p, b)
+		writeInPlace(t, p, b)
 		return true
 	}
 	return false
 }
 
-// writeReadOnly replaces the content of the read-only file p in place (a
-// pack stays the same inode, as an open descriptor sees it).
-func writeReadOnly(t testing.TB, p string, b []byte) {
+// writeInPlace replaces the content of the file p, keeping its inode (as
+// an open descriptor sees it) and its mode (a read-only blob file stays
+// read-only).
+func writeInPlace(t testing.TB, p string, b []byte) {
 	t.Helper()
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Chmod(p, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(p, 0o444); err != nil {
+	if err := os.Chmod(p, fi.Mode().Perm()); err != nil {
 		t.Fatal(err)
 	}
 }
