@@ -160,7 +160,12 @@ func (afs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error
 		}
 		afs.mu.Lock()
 		op.Handle = afs.newHandle(h)
+		prefill := h.blob != nil && !n.prefilled && n.digest.Size <= maxPrefill && afs.dev >= 0
+		n.prefilled = n.prefilled || prefill
 		afs.mu.Unlock()
+		if prefill {
+			afs.prefill(n.id, h.blob)
+		}
 		op.KeepPageCache = true
 		return nil
 	case n.kind != kindFile:

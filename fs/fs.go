@@ -65,6 +65,9 @@ type actionFS struct {
 	// nothing looked up then (a name missing from the empty tree) outlives
 	// setRoot.
 	expire time.Time
+	// dev is the mount's /dev/fuse descriptor, for notifications (-1
+	// until mounted); owned by the connection, which outlives every op.
+	dev int
 
 	mu         sync.Mutex
 	nodes      map[fuseops.InodeID]*node
@@ -101,6 +104,7 @@ func newActionFS(r *InputRoot, root cas.Digest, known map[cas.Digest]*repb.Direc
 		nodes:   make(map[fuseops.InodeID]*node),
 		nextID:  fuseops.RootInodeID,
 		handles: make(map[fuseops.HandleID]*handle),
+		dev:     -1,
 	}
 	afs.user.Store(int64(owner[0]))
 	if spare {

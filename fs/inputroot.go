@@ -23,7 +23,6 @@ import (
 	"github.com/actiond/actiond/executor"
 	"github.com/actiond/actiond/internal/mountinfo"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"github.com/jacobsa/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -404,7 +403,7 @@ func probe() error {
 	defer os.Remove(dir)
 	r := &InputRoot{log: slog.Default(), dirs: newDirCache(nil, 0), fuseTag: "actiondfs-probe"}
 	afs := newActionFS(r, cas.EmptyDigest, nil, filepath.Join(dir, "stage"), false, r.owner, false)
-	mfs, err := fuse.Mount(dir, &server{fs: afs, log: r.log}, r.mountConfig(false))
+	mfs, err := r.mountFUSE(dir, afs, false)
 	if err != nil {
 		return fmt.Errorf("actiondfs probe mount: %w", err)
 	}

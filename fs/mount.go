@@ -94,7 +94,7 @@ func (r *InputRoot) mount(ctx context.Context, root cas.Digest, dir, id string, 
 		return nil, fmt.Errorf("actiondfs: create mount point: %w", err)
 	}
 	m.fs = newActionFS(r, root, opts.Dirs, filepath.Join(m.stage, "files"), m.overlay, m.owner, opts.spare)
-	mfs, err := fuse.Mount(m.fuseDir, &server{fs: m.fs, log: r.log}, r.mountConfig(m.overlay))
+	mfs, err := r.mountFUSE(m.fuseDir, m.fs, m.overlay)
 	if err != nil {
 		os.Remove(m.fuseDir)
 		return nil, fmt.Errorf("actiondfs: mount %s: %w", m.fuseDir, err)
@@ -148,27 +148,21 @@ func (m *Mount) mountOverlay() error {
 	return nil
 }
 
-func (r *InputRoot) mountConfig(readOnly bool) *fuse.MountConfig {
+// mountConfig is the connection's configuration (the options of the
+// mount itself are mountFUSE's).
+func (r *InputRoot) mountConfig() *fuse.MountConfig {
 	return &fuse.MountConfig{
-		FSName:   r.fuseTag,
-		Subtype:  "actiondfs",
-		ReadOnly: readOnly,
 		// Writes must reach the stage file before the command ends, so
 		// outputs can be taken from there.
 		DisableWritebackCaching: true,
-		// Attempts to change inputs must reach the server to be reported;
-		// it checks permissions itself.
-		DisableDefaultPermissions: true,
-		EnableAtomicTrunc:         true,
-		EnableParallelDirOps:      true,
-		EnableSymlinkCaching:      true,
-		EnableAsyncReads:          true,
+		EnableAtomicTrunc:       true,
+		EnableParallelDirOps:    true,
+		EnableSymlinkCaching:    true,
+		EnableAsyncReads:        true,
 		// Every request buffer is this big plus a page, and each mount
 		// allocates its own: 1 MiB (the default) makes mounting slower.
 		MaxWrite: maxWrite,
 		MaxPages: maxRead / 4096,
-		// The sandbox user must see the tree.
-		Options: map[string]string{"allow_other": ""},
 	}
 }
 

@@ -61,6 +61,9 @@ type node struct {
 	lookups uint64 // the kernel's references (entries it was given minus forgotten)
 	removed bool   // staged directory: removed from its parent
 	changed bool   // input directory: attributes or entries changed; keep it
+	// prefilled: input file whose bytes were stored in the page cache at
+	// its first open (see prefill).
+	prefilled bool
 }
 
 // handle is an open file or directory.
