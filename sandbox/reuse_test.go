@@ -131,3 +131,49 @@ func ourHelpers(t *testing.T) []int {
 	}
 	return pids
 }
+
+// TestKeptHelperReusesOnlyUnusedNetworkNamespaces: a kept helper gives the
+// network namespace of an action that did not use it to the next action
+// (making one is the largest part of a helper's CPU per action), and an
+// action after one that used the network gets a new one, in which nothing
+// of the earlier action's traffic shows.
+func TestKeptHelperReusesOnlyUnusedNetworkNamespaces(t *testing.T) {
+	sb := newSandboxWith(t, sandbox.Config{PrestartedHelpers: -1})
+	// run runs script and returns the action's network namespace and the
+	// counters of its lo (rx bytes, packets ... as /proc/net/dev has them)
+	// at the start.
+	run := func(script string) (netns, lo string) {
+		t.Helper()
+		out := mustSucceed(t, sb, shSpec(t, newExecRoot(t, false), `readlink /proc/self/ns/net
+grep 'lo:' /proc/net/dev | cut -d: -f2 | tr -s ' ' | sed 's/^ //'
+`+script))
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) < 2 {
+			t.Fatalf("action printed %q", out)
+		}
+		return lines[0], lines[1]
+	}
+	const fresh = "0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0"
+	first, lo := run(`cat /proc/net/sockstat >/dev/null`)
+	if lo != fresh {
+		t.Fatalf("lo counters of a new namespace: %q", lo)
+	}
+	second, lo := run(`bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>/dev/null; echo`)
+	if second != first {
+		t.Errorf("the second action got network namespace %s, not the unused %s of the first", second, first)
+	}
+	if lo != fresh {
+		t.Errorf("lo counters at the start of the second action: %q", lo)
+	}
+	// The second connected to a closed port: a SYN and a RST crossed lo.
+	third, lo := run(`true`)
+	if third == second {
+		t.Errorf("the third action got network namespace %s, which the second used", third)
+	}
+	if lo != fresh {
+		t.Errorf("lo counters at the start of the third action, after the second's connection: %q", lo)
+	}
+	if fourth, _ := run(`true`); fourth != third {
+		t.Errorf("the fourth action got network namespace %s, not the unused %s of the third", fourth, third)
+	}
+}
