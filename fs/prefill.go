@@ -15,6 +15,13 @@ package fs
 // read(2) finds it cached. jacobsa/fuse sends only invalidations, so the
 // mount is made here, on a descriptor this package keeps, and handed to
 // jacobsa/fuse as /dev/fd/N (which it then serves without mounting).
+//
+// Before Linux 6.11 (upstream commit 3c0da3d163eb, "fuse: Initialize
+// beyond-EOF page contents before setting uptodate"; backported to some
+// stable kernels, not all), a store that ends a file within a page left the
+// rest of that page as the allocator gave it, and mmap(2) shows it: stale
+// memory past the end of the file. So stores are made only on kernels that
+// zero it (storeZeroesTail); older ones serve the READ as before.
 
 import (
 	"encoding/binary"
@@ -22,6 +29,7 @@ import (
 	"fmt"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/jacobsa/fuse"
@@ -50,6 +58,35 @@ var storeBufs = sync.Pool{New: func() any {
 	return &b
 }}
 
+// storeZeroesTail reports whether this kernel zeroes the rest of a page a
+// store notification fills up to the end of the file: from Linux 6.11 on.
+// Older kernels that got the fix as a backport are not told apart from
+// those that did not, and go without stores.
+var storeZeroesTail = sync.OnceValue(func() bool {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	major, minor, ok := kernelVersion(unix.ByteSliceToString(u.Release[:]))
+	return ok && (major > 6 || major == 6 && minor >= 11)
+})
+
+// kernelVersion parses the major and minor numbers of a kernel release
+// ("6.1.0-50-amd64", "6.18.44-fc").
+func kernelVersion(release string) (major, minor int, ok bool) {
+	parts := strings.SplitN(release, ".", 3)
+	if len(parts) < 2 {
+		return 0, 0, false
+	}
+	major, err1 := strconv.Atoi(parts[0])
+	digits := strings.IndexFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' })
+	if digits < 0 {
+		digits = len(parts[1])
+	}
+	minor, err2 := strconv.Atoi(parts[1][:digits])
+	return major, minor, err1 == nil && err2 == nil
+}
+
 // mountFUSE mounts afs at dir (read-only if readOnly) with mount(2) on a
 // new /dev/fuse descriptor, which afs keeps for notifications, and serves
 // it.
@@ -72,6 +109,7 @@ func (r *InputRoot) mountFUSE(dir string, afs *actionFS, readOnly bool) (*fuse.M
 	}
 	// Set before serving starts: the first OPEN may come at once.
 	afs.dev = fd
+	afs.stores = storeZeroesTail()
 	// jacobsa/fuse takes over the descriptor (and closes it when the
 	// connection ends, or when its file is collected after a failure), so
 	// it is not closed here after this point.

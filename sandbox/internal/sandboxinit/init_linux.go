@@ -138,10 +138,8 @@ func helperMain() int {
 	// once (see template); one started for a single action builds all of
 	// its root in the action's namespace.
 	var tpl *template
-	var net *keptNetns
 	if os.Getenv(PrestartEnv) == "1" {
 		tpl = &template{}
-		net = &keptNetns{fd: -1}
 	}
 	var nproc unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NPROC, &nproc); err != nil {
@@ -161,16 +159,15 @@ func helperMain() int {
 		}
 		// An action that could not be set up may have left its thread's
 		// state half made: end the helper rather than reuse it.
-		if code := report(runAction(s, files, tpl, net)); code != 0 {
+		if code := report(runAction(s, files, tpl)); code != 0 {
 			return code
 		}
 	}
 }
 
 // runAction runs one command and, once it has ended, everything it left.
-// With tpl, the action's root starts from the helper's template; with net,
-// the action may get the network namespace an earlier action left unused.
-func runAction(spec *Spec, files map[string]int, tpl *template, net *keptNetns) *Status {
+// With tpl, the action's root starts from the helper's template.
+func runAction(spec *Spec, files map[string]int, tpl *template) *Status {
 	var generated []string // with tpl: the generated /etc files
 	if tpl != nil {
 		// In the helper's own mount namespace, which the action's is
@@ -193,7 +190,7 @@ func runAction(spec *Spec, files map[string]int, tpl *template, net *keptNetns) 
 		// and dropped privileges, so the runtime ends it with this
 		// goroutine instead of reusing it.
 		runtime.LockOSThread()
-		pid, st := startCommand(spec, files, tpl != nil, generated, net)
+		pid, st := startCommand(spec, files, tpl != nil, generated)
 		ch <- started{pid, st}
 	}()
 	s := <-ch
@@ -225,21 +222,18 @@ func runAction(spec *Spec, files map[string]int, tpl *template, net *keptNetns) 
 // drops the thread's privileges and forks the command from it. It returns
 // the command's pid, or the status of an action that could not start.
 // With templated, the base of the root is already at spec.RootDir (see
-// template) and generated names the files of spec.EtcDir. With net (a kept
-// helper's), the network namespace comes from net when it is unused.
-func startCommand(spec *Spec, files map[string]int, templated bool, generated []string, net *keptNetns) (int, *Status) {
+// template) and generated names the files of spec.EtcDir.
+func startCommand(spec *Spec, files map[string]int, templated bool, generated []string) (int, *Status) {
 	fail := func(err error) (int, *Status) { return 0, &Status{Error: err.Error()} }
 	// The parent moved the helper into the action's cgroups before sending
 	// the spec: rooting a cgroup namespace there makes the command see its
 	// cgroups as "/" and learn nothing of the host's hierarchy. A new mount
 	// namespace also unshares the thread's root and working directory.
-	if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_NEWIPC | unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP); err != nil {
+	if err := unix.Unshare(unix.CLONE_NEWNS | unix.CLONE_NEWNET | unix.CLONE_NEWIPC |
+		unix.CLONE_NEWUTS | unix.CLONE_NEWCGROUP); err != nil {
 		return fail(fmt.Errorf("namespaces: %w", err))
 	}
-	if err := unix.Sethostname([]byte("localhost")); err != nil {
-		return fail(fmt.Errorf("sethostname: %w", err))
-	}
-	if err := net.enter(); err != nil {
+	if err := setUpNamespaces(); err != nil {
 		return fail(err)
 	}
 	trees := treeFDs{execRoot: -1, runtime: -1}
@@ -308,6 +302,15 @@ func startCommand(spec *Spec, files map[string]int, templated bool, generated []
 		return fail(fmt.Errorf("starting %s: %w", spec.Args[0], err))
 	}
 	return pid, nil
+}
+
+// setUpNamespaces does what an action's new namespaces need before
+// anything else: a hostname and the loopback interface.
+func setUpNamespaces() error {
+	if err := unix.Sethostname([]byte("localhost")); err != nil {
+		return fmt.Errorf("sethostname: %w", err)
+	}
+	return loopbackUp()
 }
 
 // prepare is what a kept helper does before its first action: make its
@@ -476,6 +479,27 @@ func lookPath(file string, env []string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%s: command not found in PATH %q", file, path)
+}
+
+// loopbackUp brings up lo, the only interface in a new network namespace.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback: get flags: %w", err)
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+		return fmt.Errorf("loopback: set flags: %w", err)
+	}
+	return nil
 }
 
 // dropPrivileges prepares the current thread so that the command forked
