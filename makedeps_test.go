@@ -46,6 +46,7 @@ var indirect = map[string][]string{
 	"sandbox/helpers_test.go":               {"go"},
 	"sandbox/security_test.go":              {"exe"}, // the probe binary the tests build
 	"fs/fs_test.go":                         {"exe"}, // files of the test's own mount, and the test binary
+	"fs/prefill_test.go":                    {"exe"}, // the test binary, mapping files of the test's mount
 	"actiond_test.go":                       {"exe"}, // the actiond binary the test builds
 	"propagation_test.go":                   {"exe"}, // the actiond binary the test builds
 	"internal/testutil/sharedroot_linux.go": {"unshare"},

@@ -121,9 +121,9 @@ func (r *InputRoot) mountFUSE(dir string, afs *actionFS, readOnly bool) (*fuse.M
 	return mfs, nil
 }
 
-// prefill stores the whole of input file n, open as bf, in the kernel's
-// page cache. It must be called while answering the first OPEN of n, before
-// the reply: then no READ of n can be in flight, whose page lock the store
+// prefill stores the whole of the input file with inode id, open as bf, in
+// the kernel's page cache. It must be called while answering the file's
+// first OPEN, before the reply: then no READ of n can be in flight, whose page lock the store
 // would wait for while this goroutine is the one that would answer it.
 // Failures only cost the READ the store would have saved.
 func (afs *actionFS) prefill(id fuseops.InodeID, bf *blobFile) {
