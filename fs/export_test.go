@@ -8,6 +8,3 @@ func (m *Mount) Nodes() int { return m.fs.Nodes() }
 // StoresSmallInputs reports whether this kernel gets small inputs stored in
 // its page cache at their first open.
 func StoresSmallInputs() bool { return storeZeroesTail() }
-
-// KernelVersion is kernelVersion.
-var KernelVersion = kernelVersion

@@ -182,15 +182,9 @@ func writeFile(t testing.TB, p, content string) {
 // the server holds a P and blocks garbage collection), so such clients
 // run in a child.
 func TestMain(m *testing.M) {
-	switch os.Getenv("ACTIOND_FS_HELPER") {
-	case "mmap-write":
-		if err := mmapWrite(os.Args[len(os.Args)-1]); err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	case "mmap-probe":
-		if err := mmapProbe(os.Args[len(os.Args)-1]); err != nil {
+	helpers := map[string]func(path string) error{"mmap-write": mmapWrite, "mmap-probe": mmapProbe}
+	if helper, ok := helpers[os.Getenv("ACTIOND_FS_HELPER")]; ok {
+		if err := helper(os.Args[len(os.Args)-1]); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}

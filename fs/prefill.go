@@ -29,9 +29,9 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 
+	"github.com/actiond/actiond/internal/kernel"
 	"github.com/jacobsa/fuse"
 	"github.com/jacobsa/fuse/fuseops"
 	"golang.org/x/sys/unix"
@@ -62,30 +62,7 @@ var storeBufs = sync.Pool{New: func() any {
 // store notification fills up to the end of the file: from Linux 6.11 on.
 // Older kernels that got the fix as a backport are not told apart from
 // those that did not, and go without stores.
-var storeZeroesTail = sync.OnceValue(func() bool {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return false
-	}
-	major, minor, ok := kernelVersion(unix.ByteSliceToString(u.Release[:]))
-	return ok && (major > 6 || major == 6 && minor >= 11)
-})
-
-// kernelVersion parses the major and minor numbers of a kernel release
-// ("6.1.0-50-amd64", "6.18.44-fc").
-func kernelVersion(release string) (major, minor int, ok bool) {
-	parts := strings.SplitN(release, ".", 3)
-	if len(parts) < 2 {
-		return 0, 0, false
-	}
-	major, err1 := strconv.Atoi(parts[0])
-	digits := strings.IndexFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' })
-	if digits < 0 {
-		digits = len(parts[1])
-	}
-	minor, err2 := strconv.Atoi(parts[1][:digits])
-	return major, minor, err1 == nil && err2 == nil
-}
+var storeZeroesTail = sync.OnceValue(func() bool { return kernel.AtLeast(6, 11) })
 
 // mountFUSE mounts afs at dir (read-only if readOnly) with mount(2) on a
 // new /dev/fuse descriptor, which afs keeps for notifications, and serves

@@ -178,21 +178,3 @@ func TestPrefillConcurrentOpens(t *testing.T) {
 		wg.Wait()
 	}
 }
-
-func TestKernelVersion(t *testing.T) {
-	for release, want := range map[string][3]int{
-		"6.18.44-fc-v1272":         {6, 18, 1},
-		"6.1.0-50-amd64":           {6, 1, 1},
-		"5.15.0-125-generic":       {5, 15, 1},
-		"6.11":                     {6, 11, 1},
-		"6.12rc3":                  {6, 12, 1},
-		"4.18.0-553.el8_10.x86_64": {4, 18, 1},
-		"garbage":                  {0, 0, 0},
-		"x.y.z":                    {0, 0, 0},
-	} {
-		major, minor, ok := actiondfs.KernelVersion(release)
-		if ok != (want[2] == 1) || ok && (major != want[0] || minor != want[1]) {
-			t.Errorf("KernelVersion(%q) = %d, %d, %v; want %v", release, major, minor, ok, want)
-		}
-	}
-}

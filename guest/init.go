@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/actiond/actiond/internal/kernel"
 	"golang.org/x/sys/unix"
 )
 
@@ -101,7 +102,7 @@ func (b *boot) run() {
 	})
 	// Ctrl-Alt-Del sends SIGINT to init instead of rebooting at once.
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
-	release := kernelRelease()
+	release := kernel.Release()
 	b.info["kernel"] = release
 	b.log.Info("actiond guest starting", "kernel", release, "cmdline", cmdline)
 

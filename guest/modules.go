@@ -200,12 +200,3 @@ func finitModule(path string) error {
 		}
 	}
 }
-
-// kernelRelease returns uname -r.
-func kernelRelease() string {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return ""
-	}
-	return unix.ByteSliceToString(u.Release[:])
-}

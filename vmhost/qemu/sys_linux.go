@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/actiond/actiond/internal/kernel"
 	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
 )
@@ -33,13 +34,7 @@ func deviceUsable(path string) error {
 	return nil
 }
 
-func hostKernelRelease() string {
-	var u unix.Utsname
-	if unix.Uname(&u) != nil {
-		return ""
-	}
-	return unix.ByteSliceToString(u.Release[:])
-}
+func hostKernelRelease() string { return kernel.Release() }
 
 // vhostVsockSetGuestCID is VHOST_VSOCK_SET_GUEST_CID, _IOW(0xAF, 0x60, __u64).
 const vhostVsockSetGuestCID = 0x4008af60
