@@ -107,6 +107,20 @@ func (b *boot) run() {
 	b.log.Info("actiond guest starting", "kernel", release, "cmdline", cmdline)
 
 	b.step("modules", func() error { return b.loadModules(release) })
+	// Before anything runs beside init (see pinStaticKeys). Not fatal: a
+	// kernel without these controllers has fewer keys to flip.
+	b.step("static keys", func() error {
+		info, err := pinStaticKeys("/sys/fs/cgroup")
+		if info != nil {
+			b.info["static_keys"] = info
+		}
+		if err != nil {
+			b.log.Warn("cannot pin the kernel's cgroup static keys; an emulated VM may lock up when the sandbox makes its first cgroups", "err", err)
+		} else {
+			b.log.Debug("pinned the kernel's cgroup static keys", "cgroup", info["cgroup"], "controllers", info["controllers"], "cpu_max", info["cpu_max"])
+		}
+		return nil
+	})
 	b.step("console", func() error {
 		if b.con.attached() {
 			return nil

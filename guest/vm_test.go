@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -493,6 +494,30 @@ func TestVMCgroupLimits(t *testing.T) {
 	// The guest is unaffected: another action runs.
 	if r := v.run(ctx, "echo ok", "libc", "glibc2.36"); r.Code != codes.OK || r.Stdout != "ok\n" {
 		t.Errorf("an action after the fork bomb: %+v", r)
+	}
+	// A CPU quota is set for the action and lifted after it.
+	r = v.run(ctx, "echo quota", "libc", "glibc2.36", "cpu", "0.5")
+	if r.Code != codes.OK || r.Stdout != "quota\n" || !strings.Contains(r.SrvLog, "cpu=500m via cgroup v2") {
+		t.Errorf("an action under cpu=0.5: %+v; want it run with its quota enforced by cgroup v2", r)
+	}
+
+	// init made the cgroup that keeps the kernel's cgroup static keys on
+	// before the server started (see pinStaticKeys): the values are read
+	// back from the kernel.
+	info, err := Info(ctx, v.cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _ := info["static_keys"].(map[string]any)
+	t.Logf("static keys: %v", keys)
+	if keys["cgroup"] != "/sys/fs/cgroup/"+staticKeysCgroup || keys["cpu_max"] != staticKeysQuota {
+		t.Errorf("static_keys %v: want the cgroup %s with cpu.max %q", keys, staticKeysCgroup, staticKeysQuota)
+	}
+	if ctrl, _ := keys["controllers"].(string); !slices.Contains(strings.Fields(ctrl), "memory") {
+		t.Errorf("static_keys %v: want a memory controller in the pinning cgroup", keys)
+	}
+	if _, ok := info["boot_steps_s"].(map[string]any)["static keys"]; !ok {
+		t.Errorf("boot_steps_s %v: no static keys step", info["boot_steps_s"])
 	}
 }
 
