@@ -186,3 +186,13 @@ func GracefulStop(ctx context.Context, e *Exit, ask func() error, kill func() er
 	}
 	return nil
 }
+
+// CPUReporter is a Machine that can tell where its virtual CPUs are. Serve
+// adds it to the error of a guest that did not become ready: a guest that
+// hangs in its kernel (a livelock, both vCPUs busy at the same address) and
+// one that waits (vCPUs halted) look the same from its console.
+type CPUReporter interface {
+	// CPUState describes each vCPU in one line: its program counter and,
+	// where the architecture has them, privilege level and halted state.
+	CPUState(ctx context.Context) (string, error)
+}

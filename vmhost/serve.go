@@ -82,6 +82,13 @@ func Serve(ctx context.Context, m Machine, l net.Listener, o ServeOptions) error
 		if ctx.Err() != nil {
 			return stop("interrupted during boot")
 		}
+		if r, ok := m.(CPUReporter); ok {
+			cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if st, cerr := r.CPUState(cctx); cerr == nil && st != "" {
+				err = fmt.Errorf("%w; vCPUs: %s", err, st)
+			}
+			cancel()
+		}
 		if o.Console != nil {
 			if tail := o.Console.Tail(ConsoleTailLines); tail != "" {
 				err = fmt.Errorf("%w; console tail:\n%s", err, tail)

@@ -349,3 +349,23 @@ func TestServeVMDies(t *testing.T) {
 		t.Fatal("Serve did not return when the VM died")
 	}
 }
+
+// cpuReportingMachine is a stubMachine that can say where its vCPUs are.
+type cpuReportingMachine struct{ *stubMachine }
+
+func (m cpuReportingMachine) CPUState(ctx context.Context) (string, error) {
+	return "cpu0 RIP=ffffffff812f67b8 CPL=0 HLT=0; cpu1 RIP=ffffffff812f67b8 CPL=0 HLT=0", nil
+}
+
+// TestServeNotReadyReportsCPUs: a guest that never answers is stopped, and
+// the error says where its vCPUs were.
+func TestServeNotReadyReportsCPUs(t *testing.T) {
+	s := newGuestServer(t)
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	m := cpuReportingMachine{&stubMachine{s: s, exit: NewExit(nil)}}
+	l, _ := net.Listen("tcp", "127.0.0.1:0")
+	err := Serve(context.Background(), m, l, ServeOptions{Ready: ReadyOptions{Timeout: 300 * time.Millisecond}, StopTimeout: 10 * time.Second})
+	if err == nil || !strings.Contains(err.Error(), "timed out") || !strings.Contains(err.Error(), "vCPUs: cpu0 RIP=ffffffff812f67b8 CPL=0 HLT=0; cpu1") {
+		t.Fatalf("Serve = %v; want the readiness timeout with the vCPUs' state", err)
+	}
+}

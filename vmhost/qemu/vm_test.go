@@ -181,9 +181,25 @@ func TestGuestFailureReportsConsole(t *testing.T) {
 // (the microvm's ACPI GED power button), which the guest obeys too.
 func TestPowerButton(t *testing.T) {
 	m, _ := bootVM(t, t.TempDir())
-	m.exit.Stopping()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	// What serve-vm reports of a guest that does not become ready: one
+	// entry per vCPU, each with its program counter.
+	st, err := m.CPUState(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("vCPUs: %s", st)
+	cpus := strings.Split(st, "; ")
+	if len(cpus) != m.cfg.CPUs {
+		t.Errorf("CPUState %q: want an entry for each of %d vCPUs", st, m.cfg.CPUs)
+	}
+	for i, c := range cpus {
+		if !strings.HasPrefix(c, fmt.Sprintf("cpu%d ", i)) || !(strings.Contains(c, " RIP=") || strings.Contains(c, " PC=")) {
+			t.Errorf("CPUState entry %q: want cpu%d with its program counter", c, i)
+		}
+	}
+	m.exit.Stopping()
 	if _, err := m.qmp.execute(ctx, "system_powerdown", nil); err != nil {
 		t.Fatal(err)
 	}
