@@ -495,10 +495,33 @@ func TestVMCgroupLimits(t *testing.T) {
 	if r := v.run(ctx, "echo ok", "libc", "glibc2.36"); r.Code != codes.OK || r.Stdout != "ok\n" {
 		t.Errorf("an action after the fork bomb: %+v", r)
 	}
-	// A CPU quota is set for the action and lifted after it.
-	r = v.run(ctx, "echo quota", "libc", "glibc2.36", "cpu", "0.5")
-	if r.Code != codes.OK || r.Stdout != "quota\n" || !strings.Contains(r.SrvLog, "cpu=500m via cgroup v2") {
-		t.Errorf("an action under cpu=0.5: %+v; want it run with its quota enforced by cgroup v2", r)
+	// A CPU quota is set for each action and lifted after it. Without
+	// the static-keys cgroup each quota turned the kernel's
+	// __cfs_bandwidth_used key on and off again, rewriting the scheduler's
+	// code while the other vCPU ran it; under TCG that livelocked the guest
+	// within 50 such actions beside a busy one (pinStaticKeys). 150 here.
+	t.Cleanup(func() { // before the VM is stopped
+		if t.Failed() {
+			st, err := v.m.CPUState(context.Background())
+			t.Logf("vCPUs at the end of the failed test: %s %v", st, err)
+		}
+	})
+	burner := make(chan execResult, 1)
+	go func() {
+		b := execResult{Code: codes.Unknown, Message: "the call failed (reported above)"}
+		defer func() { burner <- b }() // also when the client gives up on the test
+		b = v.run(ctx, "end=$(($(date +%s)+20)); while [ $(date +%s) -lt $end ]; do :; done; echo burnt", "libc", "glibc2.36")
+	}()
+	for i := range 150 {
+		actx, acancel := context.WithTimeout(ctx, time.Minute)
+		r = v.run(actx, "echo quota", "libc", "glibc2.36", "cpu", "0.5")
+		acancel()
+		if r.Code != codes.OK || r.Stdout != "quota\n" || !strings.Contains(r.SrvLog, "cpu=500m via cgroup v2") {
+			t.Fatalf("action %d under cpu=0.5: %+v; want it run with its quota enforced by cgroup v2", i, r)
+		}
+	}
+	if b := <-burner; b.Code != codes.OK || b.Stdout != "burnt\n" {
+		t.Errorf("the busy action beside them: %+v", b)
 	}
 
 	// init made the cgroup that keeps the kernel's cgroup static keys on
