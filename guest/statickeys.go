@@ -34,6 +34,9 @@ const staticKeysQuota = "100000000 100000"
 // kprobe_int3_handler at __alloc_pages' memcg_kmem_enabled() branch, just
 // after the sandbox had made its first cgroups while the runtimes were
 // being extracted (CI saw the same silence, and soft lockups, three times).
+// Actions under a CPU quota beside a busy one reproduce it at will: within
+// 50 of them both vCPUs loop at update_curr's cfs_bandwidth_used() branch
+// (TestVMCgroupLimits fails so without this cgroup).
 //
 // The keys the guest's own work flips: the first memory cgroup turns
 // memcg_kmem_enabled_key on and counts memcg_sockets_enabled_key up (the
