@@ -160,7 +160,7 @@ func (afs *actionFS) OpenFile(ctx context.Context, op *fuseops.OpenFileOp) error
 		}
 		afs.mu.Lock()
 		op.Handle = afs.newHandle(h)
-		prefill := h.blob != nil && !n.prefilled && n.digest.Size <= maxPrefill && afs.stores
+		prefill := h.blob != nil && !n.prefilled && n.digest.Size <= maxPrefill && afs.dev >= 0 && storeZeroesTail()
 		n.prefilled = n.prefilled || prefill
 		afs.mu.Unlock()
 		if prefill {

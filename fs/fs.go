@@ -68,9 +68,6 @@ type actionFS struct {
 	// dev is the mount's /dev/fuse descriptor, for notifications (-1
 	// until mounted); owned by the connection, which outlives every op.
 	dev int
-	// stores: small inputs are stored in the page cache at their first
-	// open (see prefill.go); set with dev.
-	stores bool
 
 	mu         sync.Mutex
 	nodes      map[fuseops.InodeID]*node

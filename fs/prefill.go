@@ -86,7 +86,6 @@ func (r *InputRoot) mountFUSE(dir string, afs *actionFS, readOnly bool) (*fuse.M
 	}
 	// Set before serving starts: the first OPEN may come at once.
 	afs.dev = fd
-	afs.stores = storeZeroesTail()
 	// jacobsa/fuse takes over the descriptor (and closes it when the
 	// connection ends, or when its file is collected after a failure), so
 	// it is not closed here after this point.
@@ -100,8 +99,9 @@ func (r *InputRoot) mountFUSE(dir string, afs *actionFS, readOnly bool) (*fuse.M
 
 // prefill stores the whole of the input file with inode id, open as bf, in
 // the kernel's page cache. It must be called while answering the file's
-// first OPEN, before the reply: then no READ of n can be in flight, whose page lock the store
-// would wait for while this goroutine is the one that would answer it.
+// first OPEN, before the reply: then no READ of the file can be in flight,
+// whose page lock the store would wait for while this goroutine is the one
+// that would answer it.
 // Failures only cost the READ the store would have saved.
 func (afs *actionFS) prefill(id fuseops.InodeID, bf *blobFile) {
 	size := int(bf.d.Size)

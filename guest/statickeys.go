@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/actiond/actiond/internal/cgroupv2"
 )
 
 // staticKeysCgroup is the empty cgroup that keeps the kernel's cgroup
@@ -47,13 +49,14 @@ const staticKeysQuota = "100000000 100000"
 func pinStaticKeys(root string) (map[string]any, error) {
 	avail := strings.Fields(readSysString(filepath.Join(root, "cgroup.controllers")))
 	var errs []error
+	var want []string
 	for _, c := range []string{"memory", "cpu", "pids"} {
-		if !slices.Contains(avail, c) {
-			continue
+		if slices.Contains(avail, c) {
+			want = append(want, c)
 		}
-		if err := os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+"+c), 0); err != nil {
-			errs = append(errs, fmt.Errorf("enable the %s controller: %w", c, err))
-		}
+	}
+	if err := cgroupv2.EnableControllers(root, want); err != nil {
+		errs = append(errs, fmt.Errorf("enable the controllers %v: %w", want, err))
 	}
 	dir := filepath.Join(root, staticKeysCgroup)
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {

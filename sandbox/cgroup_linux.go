@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/actiond/actiond/executor"
+	"github.com/actiond/actiond/internal/cgroupv2"
 	"github.com/actiond/actiond/internal/mountinfo"
 )
 
@@ -175,7 +176,7 @@ func (m *cgroupManager) delegateV2() {
 	if len(want) == 0 {
 		return
 	}
-	err := m.enableV2(want)
+	err := cgroupv2.EnableControllers(m.v2, want)
 	if errors.Is(err, unix.EBUSY) {
 		leaf := filepath.Join(m.v2, supervisorCgroup)
 		if err = os.Mkdir(leaf, 0o755); err == nil || errors.Is(err, fs.ErrExist) {
@@ -183,7 +184,7 @@ func (m *cgroupManager) delegateV2() {
 		}
 		if err == nil {
 			m.log.Info("sandbox: moved this process into a leaf cgroup to delegate controllers to actions", "cgroup", leaf)
-			err = m.enableV2(want)
+			err = cgroupv2.EnableControllers(m.v2, want)
 		}
 	}
 	if err != nil {
@@ -193,20 +194,6 @@ func (m *cgroupManager) delegateV2() {
 	for _, c := range want {
 		m.v2Ctrl[c] = slices.Contains(enabled, c)
 	}
-}
-
-func (m *cgroupManager) enableV2(controllers []string) error {
-	file := filepath.Join(m.v2, "cgroup.subtree_control")
-	enabled := strings.Fields(readString(file))
-	for _, c := range controllers {
-		if slices.Contains(enabled, c) {
-			continue
-		}
-		if err := os.WriteFile(file, []byte("+"+c), 0); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // runCgroup is the set of cgroups of one helper, which the actions it runs
